@@ -1,0 +1,88 @@
+"""Configuration: flags > HFBATCH_* environment > defaults, the token lookup, and state directories."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import UsageError
+
+_HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud", "hf.co")
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything `hfbatch submit` needs; built by the CLI, read by the core (never typer types)."""
+
+    input_path: str
+    output_path: str  # "-" = stdout
+    errors_path: str
+    base_url: str | None = None
+    concurrency: int = 32
+    timeout: float = 300.0
+    max_attempts: int = 6
+    skip_invalid: bool = False
+    endpoint: str | None = None
+    summary_path: str | None = None
+    quiet: bool = False
+    bill_to: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+def default_output_paths(input_path: str) -> tuple[str, str]:
+    """`data/in.jsonl` -> (`data/in.output.jsonl`, `data/in.errors.jsonl`); stdin -> files in the cwd."""
+    if input_path == "-":
+        return "batch.output.jsonl", "batch.errors.jsonl"
+    p = Path(input_path)
+    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.stem
+    return str(p.with_name(stem + ".output.jsonl")), str(p.with_name(stem + ".errors.jsonl"))
+
+
+def is_hf_host(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return any(host == s or host.endswith("." + s) for s in _HF_HOST_SUFFIXES)
+
+
+def resolve_token(flag: str | None, base_url: str | None) -> str | None:
+    """--token, else HF_TOKEN, else huggingface_hub's saved login.
+
+    Against the router a token is required. With --base-url the token is optional (a local vLLM
+    needs none), and the saved login is only sent to Hugging Face hosts, never to a third party.
+    """
+    token = flag or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token.strip()
+    if base_url is None or is_hf_host(base_url):
+        from huggingface_hub import get_token  # imported lazily: ~0.3 s
+
+        saved = get_token()
+        if saved:
+            return saved
+    if base_url is None:
+        raise UsageError(
+            "no Hugging Face token found: set HF_TOKEN=hf_..., pass --token, or run `hf auth login` "
+            "(create one at https://huggingface.co/settings/tokens with 'Make calls to Inference Providers')"
+        )
+    return None
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r} is not an integer") from None
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"{name}={value!r} is not a number") from None

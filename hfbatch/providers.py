@@ -1,0 +1,153 @@
+"""Routing: a validated Request -> where to POST it and what to send (Route), or why it cannot be served.
+
+Without --base-url, chat completions and responses go to the router unchanged (the model keeps its
+`:fastest` / `:cheapest` / `:<provider>` suffix). The router has no OpenAI embeddings route, so
+embeddings go to a provider's own route, built once per model by huggingface_hub's provider helpers
+(their Hub lookups are synchronous: run in a thread, once, before that model's requests fan out).
+With --base-url every endpoint is passed through: base URL + the line's url without its `/v1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .models import Request
+
+DEFAULT_ROUTER = "https://router.huggingface.co"
+_HF_ROUTER_HOST = "https://router.huggingface.co"
+ROUTER_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/responses"})
+POLICY_SUFFIXES = frozenset({"fastest", "cheapest", "preferred"})
+
+
+def router_root() -> str:
+    """The router's origin; HFBATCH_ROUTER_URL points it at a local server (tests, demo)."""
+    return os.environ.get("HFBATCH_ROUTER_URL", DEFAULT_ROUTER).rstrip("/")
+
+
+def split_model(model: str) -> tuple[str, str | None]:
+    """`org/model:groq` -> ("org/model", "groq"); policies and no suffix -> (model, None)."""
+    base, sep, suffix = model.rpartition(":")
+    if not sep or "/" in suffix or not base:
+        return model, None
+    return base, (None if suffix in POLICY_SUFFIXES else suffix)
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    url: str
+    data: bytes
+    # Turns the provider's parsed 2xx answer into the OpenAI body to write; None: pass bytes through.
+    adapt: Callable[[Any, Request], Any] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Unroutable:
+    code: str
+    message: str
+
+
+@dataclass(slots=True, frozen=True)
+class _EmbeddingTarget:
+    url: str
+    payload: dict[str, Any]
+    input_key: str
+    openai_shaped: bool
+
+
+class Router:
+    """Builds Routes. `base_url` set: pass-through mode."""
+
+    def __init__(self, base_url: str | None) -> None:
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.root = router_root()
+        self._emb: dict[str, _EmbeddingTarget | Unroutable] = {}
+        self._emb_locks: dict[str, asyncio.Lock] = {}
+
+    async def route(self, req: Request) -> Route | Unroutable:
+        if self.base_url is not None:
+            path = req.url[3:] if req.url.startswith("/v1/") else req.url
+            return Route(self.base_url + path, orjson.dumps(req.body))
+        if req.url in ROUTER_ENDPOINTS:
+            return Route(self.root + req.url, orjson.dumps(req.body))
+        if req.url == "/v1/embeddings":
+            target = await self._embedding_target(req.model)
+            if isinstance(target, Unroutable):
+                return target
+            payload = dict(target.payload)
+            payload[target.input_key] = req.body.get("input")
+            if target.openai_shaped:
+                extra = {k: v for k, v in req.body.items() if k not in ("model", "input")}
+                payload.update(extra)
+                return Route(target.url, orjson.dumps(payload))
+            return Route(target.url, orjson.dumps(payload), adapt=hf_features_to_openai)
+        return Unroutable(
+            "unsupported_endpoint",
+            f"{req.url} is not served by the Hugging Face router (it serves /v1/chat/completions, "
+            "/v1/responses and, through provider routes, /v1/embeddings); run this line with "
+            "--base-url pointing at an OpenAI-compatible server that has it",
+        )
+
+    async def _embedding_target(self, model: str) -> _EmbeddingTarget | Unroutable:
+        hit = self._emb.get(model)
+        if hit is not None:
+            return hit
+        lock = self._emb_locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            hit = self._emb.get(model)
+            if hit is None:
+                hit = await asyncio.to_thread(self._resolve_embedding, model)
+                self._emb[model] = hit
+        return hit
+
+    def _resolve_embedding(self, model: str) -> _EmbeddingTarget | Unroutable:
+        """Ask huggingface_hub's provider helper for the feature-extraction route of `model`."""
+        base, provider = split_model(model)
+        try:
+            from huggingface_hub.inference._providers import get_provider_helper
+
+            helper = get_provider_helper(provider or "auto", "feature-extraction", base)  # type: ignore[arg-type]
+            sentinel = "\x00hfbatch-input\x00"
+            # A placeholder key: the helper only uses it to pick the router URL; our real token
+            # is sent by the transport, and never handed to another library.
+            params = helper.prepare_request(
+                inputs=sentinel, parameters={}, headers={}, model=base, api_key="hf_hfbatch_placeholder"
+            )
+        except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
+            return Unroutable(
+                "model_not_found",
+                f"no embeddings route for model {model!r}: {str(e).splitlines()[0][:200] if str(e) else e!r}; "
+                "check the model id and its providers, or use --base-url with a server that serves it",
+            )
+        payload = dict(params.json or {})
+        key = next((k for k, v in payload.items() if v == sentinel), None)
+        if key is None:
+            return Unroutable("unsupported_endpoint", f"cannot build an embeddings request for {model!r}")
+        del payload[key]
+        url = params.url
+        if url.startswith(_HF_ROUTER_HOST):
+            url = self.root + url[len(_HF_ROUTER_HOST):]
+        return _EmbeddingTarget(url, payload, key, openai_shaped=(key == "input"))
+
+
+def hf_features_to_openai(parsed: Any, req: Request) -> Any:
+    """hf-inference feature-extraction answer ([[floats], ...]) -> an OpenAI CreateEmbeddingResponse.
+
+    hf-inference reports no token usage (it bills compute time), so usage counts are 0."""
+    if isinstance(parsed, dict) and "data" in parsed:
+        return parsed
+    vectors = parsed if isinstance(parsed, list) else []
+    if vectors and not isinstance(vectors[0], list):
+        vectors = [vectors]  # a single input answered with a flat vector
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "model": req.model,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
+

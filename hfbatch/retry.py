@@ -1,0 +1,85 @@
+"""Retry policy (pure): an Outcome and its attempt number -> Retry(delay) | GiveUp. No sleeping here.
+
+Classification follows Hugging Face's own chat-ui (utils/upstreamRetry.ts): retry 429, 502, 503,
+504, timeouts and connection errors; the router answers 500 when the upstream model rejected the
+request, so a 500 is retried once only. A 2xx whose body is not JSON is a broken answer: retried.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .models import Outcome
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+NO_ANSWER_CODES = frozenset({"request_timeout", "connection_error", "invalid_response"})
+
+
+@dataclass(slots=True, frozen=True)
+class Retry:
+    delay: float
+
+
+@dataclass(slots=True, frozen=True)
+class GiveUp:
+    pass
+
+
+GIVE_UP = GiveUp()
+
+
+@dataclass(slots=True, frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: delay ~ U(0, min(cap, base * 2**(attempt-1))),
+    and never less than the server's Retry-After."""
+
+    max_attempts: int = 6
+    base: float = 0.5
+    cap: float = 30.0
+    max_500_attempts: int = 2
+    max_retry_after: float = 600.0
+
+    def decide(
+        self, outcome: Outcome, attempt: int, rand: Callable[[], float] = random.random
+    ) -> Retry | GiveUp:
+        """`attempt` is the 1-based number of the attempt that produced `outcome`."""
+        if attempt >= self.max_attempts or not is_retryable(outcome):
+            return GIVE_UP
+        if outcome.status == 500 and attempt >= self.max_500_attempts:
+            return GIVE_UP
+        delay = rand() * min(self.cap, self.base * 2 ** (attempt - 1))
+        if outcome.retry_after is not None:
+            # Honor the server, but a buggy or hostile header must not park a worker for hours.
+            delay = max(delay, min(outcome.retry_after, self.max_retry_after))
+        return Retry(delay)
+
+
+def is_retryable(outcome: Outcome) -> bool:
+    """Would another attempt plausibly succeed? (Also what `--retry-failed` re-sends.)"""
+    if outcome.status is None:
+        return outcome.error_code in NO_ANSWER_CODES
+    if outcome.status in RETRY_STATUSES or outcome.status == 500:
+        return True
+    return 200 <= outcome.status < 300 and outcome.parsed is None
+
+
+def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now())

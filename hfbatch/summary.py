@@ -1,0 +1,175 @@
+"""Summary stage: counters folded from outcomes -> the OpenAI Batch object (+ our figures under "hfbatch")."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import LineError
+
+MAX_REPORTED_ERRORS = 10_000
+
+
+class LatencyHistogram:
+    """Log-bucketed latencies (5% wide buckets): p50/p95 in constant memory, whatever the batch size."""
+
+    _RATIO = math.log(1.05)
+
+    def __init__(self) -> None:
+        self._buckets: Counter[int] = Counter()
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self._buckets[int(math.log(max(seconds, 1e-5)) / self._RATIO)] += 1
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for b in sorted(self._buckets):
+            seen += self._buckets[b]
+            if seen >= rank:
+                return math.exp((b + 0.5) * self._RATIO)
+        return None
+
+
+@dataclass
+class Stats:
+    """Running totals of one batch; cheap to update per request."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    sent: int = 0  # HTTP attempts
+    retries: int = 0
+    in_flight: int = 0
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    providers: Counter[str] = field(default_factory=Counter)
+    models: Counter[str] = field(default_factory=Counter)
+    endpoints: Counter[str] = field(default_factory=Counter)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def add_usage(self, body: Any) -> None:
+        """Sum chat (prompt/completion), responses (input/output) and embeddings usage."""
+        if not isinstance(body, dict):
+            return
+        u = body.get("usage")
+        if not isinstance(u, dict):
+            return
+        inp = u.get("prompt_tokens", u.get("input_tokens"))
+        out = u.get("completion_tokens", u.get("output_tokens"))
+        if isinstance(inp, int):
+            self.input_tokens += inp
+        if isinstance(out, int):
+            self.output_tokens += out
+        d = u.get("prompt_tokens_details") or u.get("input_tokens_details")
+        if isinstance(d, dict) and isinstance(d.get("cached_tokens"), int):
+            self.cached_tokens += d["cached_tokens"]
+        d = u.get("completion_tokens_details") or u.get("output_tokens_details")
+        if isinstance(d, dict) and isinstance(d.get("reasoning_tokens"), int):
+            self.reasoning_tokens += d["reasoning_tokens"]
+
+
+@dataclass
+class BatchInfo:
+    """Identity and timestamps of one batch (the Batch object minus the counters)."""
+
+    id: str = field(default_factory=lambda: "batch_" + os.urandom(12).hex())
+    input_file_id: str = "-"
+    completion_window: str = "24h"
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    status: str = "validating"
+    stamps: dict[str, int | None] = field(default_factory=dict)
+    errors: list[LineError] = field(default_factory=list)
+    errors_dropped: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    metadata: dict[str, str] | None = None
+    state: str = "running"  # ours: running | finished | stopped | failed
+    stop_reason: str | None = None
+    unsent: int = 0
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.stamps[status] = int(time.time())
+
+
+_STAMP_KEYS = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "expired": "expired_at",
+    "cancelling": "cancelling_at",
+    "cancelled": "cancelled_at",
+}
+
+
+def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> dict[str, Any]:
+    """The Batch object, valid for `openai.types.Batch.model_validate`."""
+    stamps = {key: info.stamps.get(status) for status, key in _STAMP_KEYS.items()}
+    elapsed = time.monotonic() - info.started
+    endpoint = stats.endpoints.most_common(1)[0][0] if stats.endpoints else "/v1/chat/completions"
+    errors = None
+    if info.errors:
+        data = [
+            {"code": e.code, "line": e.line_no, "message": e.message, "param": e.param} for e in info.errors
+        ]
+        if info.errors_dropped:
+            data.append(
+                {"code": "too_many_errors", "line": None, "param": None,
+                 "message": f"{info.errors_dropped} more invalid lines are not listed"}
+            )
+        errors = {"object": "list", "data": data}
+    p50, p95 = stats.latency.quantile(0.5), stats.latency.quantile(0.95)
+    return {
+        "id": info.id,
+        "object": "batch",
+        "endpoint": endpoint,
+        "model": stats.models.most_common(1)[0][0] if len(stats.models) == 1 else None,
+        "errors": errors,
+        "input_file_id": info.input_file_id,
+        "completion_window": info.completion_window,
+        "status": info.status,
+        "output_file_id": info.output_file_id,
+        "error_file_id": info.error_file_id,
+        "created_at": info.created_at,
+        "in_progress_at": stamps["in_progress_at"],
+        "expires_at": info.created_at + window_seconds,
+        **{k: v for k, v in stamps.items() if k != "in_progress_at"},
+        "request_counts": {"total": stats.total, "completed": stats.completed, "failed": stats.failed},
+        "usage": {
+            "input_tokens": stats.input_tokens,
+            "input_tokens_details": {"cached_tokens": stats.cached_tokens},
+            "output_tokens": stats.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": stats.reasoning_tokens},
+            "total_tokens": stats.input_tokens + stats.output_tokens,
+        },
+        "metadata": info.metadata,
+        "hfbatch": {
+            "state": info.state,
+            "stop_reason": info.stop_reason,
+            "unsent": info.unsent,
+            "elapsed_seconds": round(elapsed, 3),
+            "requests_per_second": round((stats.completed + stats.failed) / elapsed, 2) if elapsed > 0 else None,
+            "http_requests": stats.sent,
+            "retries": stats.retries,
+            "latency_ms": {
+                "p50": round(p50 * 1000, 1) if p50 is not None else None,
+                "p95": round(p95 * 1000, 1) if p95 is not None else None,
+            },
+            "providers": dict(stats.providers),
+            "models": dict(stats.models),
+            "endpoints": dict(stats.endpoints),
+        },
+    }

@@ -1,0 +1,75 @@
+"""Terminal output for people (stderr only): a live progress bar and a final table; silent when not a TTY."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .summary import Stats
+
+
+class Progress:
+    """A rich progress bar on stderr, refreshed from the run's counters (never per request)."""
+
+    def __init__(self, enabled: bool, stats: Stats) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.stats = stats
+        self._bar: Any = None
+        self._task: Any = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("[bold]hfbatch"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+            console=Console(stderr=True), auto_refresh=False, transient=False,
+        )
+        self._task = self._bar.add_task("run", total=self.stats.total or None, rate="", extra="")
+        self._bar.start()
+
+    def update(self) -> None:
+        if self._bar is None:
+            return
+        s = self.stats
+        done = s.completed + s.failed
+        elapsed = self._bar.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:,.0f} req/s" if elapsed > 0.5 else ""
+        extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
+        self._bar.update(self._task, completed=done, total=s.total or None, rate=rate, extra=extra)
+        self._bar.refresh()
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self.update()
+            self._bar.stop()
+            self._bar = None
+
+    def final_table(self, batch: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        hb = batch["hfbatch"]
+        rc, usage = batch["request_counts"], batch["usage"]
+        t = Table(title=f"{batch['id']}  [bold]{batch['status']}[/bold]", show_header=False, box=None)
+        t.add_column(style="dim")
+        t.add_column()
+        t.add_row("requests", f"{rc['total']} total · {rc['completed']} ok · {rc['failed']} failed"
+                  + (f" · {hb['unsent']} not sent" if hb["unsent"] else ""))
+        t.add_row("tokens", f"{usage['input_tokens']:,} in · {usage['output_tokens']:,} out")
+        t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s · "
+                  f"p50 {hb['latency_ms']['p50']} ms · p95 {hb['latency_ms']['p95']} ms")
+        t.add_row("http", f"{hb['http_requests']} requests · {hb['retries']} retries")
+        if hb["providers"]:
+            t.add_row("providers", ", ".join(f"{k} {v}" for k, v in hb["providers"].items()))
+        t.add_row("output", str(batch["output_file_id"] or "—"))
+        t.add_row("errors", str(batch["error_file_id"] or "—"))
+        Console(stderr=True).print(t)
