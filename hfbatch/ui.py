@@ -21,14 +21,14 @@ class Progress:
         if not self.enabled:
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
         from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
-            TextColumn("[bold]hfbatch"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), TextColumn("{task.fields[extra]}"),
+            BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[extra]}"),
             console=Console(stderr=True), auto_refresh=False, transient=False,
         )
         self._task = self._bar.add_task("run", total=self.stats.total or None, rate="", extra="")
@@ -40,7 +40,7 @@ class Progress:
         s = self.stats
         done = s.completed + s.failed
         elapsed = self._bar.tasks[0].elapsed or 0.0
-        rate = f"{done / elapsed:,.0f} req/s" if elapsed > 0.5 else ""
+        rate = f"{done / elapsed:,.0f}/s" if elapsed > 0.5 else ""
         extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
         self._bar.update(self._task, completed=done, total=s.total or None, rate=rate, extra=extra)
         self._bar.refresh()
