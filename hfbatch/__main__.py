@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, Interrupted):
             raise
         return int(e.exit_code)
+    except OSError as e:  # a path we cannot read or write: the user's to fix
+        if os.environ.get("HFBATCH_DEBUG"):
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"hfbatch: {e.strerror or e}{where}", file=sys.stderr)
+        return int(ExitCode.USAGE)
     except Exception:  # noqa: BLE001 - the last resort: one line, unless debugging
         if os.environ.get("HFBATCH_DEBUG"):
             traceback.print_exc()

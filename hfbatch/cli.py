@@ -1,19 +1,20 @@
-"""Command line: flags -> a frozen RunConfig -> one core call -> print. No file or network I/O here."""
+"""Command line: flags -> a frozen RunConfig -> one core call -> print. No network I/O here."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every request succeeded · 1 internal error · 2 usage error (bad flag, missing file,
-missing or rejected token) · 3 finished, some requests failed · 4 input failed validation, nothing
-sent · 5 stopped early, resumable (credits exhausted) · 6 expired or cancelled · 130/143 interrupted
-by SIGINT/SIGTERM (after a clean stop)."""
+missing or rejected token, output files of another batch) · 3 finished, some requests failed ·
+4 input failed validation, nothing sent · 5 stopped early, resumable (credits exhausted, batch
+already running) · 6 expired or cancelled · 130/143 interrupted by SIGINT/SIGTERM (after a clean
+stop; rerun to resume)."""
 
 app = typer.Typer(
     name="hfbatch",
@@ -25,51 +26,74 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+# Options shared by `submit` and `resume` (defined once, same help everywhere).
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    help="An OpenAI-compatible root ending in /v1 (vLLM, TGI, llama.cpp, an Inference Endpoint); "
+    "every endpoint is passed through. Default: the Hugging Face router.", envvar="HFBATCH_BASE_URL")]
+ConcurrencyOpt = Annotated[int, typer.Option(
+    "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most.",
+    envvar="HFBATCH_CONCURRENCY")]
+TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds per HTTP attempt.", envvar="HFBATCH_TIMEOUT")]
+AttemptsOpt = Annotated[int, typer.Option(
+    min=1, max=100, help="Attempts per request (429, 5xx, timeouts, resets are retried).",
+    envvar="HFBATCH_MAX_ATTEMPTS")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    help="Hugging Face token [default: $HF_TOKEN, else the `hf auth login` token].", show_default=False)]
+GraceOpt = Annotated[float, typer.Option(
+    min=0, help="Seconds in-flight requests get to finish after Ctrl-C, SIGTERM or expiry.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    help="Resume and re-send the lines whose error was retryable (429, 5xx, timeout, connection).")]
+WaitOpt = Annotated[bool, typer.Option(
+    help="If another process is running this batch, wait for it to end instead of exiting with 5.")]
+BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfbatch list` shows.")]
+
 
 @app.command(epilog=EXIT_CODES_HELP)
 def submit(
     input: Annotated[str, typer.Argument(help="OpenAI batch input file (JSONL); - reads stdin.")],
     output: Annotated[str | None, typer.Option(
-        "--output", "-o", help="Output file for successful lines [default: <input>.output.jsonl]; - is stdout.")] = None,
+        "--output", "-o", help="Output file for successful lines [default: <input>.output.jsonl]; - is "
+        "stdout.")] = None,
     errors: Annotated[str | None, typer.Option(
         "--errors", "-e", help="Error file for failed lines [default: <input>.errors.jsonl].")] = None,
-    base_url: Annotated[str | None, typer.Option(
-        help="An OpenAI-compatible root ending in /v1 (vLLM, TGI, llama.cpp, an Inference Endpoint); "
-        "every endpoint is passed through. Default: the Hugging Face router.",
-        envvar="HFBATCH_BASE_URL")] = None,
-    concurrency: Annotated[int, typer.Option(
-        "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most.",
-        envvar="HFBATCH_CONCURRENCY")] = 32,
-    timeout: Annotated[float, typer.Option(
-        min=0.1, help="Seconds per HTTP attempt.", envvar="HFBATCH_TIMEOUT")] = 300.0,
-    max_attempts: Annotated[int, typer.Option(
-        min=1, max=100, help="Attempts per request (429, 5xx, timeouts, resets are retried).",
-        envvar="HFBATCH_MAX_ATTEMPTS")] = 6,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcurrencyOpt = 32,
+    timeout: TimeoutOpt = 300.0,
+    max_attempts: AttemptsOpt = 6,
     skip_invalid: Annotated[bool, typer.Option(
         help="Write invalid lines to the error file and run the valid ones (default: like OpenAI, "
         "any invalid line fails the batch before anything is sent).")] = False,
     endpoint: Annotated[str | None, typer.Option(
         help="Require every line's url to be this endpoint (OpenAI's batch `endpoint`).")] = None,
+    completion_window: Annotated[str, typer.Option(
+        help="Time allowed (30s, 30m, 2h, 24h): then requests not run end as batch_expired.")] = "24h",
+    grace: GraceOpt = 10.0,
     summary: Annotated[str | None, typer.Option(help="Also write the Batch object (JSON) to this file.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
-    token: Annotated[str | None, typer.Option(
-        help="Hugging Face token [default: $HF_TOKEN, else the `hf auth login` token].",
-        show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace output/error files that hold lines from another batch.")] = False,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = False,
+    detach: Annotated[bool, typer.Option(
+        help="Validate, register, run in the background and print the Batch object at once.")] = False,
+    quiet: QuietOpt = False,
+    token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
         help="Bill a Team/Enterprise organization (X-HF-Bill-To).", envvar="HFBATCH_BILL_TO")] = None,
 ) -> None:
     """Run every request of INPUT and write OpenAI-format output and error files.
 
-    The Batch object (JSON) is printed on stdout when done (on stderr when -o - puts the output
-    lines on stdout)."""
-    from .config import RunConfig, default_output_paths, resolve_token
+    The same command run again resumes an unfinished batch (sending only what has no line yet) or
+    prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
+    (on stderr when -o - puts the output lines on stdout)."""
+    from .config import RunConfig, default_output_paths, parse_window, resolve_token
     from .errors import UsageError
-    from .run import submit as run_submit
 
     if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url {base_url!r} must start with http:// or https://")
     if input != "-" and not os.path.isfile(input):
         raise UsageError(f"input file not found: {input}")
+    parse_window(completion_window)
     default_out, default_err = default_output_paths(input)
     output, errors = output or default_out, errors or default_err
     if errors == "-":
@@ -78,19 +102,153 @@ def submit(
         raise UsageError("--output and --errors must be different files")
     if input != "-" and os.path.abspath(input) in (os.path.abspath(output), os.path.abspath(errors)):
         raise UsageError("the output and error files must not be the input file")
+    for path in (output, errors):
+        parent = os.path.dirname(os.path.abspath(path)) if path != "-" else "."
+        if not os.path.isdir(parent):
+            raise UsageError(f"cannot write {path}: directory {parent} does not exist")
+    if detach and output == "-":
+        raise UsageError("--detach cannot write to stdout; give -o a path")
     cfg = RunConfig(
         input_path=input, output_path=output, errors_path=errors, base_url=base_url,
         concurrency=concurrency, timeout=timeout, max_attempts=max_attempts, skip_invalid=skip_invalid,
         endpoint=endpoint, summary_path=summary, quiet=quiet, bill_to=bill_to,
-        token=resolve_token(token, base_url),
+        completion_window=completion_window, grace=grace, overwrite=overwrite,
+        retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),
     )
+    _run_and_print(cfg)
+
+
+def _run_and_print(cfg: Any) -> None:
+    from .run import submit as run_submit
+    from .ui import final_table
+
     result = run_submit(cfg)
-    emit_batch(result.batch, to_stderr=(output == "-"), path=summary)
+    if result.replayed and result.error is None and not cfg.quiet:
+        print(f"hfbatch: batch {result.batch['id']} already ended ({result.batch['status']}); nothing was "
+              "sent. Its stored result follows", file=sys.stderr)
+    final_table(result.batch, enabled=not cfg.quiet and not result.replayed)
+    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path)
     if result.error is not None:
         raise result.error
 
 
-def emit_batch(batch: dict[str, object], *, to_stderr: bool, path: str | None) -> None:
+@app.command(epilog=EXIT_CODES_HELP)
+def resume(
+    batch_id: BatchIdArg,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", "-c", min=1, max=10_000, help="Override the batch's concurrency.")] = None,
+    retry_failed: RetryFailedOpt = False,
+    wait: WaitOpt = False,
+    quiet: QuietOpt = False,
+    token: TokenOpt = None,
+) -> None:
+    """Continue an unfinished batch with the options it was submitted with."""
+    from .config import RunConfig, resolve_token
+    from .jobs import get
+
+    meta = get(batch_id).meta()
+    opts = dict(meta.get("options") or {})
+    if concurrency is not None:
+        opts["concurrency"] = concurrency
+    cfg = RunConfig(
+        input_path=meta["input_file"], output_path=meta["output_path"], errors_path=meta["errors_path"],
+        quiet=quiet, retry_failed=retry_failed, wait=wait, batch_id=batch_id,
+        token=resolve_token(token, opts.get("base_url")), **opts,
+    )
+    _run_and_print(cfg)
+
+
+@app.command("list")
+def list_(
+    json: Annotated[bool, typer.Option("--json", help="JSON lines (the default when piped).")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many, newest first.")] = None,
+) -> None:
+    """The batches in the registry, newest first."""
+    from .jobs import list_batches
+
+    rows = list(list_batches(limit))
+    if json or not sys.stdout.isatty():
+        for r in rows:
+            sys.stdout.buffer.write(orjson.dumps(r) + b"\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("id", "status", "state", "done/total", "failed", "created", "input")
+    import time as _time
+
+    for r in rows:
+        rc, hb = r["request_counts"], r.get("hfbatch", {})
+        t.add_row(r["id"], r["status"], str(hb.get("state") or ""), f"{rc['completed'] + rc['failed']}/{rc['total']}",
+                  str(rc["failed"]), _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r["created_at"])),
+                  str(r["input_file_id"]))
+    Console().print(t)
+
+
+@app.command()
+def status(batch_id: BatchIdArg) -> None:
+    """The Batch object as JSON (live while the batch runs)."""
+    from .jobs import get, live_batch
+
+    emit_json(live_batch(get(batch_id)), to_stderr=False, path=None)
+
+
+@app.command()
+def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False) -> None:
+    """Cancel a batch: in-flight requests finish, the rest end as batch_cancelled."""
+    from .config import RunConfig
+    from .jobs import cancel as cancel_batch
+    from .jobs import get
+
+    batch, finish_here = cancel_batch(batch_id)
+    if not finish_here:
+        emit_json(batch, to_stderr=False, path=None)
+        return
+    # No process runs it: close it out here (sends nothing, writes the batch_cancelled lines).
+    meta = get(batch_id).meta()
+    cfg = RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
+                    errors_path=meta["errors_path"], quiet=True, batch_id=batch_id,
+                    **(meta.get("options") or {}))
+    from .errors import EndedEarly
+    from .run import submit as run_submit
+
+    result = run_submit(cfg)
+    emit_json(result.batch, to_stderr=False, path=None)
+    if result.error is not None and not isinstance(result.error, EndedEarly):
+        raise result.error
+
+
+@app.command()
+def wait(
+    batch_id: BatchIdArg,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 2).")] = None,
+) -> None:
+    """Block until the batch ends; print its Batch object and exit with the batch's exit code."""
+    from .jobs import wait as wait_batch
+
+    batch, code = wait_batch(batch_id, timeout=timeout)
+    emit_json(batch, to_stderr=False, path=None)
+    raise typer.Exit(code)
+
+
+@app.command()
+def results(
+    batch_id: BatchIdArg,
+    errors: Annotated[bool, typer.Option("--errors", help="The error file instead of the output file.")] = False,
+) -> None:
+    """Print the batch's output (or error) lines."""
+    from .jobs import results_path
+
+    path = results_path(batch_id, errors)
+    if path is None or not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+
+
+def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None) -> None:
     """The Batch object as one JSON line: stdout is data, unless stdout carries the output lines."""
     data = orjson.dumps(batch) + b"\n"
     if path:

@@ -28,7 +28,23 @@ class RunConfig:
     summary_path: str | None = None
     quiet: bool = False
     bill_to: str | None = None
+    completion_window: str = "24h"
+    grace: float = 10.0
+    overwrite: bool = False
+    retry_failed: bool = False
+    wait: bool = False
+    detach: bool = False
+    batch_id: str | None = None  # `hfbatch resume ID`: this batch, found by id rather than by identity
     token: str | None = field(default=None, repr=False)
+
+    def options(self) -> dict[str, object]:
+        """What `hfbatch resume` needs to run the batch again (never the token)."""
+        return {
+            "base_url": self.base_url, "concurrency": self.concurrency, "timeout": self.timeout,
+            "max_attempts": self.max_attempts, "skip_invalid": self.skip_invalid,
+            "endpoint": self.endpoint, "bill_to": self.bill_to,
+            "completion_window": self.completion_window, "grace": self.grace,
+        }
 
 
 def default_output_paths(input_path: str) -> tuple[str, str]:
@@ -86,3 +102,16 @@ def env_float(name: str, default: float) -> float:
         return float(value)
     except ValueError:
         raise UsageError(f"{name}={value!r} is not a number") from None
+
+
+def parse_window(text: str) -> int:
+    """`24h`, `30m`, `90s`, `2d`, or plain seconds -> seconds."""
+    t = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise UsageError(f"--completion-window {text!r}: use a duration such as 30s, 30m, 2h or 24h")
+    return int(seconds)

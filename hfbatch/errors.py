@@ -6,6 +6,8 @@
     ├── InputError               -> 4  the input failed validation (strict mode), nothing sent
     ├── SomeFailed               -> 3  finished, but some requests failed (the summary was printed)
     ├── StoppedEarly             -> 5  credits exhausted (402) or budget reached; resumable
+    │   └── AlreadyRunning       -> 5  another process runs this batch
+    ├── EndedEarly               -> 6  the batch expired or was cancelled
     └── Interrupted              -> the process re-raises SIGINT/SIGTERM after cleanup (130/143)
 """
 
@@ -61,3 +63,19 @@ class Interrupted(HfbatchError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = ExitCode.SIGINT if signum == 2 else ExitCode.SIGTERM
+
+
+class AlreadyRunning(StoppedEarly):
+    pass
+
+
+class EndedEarly(HfbatchError):
+    exit_code = ExitCode.EXPIRED_OR_CANCELLED
+
+
+def error_for_code(code: int, message: str) -> HfbatchError | None:
+    """The exception that makes a replayed batch exit with its stored `code` (0: none)."""
+    kinds: dict[int, type[HfbatchError]] = {
+        1: HfbatchError, 2: UsageError, 3: SomeFailed, 4: InputError, 5: StoppedEarly, 6: EndedEarly,
+    }
+    return None if code == 0 else kinds.get(code, HfbatchError)(message)

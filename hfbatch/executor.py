@@ -79,18 +79,27 @@ class Executor:
                 for req in requests:
                     if not await self._put(queue, req, stop_wait):
                         break
-            for _ in workers:
-                await self._put(queue, None, stop_wait)
+            for _ in workers:  # one end marker per worker
+                if not await self._put(queue, None, stop_wait):
+                    # Stopped: what is queued stays unsent; every worker gets its marker at once
+                    # (the queue holds 2x the workers, so this never blocks).
+                    self._drain(queue)
+                    for _ in workers:
+                        queue.put_nowait(None)
+                    break
             await asyncio.gather(*workers)
         finally:
             stop_wait.cancel()
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            # Anything still queued was never sent.
-            while not queue.empty():
-                if queue.get_nowait() is not None:
-                    self.unsent += 1
+            self._drain(queue)
+
+    def _drain(self, queue: asyncio.Queue[Request | None]) -> None:
+        """Empty the queue; the requests in it were never sent."""
+        while not queue.empty():
+            if queue.get_nowait() is not None:
+                self.unsent += 1
 
     async def _put(self, queue: asyncio.Queue[Request | None], item: Request | None,
                    stop_wait: asyncio.Task[Any]) -> bool:
@@ -131,7 +140,7 @@ class Executor:
         if isinstance(route, Unroutable):
             self._write_error(req.custom_id, route.code, route.message)
             return
-        stats, attempt = self.stats, 0
+        stats, attempt, answers_500 = self.stats, 0, 0
         while True:
             attempt += 1
             stats.sent += 1
@@ -150,7 +159,8 @@ class Executor:
                                "credits or subscribe to PRO, then rerun the same command to send the rest")
                 self.unsent += 1
                 return
-            decision = self.policy.decide(outcome, attempt)
+            answers_500 += status == 500
+            decision = self.policy.decide(outcome, attempt, answers_500=answers_500)
             if isinstance(decision, Retry):
                 stats.retries += 1
                 if await self.stop.sleep(decision.delay):
@@ -202,8 +212,12 @@ def error_body(status: int, o: Outcome) -> Any:
     OpenAI-shaped answers pass through unchanged; Hugging Face's `{"error": "text"}`, `{"detail":
     ...}`, `{"message": ...}`, plain text and HTML are wrapped so OpenAI code can read them."""
     p = o.parsed
+    kind = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if isinstance(p, dict) and isinstance(p.get("error"), dict) and "message" in p["error"]:
-        return p
+        e = p["error"]
+        if all(k in e for k in ("type", "param", "code")):
+            return p  # already OpenAI's envelope: unchanged
+        return {**p, "error": {"type": kind, "param": None, "code": None, **e}}
     if isinstance(p, dict):
         raw = p.get("error") or p.get("detail") or p.get("message") or p
         message = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
@@ -211,7 +225,6 @@ def error_body(status: int, o: Outcome) -> Any:
         message = orjson.dumps(p).decode()
     else:
         message = o.body[:1000].decode("utf-8", "replace").strip() or f"HTTP {status}"
-    kind = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     code = p.get("error_type") if isinstance(p, dict) else None
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 

@@ -38,7 +38,7 @@ def iter_lines(
     line_no = 0
     readline = f.readline
     while True:
-        raw = readline(max_bytes + 1)
+        raw = readline(max_bytes + 2)  # room for the line ending (CRLF) of a line at the cap
         if not raw:
             return
         if copy_to is not None:
@@ -58,6 +58,9 @@ def iter_lines(
         if line_no == 1 and raw.startswith(_BOM):
             raw = raw[3:]
         line = raw.rstrip(b"\r\n")
+        if len(line) > max_bytes:
+            yield line_no, LineTooLong(len(line))
+            continue
         if not line or line.isspace():
             continue
         yield line_no, line

@@ -44,12 +44,14 @@ class RetryPolicy:
     max_retry_after: float = 600.0
 
     def decide(
-        self, outcome: Outcome, attempt: int, rand: Callable[[], float] = random.random
+        self, outcome: Outcome, attempt: int, rand: Callable[[], float] = random.random,
+        answers_500: int = 1,
     ) -> Retry | GiveUp:
-        """`attempt` is the 1-based number of the attempt that produced `outcome`."""
+        """`attempt` is the 1-based number of the attempt that produced `outcome`; `answers_500`
+        how many of this request's attempts so far were answered 500 (this one included)."""
         if attempt >= self.max_attempts or not is_retryable(outcome):
             return GIVE_UP
-        if outcome.status == 500 and attempt >= self.max_500_attempts:
+        if outcome.status == 500 and answers_500 >= self.max_500_attempts:
             return GIVE_UP
         delay = rand() * min(self.cap, self.base * 2 ** (attempt - 1))
         if outcome.retry_after is not None:

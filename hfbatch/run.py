@@ -1,133 +1,302 @@
-"""The pipeline: reader -> validate -> execute -> write -> summary, for one `hfbatch submit`."""
+"""The pipeline for one `hfbatch submit`: registry -> validate -> resume ledger -> execute -> write -> summary.
+
+A batch's identity is its input content (sha256) plus its output and error paths: the same
+command run again finds the same batch and resumes it, or replays its stored result when it has
+already ended, sending nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import shutil
 import signal
 import sys
-import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from .config import RunConfig
-from .errors import AuthError, Interrupted, SomeFailed, StoppedEarly
-from .errors import HfbatchError, InputError, UsageError
+from .config import RunConfig, parse_window
+from .errors import (AlreadyRunning, AuthError, EndedEarly, ExitCode, HfbatchError, InputError,
+                     Interrupted, SomeFailed, StoppedEarly, UsageError, error_for_code)
 from .executor import Executor, StopControl
+from .ledger import Ledger, scan
 from .models import LineError, Request
 from .providers import Router
-from .reader import iter_lines, open_input
+from .reader import iter_lines
 from .retry import RetryPolicy
+from .state import TERMINAL_STATUSES, BatchDir, Registry, unlock
 from .summary import MAX_REPORTED_ERRORS, BatchInfo, Stats, batch_object
 from .transport import Transport
 from .ui import Progress
 from .validate import IdSet, validate_line
 from .writer import JsonlSink, error_line
 
-GRACE_SECONDS = 10.0
+SAVE_EVERY = 2.0  # seconds between live batch.json updates
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
 @dataclass
 class RunResult:
     batch: dict[str, Any]
     error: HfbatchError | None  # raised by the CLI after the summary is printed
+    replayed: bool = False
 
 
 def submit(cfg: RunConfig) -> RunResult:
-    """Run one batch to its end (or an early stop) and return the Batch object."""
+    """Run (or resume, or replay) one batch and return its Batch object."""
     return asyncio.run(_submit(cfg))
 
 
 async def _submit(cfg: RunConfig) -> RunResult:
-    info, stats = BatchInfo(input_file_id=cfg.input_path), Stats()
-    pass_through = cfg.base_url is not None
+    window = parse_window(cfg.completion_window)
+    reg = Registry()
+    input_file, digest = _materialize_input(cfg.input_path, reg)
+    key = f"{digest}|{_abs(cfg.output_path)}|{_abs(cfg.errors_path)}"
+    if cfg.output_path == "-":
+        key += f"|stdout:{os.urandom(8).hex()}"  # no durable ledger for stdout: never resumed
+    found = reg.get(cfg.batch_id) if cfg.batch_id else reg.find(key)
+    if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
+        raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
+    if found is not None:
+        if cfg.input_path == "-":
+            os.unlink(input_file)  # the batch kept its own copy of this exact content
+        fd = found.lock()
+        if fd is None:
+            pid = found.meta().get("pid")
+            if not cfg.wait:
+                raise AlreadyRunning(
+                    f"batch {found.id} is already running (pid {pid}); nothing was sent. "
+                    f"Follow it with `hfbatch wait {found.id}`, or pass --wait to block until it ends"
+                )
+            fd = await asyncio.to_thread(found.lock, True)
+        try:
+            meta, stored = found.meta(), found.batch()
+            retry = cfg.retry_failed and stored["status"] == "completed"
+            if stored["status"] in TERMINAL_STATUSES and not retry:
+                return _replay(found, meta, stored)
+            return await _run(cfg, found, meta, window, resume=True)
+        finally:
+            unlock(fd)
+    _refuse_foreign_outputs(cfg, reg)
+    info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window)
+    b = reg.create(info.id)
+    if cfg.input_path == "-":
+        shutil.move(input_file, b.path / "input.jsonl")
+        input_file = str(b.path / "input.jsonl")
+    meta = {
+        "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
+        "input_sha256": digest, "output_path": cfg.output_path, "errors_path": cfg.errors_path,
+        "options": cfg.options(), "created_at": info.created_at,
+        "expires_at": info.created_at + window, "pid": os.getpid(), "exit_code": None, "total": None,
+    }
+    b.save_meta(meta)
+    b.save_batch(batch_object(info, Stats(), window))
+    fd = b.lock()
     try:
-        src = open_input(cfg.input_path)
-    except OSError as e:
-        raise UsageError(f"cannot read {cfg.input_path}: {e.strerror or e}") from None
-    spool: BinaryIO | None = None
-    try:
-        if not cfg.skip_invalid:
-            # OpenAI's rule: validate the whole file before sending anything.
-            if cfg.input_path == "-":
-                spool = tempfile.TemporaryFile(prefix="hfbatch-stdin-")
-            _prevalidate(src, cfg, info, stats, spool, pass_through)
-            if info.errors or info.errors_dropped:
-                info.set_status("failed")
-                info.state = "failed"
-                first = info.errors[0]
-                n = len(info.errors) + info.errors_dropped
-                return RunResult(batch_object(info, stats), InputError(
-                    f"{_where(cfg.input_path)}:{first.line_no}: {first.message}"
-                    + (f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else "")
-                    + "; nothing was sent. Fix the file, or pass --skip-invalid to run the valid lines"
-                ))
-            if spool is not None:
-                spool.seek(0)
-                src = spool
-            else:
-                src.seek(0)
-        elif cfg.input_path != "-":
-            stats.total = _count_lines(cfg.input_path)
-        return await _execute(cfg, info, stats, src, pass_through)
+        return await _run(cfg, b, meta, window, resume=False, info=info)
     finally:
-        if src is not sys.stdin.buffer:
-            src.close()
-        if spool is not None and spool is not src:
-            spool.close()
+        unlock(fd)
 
 
-def _prevalidate(src: BinaryIO, cfg: RunConfig, info: BatchInfo, stats: Stats,
-                 spool: BinaryIO | None, pass_through: bool) -> None:
-    seen = IdSet()
-    for line_no, raw in iter_lines(src, copy_to=spool):
-        r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
-        stats.total += 1
-        if isinstance(r, LineError):
-            if len(info.errors) < MAX_REPORTED_ERRORS:
-                info.errors.append(r)
-            else:
-                info.errors_dropped += 1
-    if stats.total == 0:
+def _materialize_input(path: str, reg: Registry) -> tuple[str, str]:
+    """(a file to read, sha256 of its content); stdin is spooled to a private file first."""
+    h = hashlib.sha256()
+    if path == "-":
+        tmp = reg.tmp_dir() / f"stdin-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := sys.stdin.buffer.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+        return str(tmp), h.hexdigest()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    return os.path.abspath(path), h.hexdigest()
+
+
+def _refuse_foreign_outputs(cfg: RunConfig, reg: Registry) -> None:
+    """Never append to, or clobber, files that hold another batch's answers (unless --overwrite)."""
+    if cfg.overwrite:
+        return
+    for path in (cfg.output_path, cfg.errors_path):
+        if path == "-" or not os.path.exists(path) or os.path.getsize(path) == 0:
+            continue
+        owner = next((b for b in reg.all() if _abs(_meta_or_empty(b).get("output_path", "")) == _abs(path)
+                      or _abs(_meta_or_empty(b).get("errors_path", "")) == _abs(path)), None)
+        whose = (f"batch {owner.id} (input {_meta_or_empty(owner).get('input_path')}, since changed)"
+                 if owner else "no batch hfbatch knows of")
+        raise UsageError(
+            f"{path} already holds lines from {whose}; nothing was sent. Choose other paths "
+            "with -o/-e, or pass --overwrite to replace them"
+        )
+
+
+def _meta_or_empty(b: BatchDir) -> dict[str, Any]:
+    try:
+        return b.meta()
+    except (OSError, ValueError):
+        return {}
+
+
+def _replay(b: BatchDir, meta: dict[str, Any], stored: dict[str, Any]) -> RunResult:
+    code = int(meta.get("exit_code") or 0)
+    note = (f"batch {b.id} already ended ({stored['status']}); nothing was sent. "
+            + ("Pass --retry-failed to re-send its retryable failures" if code == 3 else
+               "Its stored result follows"))
+    return RunResult(stored, error_for_code(code, note), replayed=True)
+
+
+async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *, resume: bool,
+               info: BatchInfo | None = None) -> RunResult:
+    stored = b.batch() if info is None else None
+    if info is None:
+        info = _info_from(stored or {}, cfg)
+    stats = Stats()
+    meta["pid"] = os.getpid()
+    b.save_meta(meta)
+    input_file, pass_through = meta["input_file"], cfg.base_url is not None
+    if info.status == "validating":
+        total = _validate_file(input_file, cfg, info, pass_through)
+        if info.errors:
+            info.set_status("failed")
+            info.state = "failed"
+            stats.total = total
+            return _finish(b, meta, info, stats, window, InputError(_invalid_message(cfg, info)))
+        meta["total"] = total
+        b.save_meta(meta)
+        info.set_status("in_progress")
+    stats.total = int(meta.get("total") or 0)
+    if cfg.detach:
+        return _detach(cfg, b, meta, info, stats, window)
+    ledger = Ledger()
+    if resume:
+        ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
+                      retry_failed=cfg.retry_failed)
+        if cfg.retry_failed and info.status == "completed":
+            info.status, info.state = "in_progress", "running"  # reopened for the retryable lines
+    if b.cancel_requested():
+        info.set_status("cancelling")
+    b.save_batch(batch_object(info, stats, window))
+    return await _execute(cfg, b, meta, info, stats, ledger, window, resume)
+
+
+def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:
+    info = BatchInfo(
+        id=stored["id"], input_file_id=stored["input_file_id"],
+        completion_window=stored.get("completion_window", cfg.completion_window),
+        created_at=stored["created_at"], status=stored["status"], metadata=stored.get("metadata"),
+    )
+    for status, key in (("in_progress", "in_progress_at"), ("cancelling", "cancelling_at")):
+        if stored.get(key):
+            info.stamps[status] = stored[key]
+    return info
+
+
+def _validate_file(path: str, cfg: RunConfig, info: BatchInfo, pass_through: bool) -> int:
+    """Count the requests; in strict mode also collect every invalid line (OpenAI validates the
+    whole file before running anything)."""
+    seen = None if cfg.skip_invalid else IdSet()
+    total = 0
+    with open(path, "rb") as f:
+        for line_no, raw in iter_lines(f):
+            total += 1
+            if seen is None:
+                continue
+            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
+            if isinstance(r, LineError):
+                if len(info.errors) < MAX_REPORTED_ERRORS:
+                    info.errors.append(r)
+                else:
+                    info.errors_dropped += 1
+    if total == 0:
         info.errors.append(LineError(0, None, "empty_file", "The input file is empty. Please ensure "
                                      "that the batch contains at least one request."))
+    return total
 
 
-def _count_lines(path: str) -> int:
-    """The number of non-blank lines (request_counts.total, known before the first request)."""
-    with open(path, "rb") as f:
-        return sum(1 for _ in iter_lines(f))
+def _invalid_message(cfg: RunConfig, info: BatchInfo) -> str:
+    first = info.errors[0]
+    n = len(info.errors) + info.errors_dropped
+    where = "<stdin>" if cfg.input_path == "-" else cfg.input_path
+    more = f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else ""
+    return (f"{where}:{first.line_no}: {first.message}{more}; nothing was sent. Fix the file, "
+            "or pass --skip-invalid to run the valid lines")
 
 
-async def _execute(cfg: RunConfig, info: BatchInfo, stats: Stats, src: BinaryIO,
-                   pass_through: bool) -> RunResult:
-    out = JsonlSink(None, sys.stdout.buffer) if cfg.output_path == "-" else JsonlSink(cfg.output_path)
-    err = JsonlSink(cfg.errors_path)
+def _detach(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
+            window: int) -> RunResult:
+    """Start `hfbatch resume ID` in its own session (it survives the terminal and its hang-up)."""
+    import subprocess
+
+    batch = batch_object(info, stats, window)
+    b.save_batch(batch)
+    env = dict(os.environ)
+    if cfg.token:
+        env["HF_TOKEN"] = cfg.token  # handed over in the child's environment only, never a file
+    log = os.open(b.path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "hfbatch", "resume", b.id, "--quiet", "--wait"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+        )
+    finally:
+        os.close(log)
+    meta["pid"] = child.pid
+    b.save_meta(meta)
+    return RunResult(batch, None)
+
+
+async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
+                   ledger: Ledger, window: int, resume: bool) -> RunResult:
+    if cfg.output_path == "-":
+        out = JsonlSink(None, sys.stdout.buffer)
+    else:
+        out = JsonlSink(cfg.output_path, append=resume)
+    err = JsonlSink(cfg.errors_path, append=resume)
     stop = StopControl()
     progress = Progress(enabled=not cfg.quiet, stats=stats)
     loop = asyncio.get_running_loop()
     signals_seen: list[int] = []
+    expires_at = info.created_at + window
+    if info.status == "cancelling":
+        stop.stop("cancelled", "cancelled")
 
     def on_signal(signum: int) -> None:
         signals_seen.append(signum)
-        name = signal.Signals(signum).name
-        stop.stop("signal", f"stopped by {name}", hard=len(signals_seen) > 1)
+        stop.stop("signal", f"stopped by {signal.Signals(signum).name}", hard=len(signals_seen) > 1)
 
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, on_signal, s)
-    info.set_status("in_progress")
+    pass_through = cfg.base_url is not None
+    executor: Executor | None = None
 
     def requests() -> Iterator[Request]:
         seen = IdSet() if cfg.skip_invalid else None
-        for line_no, raw in iter_lines(src):
-            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
-            if isinstance(r, LineError):
-                err.write(error_line(r.custom_id, r.code, f"line {r.line_no}: {r.message}"))
-                stats.failed += 1
-                continue
-            stats.endpoints[r.url] += 1
-            stats.models[r.model] += 1
-            yield r
+        done, rejected = ledger.done, ledger.rejected
+        with open(meta["input_file"], "rb") as f:
+            for line_no, raw in iter_lines(f):
+                r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
+                if isinstance(r, LineError):
+                    if line_no not in rejected:
+                        err.write(error_line(r.custom_id, r.code, f"line {r.line_no}: {r.message}"))
+                        stats.failed += 1
+                    continue
+                if r.custom_id in done:
+                    continue
+                stats.endpoints[r.url] += 1
+                stats.models[r.model] += 1
+                yield r
+
+    def save() -> None:
+        b.save_batch(batch_object(info, stats, window))
 
     try:
         async with Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg)) as transport:
@@ -136,8 +305,8 @@ async def _execute(cfg: RunConfig, info: BatchInfo, stats: Stats, src: BinaryIO,
                 stop=stop, concurrency=cfg.concurrency, policy=RetryPolicy(max_attempts=cfg.max_attempts),
             )
             work = asyncio.create_task(executor.run(requests()))
-            ticker = asyncio.create_task(_tick(out, err, progress))
-            guard = asyncio.create_task(_guard(stop, work))
+            ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save))
+            guard = asyncio.create_task(_guard(stop, work, cfg.grace))
             progress.start()
             try:
                 await asyncio.shield(work)
@@ -148,16 +317,37 @@ async def _execute(cfg: RunConfig, info: BatchInfo, stats: Stats, src: BinaryIO,
                 guard.cancel()
                 ticker.cancel()
                 progress.stop()
+        if stop.reason in ("expired", "cancelled"):
+            out.flush()
+            err.flush()
+            _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through)
     finally:
         for s in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(s)
         out.close()
         err.close()
-    if cfg.skip_invalid and cfg.input_path == "-":
-        stats.total = stats.completed + stats.failed + executor.unsent  # stdin: what was read
-    info.unsent = stats.total - stats.completed - stats.failed
-    info.output_file_id = cfg.output_path if out.lines else None
-    info.error_file_id = cfg.errors_path if err.lines else None
+    return _conclude(cfg, b, meta, info, stats, window, stop, signals_seen, out, err)
+
+
+def _close_unanswered(cfg: RunConfig, meta: dict[str, Any], err: JsonlSink, stats: Stats, reason: str,
+                      pass_through: bool) -> None:
+    """Expiry or cancel: every valid request with no line yet gets batch_expired / batch_cancelled."""
+    code, message = (("batch_expired", EXPIRED_MESSAGE) if reason == "expired"
+                     else ("batch_cancelled", CANCELLED_MESSAGE))
+    done = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, Stats()).done
+    seen = IdSet()
+    with open(meta["input_file"], "rb") as f:
+        for line_no, raw in iter_lines(f):
+            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
+            if isinstance(r, Request) and r.custom_id not in done:
+                err.write(error_line(r.custom_id, code, message))
+                stats.failed += 1
+
+
+def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
+              window: int, stop: StopControl, signals_seen: list[int], out: JsonlSink,
+              err: JsonlSink) -> RunResult:
+    info.unsent = max(0, stats.total - stats.completed - stats.failed)
     error: HfbatchError | None = None
     if stop.reason is None:
         info.set_status("finalizing")
@@ -165,37 +355,79 @@ async def _execute(cfg: RunConfig, info: BatchInfo, stats: Stats, src: BinaryIO,
         info.state = "finished"
         if stats.failed:
             error = SomeFailed(f"{stats.failed} of {stats.total} requests failed; see {cfg.errors_path}")
+    elif stop.reason == "expired":
+        info.set_status("expired")
+        info.state = "finished"
+        error = EndedEarly(f"the completion window ({info.completion_window}) expired; requests not "
+                           f"run are in {cfg.errors_path} as batch_expired")
+    elif stop.reason == "cancelled":
+        info.set_status("cancelled")
+        info.state = "finished"
+        error = EndedEarly(f"batch {info.id} was cancelled; requests not run are in {cfg.errors_path} "
+                           "as batch_cancelled")
     else:
         # Stopped early: the batch stays in_progress (resumable); our state says why.
-        info.state, info.stop_reason = "stopped", stop.reason
-        message = f"{stop.message}; {info.unsent} requests were not sent"
+        info.state, info.stop_reason = "interrupted", stop.reason
+        message = (f"{stop.message}; {info.unsent} requests were not sent. Rerun the same command "
+                   f"(or `hfbatch resume {info.id}`) to send only those")
         if stop.reason == "auth":
             error = AuthError(message)
         elif stop.reason == "signal":
             error = Interrupted(signals_seen[0], message)
         else:
             error = StoppedEarly(message)
-    batch = batch_object(info, stats)
-    progress.final_table(batch)
+    return _finish(b, meta, info, stats, window, error, out_lines=out.lines, err_lines=err.lines)
+
+
+def _finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, window: int,
+            error: HfbatchError | None, out_lines: int = 0, err_lines: int = 0) -> RunResult:
+    out_path, err_path = meta["output_path"], meta["errors_path"]
+    if info.status != "failed":
+        info.output_file_id = out_path if (stats.completed or out_lines) else None
+        info.error_file_id = err_path if (stats.failed or err_lines) else None
+    batch = batch_object(info, stats, window)
+    b.save_batch(batch)
+    meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
+    meta["pid"] = None
+    b.save_meta(meta)
     return RunResult(batch, error)
 
 
-async def _tick(out: JsonlSink, err: JsonlSink, progress: Progress) -> None:
-    """Hand finished lines to the OS every 100 ms and refresh the progress bar."""
+async def _tick(out: JsonlSink, err: JsonlSink, progress: Progress, b: BatchDir, stop: StopControl,
+                info: BatchInfo, expires_at: int, save: Any) -> None:
+    """Every 100 ms: hand finished lines to the OS and refresh the progress bar. Every 0.5 s: look
+    for a cancel request and the completion window. Every 2 s: publish live counts."""
+    last_save = last_check = time.monotonic()
     while True:
         await asyncio.sleep(0.1)
         out.flush()
         err.flush()
         progress.update()
+        now = time.monotonic()
+        if now - last_check >= 0.5:
+            last_check = now
+            if stop.reason is None and b.cancel_requested():
+                stop.stop("cancelled", "cancelled")
+                info.set_status("cancelling")
+                save()
+                last_save = now
+            elif stop.reason is None and time.time() >= expires_at:
+                stop.stop("expired", "the completion window expired")
+        if now - last_save >= SAVE_EVERY:
+            last_save = now
+            save()
 
 
-async def _guard(stop: StopControl, work: asyncio.Task[None]) -> None:
-    """Enforce how a stop ends in-flight requests: at once (auth, second signal), after a grace
-    period (first signal), or when they finish by themselves (credits)."""
+async def _guard(stop: StopControl, work: asyncio.Task[None], grace: float) -> None:
+    """How a stop ends in-flight requests: at once (auth, second signal), after the grace period
+    (signal, expiry), or when they finish by themselves (credits, cancel)."""
     await stop.event.wait()
-    if stop.reason == "credits":
+    if stop.reason in ("credits", "cancelled"):
+        while not stop.hard:
+            await asyncio.sleep(0.05)
+        work.cancel()
         return
-    deadline = asyncio.get_running_loop().time() + GRACE_SECONDS
+    deadline = asyncio.get_running_loop().time() + (0 if stop.reason == "auth" else grace)
     while not stop.hard and asyncio.get_running_loop().time() < deadline and not work.done():
         await asyncio.sleep(0.05)
     work.cancel()
@@ -205,5 +437,6 @@ def _extra_headers(cfg: RunConfig) -> dict[str, str]:
     return {"X-HF-Bill-To": cfg.bill_to} if cfg.bill_to else {}
 
 
-def _where(path: str) -> str:
-    return "<stdin>" if path == "-" else path
+def _abs(path: str) -> str:
+    return path if path == "-" else os.path.abspath(path)
+

@@ -24,7 +24,7 @@ class LatencyHistogram:
         self.count = 0
 
     def add(self, seconds: float) -> None:
-        self._buckets[int(math.log(max(seconds, 1e-5)) / self._RATIO)] += 1
+        self._buckets[math.floor(math.log(max(seconds, 1e-5)) / self._RATIO)] += 1
         self.count += 1
 
     def quantile(self, q: float) -> float | None:

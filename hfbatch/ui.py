@@ -51,25 +51,29 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def final_table(self, batch: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.table import Table
 
-        hb = batch["hfbatch"]
-        rc, usage = batch["request_counts"], batch["usage"]
-        t = Table(title=f"{batch['id']}  [bold]{batch['status']}[/bold]", show_header=False, box=None)
-        t.add_column(style="dim")
-        t.add_column()
-        t.add_row("requests", f"{rc['total']} total · {rc['completed']} ok · {rc['failed']} failed"
-                  + (f" · {hb['unsent']} not sent" if hb["unsent"] else ""))
-        t.add_row("tokens", f"{usage['input_tokens']:,} in · {usage['output_tokens']:,} out")
+def final_table(batch: dict[str, Any], enabled: bool = True) -> None:
+    """The Batch object as a short table on stderr (terminals only)."""
+    if not (enabled and sys.stderr.isatty()):
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    hb = batch.get("hfbatch", {})
+    rc, usage = batch["request_counts"], batch["usage"]
+    t = Table(title=f"{batch['id']}  [bold]{batch['status']}[/bold]", show_header=False, box=None)
+    t.add_column(style="dim")
+    t.add_column()
+    t.add_row("requests", f"{rc['total']} total · {rc['completed']} ok · {rc['failed']} failed"
+              + (f" · {hb['unsent']} not sent" if hb.get("unsent") else ""))
+    t.add_row("tokens", f"{usage['input_tokens']:,} in · {usage['output_tokens']:,} out")
+    if "elapsed_seconds" in hb:
+        lat = hb["latency_ms"]
         t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s · "
-                  f"p50 {hb['latency_ms']['p50']} ms · p95 {hb['latency_ms']['p95']} ms")
+                  f"p50 {lat['p50']} ms · p95 {lat['p95']} ms")
         t.add_row("http", f"{hb['http_requests']} requests · {hb['retries']} retries")
-        if hb["providers"]:
-            t.add_row("providers", ", ".join(f"{k} {v}" for k, v in hb["providers"].items()))
-        t.add_row("output", str(batch["output_file_id"] or "—"))
-        t.add_row("errors", str(batch["error_file_id"] or "—"))
-        Console(stderr=True).print(t)
+    if hb.get("providers"):
+        t.add_row("providers", ", ".join(f"{k} {v}" for k, v in hb["providers"].items()))
+    t.add_row("output", str(batch["output_file_id"] or "—"))
+    t.add_row("errors", str(batch["error_file_id"] or "—"))
+    Console(stderr=True).print(t)

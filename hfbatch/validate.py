@@ -95,6 +95,13 @@ def validate_line(
             "custom_id is missing or not a non-empty string; give every line a unique custom_id",
             "custom_id",
         )
+    if seen is not None and not seen.add(cid):
+        # Checked before the other rules: an invalid line still claims its custom_id, as in OpenAI.
+        return LineError(
+            line_no, cid, "duplicate_custom_id",
+            f"custom_id {_show(cid)} is used by an earlier line; custom_ids must be unique in a batch",
+            "custom_id",
+        )
     method = obj.get("method")
     if method != "POST":
         return LineError(
@@ -138,12 +145,6 @@ def validate_line(
         return LineError(
             line_no, cid, "invalid_request",
             "body.stream is true; batch requests cannot stream, remove it or set it to false", "body.stream",
-        )
-    if seen is not None and not seen.add(cid):
-        return LineError(
-            line_no, cid, "duplicate_custom_id",
-            f"custom_id {_show(cid)} is used by an earlier line; custom_ids must be unique in a batch",
-            "custom_id",
         )
     return Request(line_no, cid, url, body, model)
 

@@ -1,0 +1,87 @@
+"""Registry commands: list, status, cancel, wait, results (what `client.batches.*` does for OpenAI)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import UsageError
+from .state import TERMINAL_STATUSES, BatchDir, Registry, pid_alive
+
+
+def get(batch_id: str, reg: Registry | None = None) -> BatchDir:
+    b = (reg or Registry()).get(batch_id)
+    if b is None:
+        raise UsageError(f"no batch {batch_id!r} in the registry; `hfbatch list` shows the known batches")
+    return b
+
+
+def live_batch(b: BatchDir) -> dict[str, Any]:
+    """The stored Batch object, with our state corrected when its process died without a word."""
+    batch = b.batch()
+    hb = batch.setdefault("hfbatch", {})
+    if batch["status"] not in TERMINAL_STATUSES and hb.get("state") in (None, "running"):
+        if not b.running() and not pid_alive(_meta(b).get("pid")):
+            hb["state"] = "interrupted"
+            hb["stop_reason"] = "process_exited"
+    return batch
+
+
+def _meta(b: BatchDir) -> dict[str, Any]:
+    try:
+        return b.meta()
+    except (OSError, ValueError):
+        return {}
+
+
+def list_batches(limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Newest first; unreadable entries (a crash mid-creation) are skipped."""
+    rows = []
+    for b in Registry().all():
+        try:
+            rows.append(live_batch(b))
+        except (OSError, ValueError, KeyError):
+            continue
+    rows.sort(key=lambda r: (r.get("created_at", 0), r["id"]), reverse=True)
+    yield from rows[:limit] if limit else rows
+
+
+def cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
+    """Ask for a cancel. Returns (batch, finish_here): True when no process runs it, so the caller
+    closes it out in this process (writes batch_cancelled lines) by resuming it."""
+    b = get(batch_id)
+    batch = live_batch(b)
+    status = batch["status"]
+    if status == "cancelled":
+        return batch, False
+    if status in TERMINAL_STATUSES:
+        raise UsageError(f"batch {batch_id} already ended ({status}); there is nothing to cancel")
+    b.request_cancel()
+    if b.running() or pid_alive(_meta(b).get("pid")):
+        batch["status"] = "cancelling"  # the running process notices within a second
+        return batch, False
+    return batch, True
+
+
+def wait(batch_id: str, poll: float = 0.5, timeout: float | None = None) -> tuple[dict[str, Any], int]:
+    """Block until the batch ends (or its process is gone); returns (batch, its exit code)."""
+    b = get(batch_id)
+    start = time.monotonic()
+    while True:
+        batch = live_batch(b)
+        meta = _meta(b)
+        ended = batch["status"] in TERMINAL_STATUSES
+        if ended or (batch["hfbatch"].get("state") == "interrupted" and not b.running()
+                     and not pid_alive(meta.get("pid"))):
+            code = meta.get("exit_code")
+            return batch, int(code) if code is not None else 5
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise UsageError(f"batch {batch_id} still {batch['status']} after {timeout:g} s")
+        time.sleep(poll)
+
+
+def results_path(batch_id: str, errors: bool) -> str | None:
+    meta = _meta(get(batch_id))
+    path: str | None = meta.get("errors_path" if errors else "output_path")
+    return None if path in (None, "-") else path

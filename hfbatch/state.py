@@ -1,0 +1,175 @@
+"""Batch registry: $HFBATCH_HOME/batches/<id>/{batch.json, meta.json, lock, cancel, input.jsonl, log}.
+
+Directories are 0700 and files 0600 whatever the umask: they hold prompts. JSON files are
+replaced atomically (write a temp file, fsync, rename), so a reader, or a process that crashed
+mid-write, never sees half a file. A run holds an exclusive flock on `lock` for its lifetime:
+that is how "is it running?" is answered, even after kill -9 (the kernel drops the lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+def home() -> Path:
+    """$HFBATCH_HOME, else $XDG_DATA_HOME/hfbatch, else ~/.local/share/hfbatch (created 0700)."""
+    env = os.environ.get("HFBATCH_HOME")
+    if env:
+        root = Path(env)
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        root = Path(xdg) / "hfbatch"
+    private_dir(root)
+    return root
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask; chmod is not
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically replace `path` with `obj` as JSON, mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
+
+
+@dataclass
+class BatchDir:
+    """One registered batch."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def batch_file(self) -> Path:
+        return self.path / "batch.json"
+
+    @property
+    def meta_file(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def cancel_file(self) -> Path:
+        return self.path / "cancel"
+
+    def batch(self) -> dict[str, Any]:
+        obj: dict[str, Any] = read_json(self.batch_file)
+        return obj
+
+    def meta(self) -> dict[str, Any]:
+        obj: dict[str, Any] = read_json(self.meta_file)
+        return obj
+
+    def save_batch(self, batch: dict[str, Any]) -> None:
+        write_json(self.batch_file, batch)
+
+    def save_meta(self, meta: dict[str, Any]) -> None:
+        write_json(self.meta_file, meta)
+
+    def lock(self, wait: bool = False) -> int | None:
+        """Take the run lock; returns its fd, or None if another process holds it (wait=False)."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def running(self) -> bool:
+        """Is a process running this batch right now? (Asks the lock, not a pid file.)"""
+        fd = self.lock()
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    def request_cancel(self) -> None:
+        fd = os.open(self.cancel_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    def cancel_requested(self) -> bool:
+        return self.cancel_file.exists()
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the fd releases the flock
+
+
+class Registry:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or home()
+        self.batches = private_dir(self.root / "batches")
+
+    def create(self, batch_id: str) -> BatchDir:
+        return BatchDir(private_dir(self.batches / batch_id))
+
+    def get(self, batch_id: str) -> BatchDir | None:
+        if not batch_id.startswith("batch_") or "/" in batch_id or batch_id in (".", ".."):
+            return None
+        path = self.batches / batch_id
+        return BatchDir(path) if (path / "meta.json").exists() else None
+
+    def all(self) -> Iterator[BatchDir]:
+        for p in self.batches.iterdir():
+            if (p / "meta.json").exists():
+                yield BatchDir(p)
+
+    def find(self, key: str) -> BatchDir | None:
+        """The most recent batch with this identity (input content + output paths)."""
+        best: tuple[float, BatchDir] | None = None
+        for b in self.all():
+            try:
+                meta = b.meta()
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if meta.get("key") == key:
+                created = float(meta.get("created_at", 0))
+                if best is None or created > best[0]:
+                    best = (created, b)
+        return best[1] if best else None
+
+    def tmp_dir(self) -> Path:
+        return private_dir(self.root / "tmp")
+
+
+def now() -> int:
+    return int(time.time())

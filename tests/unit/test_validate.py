@@ -1,0 +1,168 @@
+"""validate.validate_line: OpenAI's batch input rules, one line at a time."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from hfbatch.models import LineError, Request
+from hfbatch.reader import LineTooLong
+from hfbatch.validate import OPENAI_ENDPOINTS, IdSet, normalize_url, validate_line
+
+
+def line(**over: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "org/m", "messages": [{"role": "user", "content": "hi"}]}}
+    for k, v in over.items():
+        if v is ...:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    return obj
+
+
+def check(obj: Any, seen: IdSet | None = None, raw: bytes | None = None, **kw: Any) -> Request | LineError:
+    data = raw if raw is not None else json.dumps(obj).encode()
+    return validate_line(7, data, seen if seen is not None else IdSet(), **kw)
+
+
+def bad(result: Request | LineError, code: str, param: str | None = ...) -> LineError:  # type: ignore[assignment]
+    assert isinstance(result, LineError), result
+    assert result.code == code, result
+    assert result.line_no == 7
+    assert result.message
+    if param is not ...:
+        assert result.param == param, result
+    return result
+
+
+def test_valid_line_becomes_a_request() -> None:
+    r = check(line())
+    assert isinstance(r, Request)
+    assert (r.line_no, r.custom_id, r.url, r.model) == (7, "c1", "/v1/chat/completions", "org/m")
+    assert r.body == line()["body"]
+
+
+@pytest.mark.parametrize("url", sorted(OPENAI_ENDPOINTS))
+def test_every_openai_batch_endpoint_is_accepted(url: str) -> None:
+    assert isinstance(check(line(url=url)), Request)
+
+
+def test_the_documented_endpoints_are_batch_endpoints() -> None:
+    assert {"/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/completions"} <= OPENAI_ENDPOINTS
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"custom_id": "x",', b"{'a': 1}", b"\x00\xff\xfe\x80\x81",
+                                 b'{"a":1} trailing'])
+def test_unparseable_lines_are_invalid_json_line(raw: bytes) -> None:
+    r = bad(check(None, raw=raw), "invalid_json_line")
+    assert r.custom_id is None
+
+
+def test_binary_junk_message_says_it_is_not_text() -> None:
+    r = bad(check(None, raw=b"\xff\xfe\x00\x81"), "invalid_json_line")
+    assert "UTF-8" in r.message
+
+
+@pytest.mark.parametrize("value", [[1, 2], "string", 42, None, True])
+def test_json_that_is_not_an_object_is_invalid_request(value: Any) -> None:
+    bad(check(value), "invalid_request")
+
+
+@pytest.mark.parametrize("cid", [..., None, "", 12, ["a"], {"a": 1}])
+def test_custom_id_missing_or_not_a_non_empty_string(cid: Any) -> None:
+    r = bad(check(line(custom_id=cid)), "invalid_request", "custom_id")
+    assert r.custom_id is None
+
+
+@pytest.mark.parametrize("method", ["GET", "post", "PUT", ..., None, 1])
+def test_method_must_be_post(method: Any) -> None:
+    r = bad(check(line(method=method)), "invalid_request", "method")
+    assert r.custom_id == "c1"  # readable lines keep their custom_id
+
+
+@pytest.mark.parametrize("url", ["/v1/unknown", "/v1/chat/complete", "https://api.openai.com/v1/chat/completions",
+                                 "", ..., None, 5])
+def test_url_must_be_an_openai_batch_endpoint(url: Any) -> None:
+    bad(check(line(url=url)), "invalid_request", "url")
+
+
+def test_azure_style_url_without_v1_is_normalized() -> None:
+    r = check(line(url="/chat/completions"))
+    assert isinstance(r, Request) and r.url == "/v1/chat/completions"
+    assert normalize_url("/embeddings") == "/v1/embeddings"
+    assert normalize_url("/v1/embeddings") == "/v1/embeddings"
+    assert normalize_url("/score") == "/score"
+
+
+def test_pass_through_accepts_any_relative_path() -> None:
+    for url in ("/v1/score", "/rerank", "/v1/chat/completions", "/v1/completions"):
+        r = check(line(url=url), pass_through=True)
+        assert isinstance(r, Request) and r.url == url
+
+
+@pytest.mark.parametrize("url", ["http://evil.example/v1/chat", "v1/chat/completions", "/v1/../admin",
+                                 "/v1/chat completions", ""])
+def test_pass_through_still_refuses_non_relative_paths(url: str) -> None:
+    bad(check(line(url=url), pass_through=True), "invalid_request", "url")
+
+
+@pytest.mark.parametrize("body", ["model=gpt", [1], None, 3, ...])
+def test_body_must_be_an_object(body: Any) -> None:
+    bad(check(line(body=body)), "invalid_request", "body")
+
+
+@pytest.mark.parametrize("model", [..., "", None, 3])
+def test_body_model_is_required(model: Any) -> None:
+    body = {"messages": []} if model is ... else {"model": model, "messages": []}
+    bad(check(line(body=body)), "invalid_request")
+
+
+def test_stream_true_is_refused_but_false_is_fine() -> None:
+    bad(check(line(body={"model": "m", "stream": True})), "invalid_request")
+    assert isinstance(check(line(body={"model": "m", "stream": False})), Request)
+
+
+def test_duplicate_custom_id_the_later_line_is_the_bad_one() -> None:
+    seen = IdSet()
+    assert isinstance(validate_line(1, json.dumps(line()).encode(), seen), Request)
+    r = validate_line(2, json.dumps(line()).encode(), seen)
+    assert isinstance(r, LineError) and r.code == "duplicate_custom_id" and r.line_no == 2
+    assert r.custom_id == "c1"
+    assert isinstance(validate_line(3, json.dumps(line(custom_id="c2")).encode(), seen), Request)
+
+
+def test_no_uniqueness_check_when_seen_is_none() -> None:
+    raw = json.dumps(line()).encode()
+    assert isinstance(validate_line(1, raw, None), Request)
+    assert isinstance(validate_line(2, raw, None), Request)
+
+
+def test_endpoint_flag_requires_every_url_to_match() -> None:
+    assert isinstance(check(line(), endpoint="/v1/chat/completions"), Request)
+    r = bad(check(line(url="/v1/embeddings"), endpoint="/v1/chat/completions"), "url_mismatch", "url")
+    assert r.custom_id == "c1"
+
+
+def test_line_too_long_is_invalid_request() -> None:
+    r = validate_line(3, LineTooLong(11 * 1024 * 1024), IdSet())
+    assert isinstance(r, LineError) and r.code == "invalid_request" and r.line_no == 3
+    assert "MB" in r.message
+
+
+def test_idset() -> None:
+    s = IdSet()
+    assert s.add("a") and not s.add("a") and s.add("b")
+    assert "a" in s and "z" not in s and len(s) == 2
+
+
+def test_utf8_bom_inside_json_is_not_accepted_on_a_later_line() -> None:
+    bad(check(None, raw=b"\xef\xbb\xbf" + json.dumps(line()).encode()), "invalid_json_line")
+
+
+def test_non_ascii_custom_id_and_content_are_fine() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "日本"}]}
+    r = check(line(custom_id="über-✓", body=body))
+    assert isinstance(r, Request) and r.custom_id == "über-✓"

@@ -1,0 +1,194 @@
+"""writer: JsonlSink batching/flushing, success_line / error_line shapes, orjson.Fragment passthrough;
+executor.error_body: every provider error shape becomes OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import LINE_ID_RE, check_error_envelope, check_error_line, check_output_line
+
+from hfbatch.executor import error_body
+from hfbatch.models import Outcome
+from hfbatch.writer import JsonlSink, error_line, new_line_id, success_line
+
+CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop",
+                     "logprobs": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+# ------------------------------------------------------------------ JsonlSink
+
+
+def test_sink_writes_newline_terminated_lines(tmp_path: Path) -> None:
+    p = tmp_path / "out.jsonl"
+    sink = JsonlSink(str(p))
+    sink.write(b'{"a":1}')
+    sink.write(b'{"b":2}')
+    assert sink.lines == 2
+    sink.close()
+    assert p.read_bytes() == b'{"a":1}\n{"b":2}\n'
+
+
+def test_sink_buffers_until_flush(tmp_path: Path) -> None:
+    p = tmp_path / "out.jsonl"
+    sink = JsonlSink(str(p))
+    sink.write(b"1")
+    assert p.read_bytes() == b""  # created (truncated) at once, written on flush
+    sink.flush()
+    assert p.read_bytes() == b"1\n"
+    sink.flush()  # nothing new: nothing written twice
+    sink.write(b"2")
+    sink.close()
+    assert p.read_bytes() == b"1\n2\n"
+
+
+def test_sink_flushes_by_itself_past_one_mebibyte(tmp_path: Path) -> None:
+    p = tmp_path / "big.jsonl"
+    sink = JsonlSink(str(p))
+    chunk = b"x" * (256 * 1024)
+    for _ in range(5):
+        sink.write(chunk)
+    assert p.stat().st_size >= 4 * len(chunk)
+    sink.close()
+    assert p.read_bytes() == (chunk + b"\n") * 5
+
+
+def test_sink_truncates_by_default_and_appends_on_request(tmp_path: Path) -> None:
+    p = tmp_path / "out.jsonl"
+    p.write_bytes(b"old\n")
+    s = JsonlSink(str(p))
+    s.write(b"new")
+    s.close()
+    assert p.read_bytes() == b"new\n"
+    s = JsonlSink(str(p), append=True)
+    s.write(b"more")
+    s.close()
+    assert p.read_bytes() == b"new\nmore\n"
+
+
+def test_sink_empty_close_leaves_an_empty_file(tmp_path: Path) -> None:
+    p = tmp_path / "e.jsonl"
+    JsonlSink(str(p)).close()
+    assert p.read_bytes() == b""
+
+
+def test_sink_to_a_stream() -> None:
+    buf = io.BytesIO()
+    s = JsonlSink(None, buf)
+    s.write(b"a")
+    s.write(b"b")
+    s.flush()
+    assert buf.getvalue() == b"a\nb\n"
+    s.close()
+    assert buf.getvalue() == b"a\nb\n" and s.lines == 2
+
+
+# ------------------------------------------------------------------ lines
+
+
+def test_new_line_ids_are_unique_batch_req_hex() -> None:
+    got = {new_line_id() for _ in range(200)}
+    assert len(got) == 200 and all(LINE_ID_RE.match(i) for i in got)
+
+
+def test_success_line_shape_and_key_order() -> None:
+    obj = json.loads(success_line("c-1", 200, "req_9", CHAT))
+    check_output_line(obj, "/v1/chat/completions")
+    assert obj["custom_id"] == "c-1"
+    assert obj["response"] == {"status_code": 200, "request_id": "req_9", "body": CHAT}
+
+
+def test_success_line_passes_fragment_bytes_through_unchanged() -> None:
+    raw = b'{"object":"list",  "data":[{"object":"embedding","index":0,"embedding":[1.50,2e0,-0.0]}],' \
+          b'"model":"m","usage":{"prompt_tokens":1,"total_tokens":1},"extra":"\\u00e9"}'
+    line = success_line("c", 200, "r", orjson.Fragment(raw))
+    assert raw in line
+    assert b"\n" not in line
+    obj = json.loads(line)
+    check_output_line(obj, "/v1/embeddings")
+    assert list(obj["response"]) == ["status_code", "request_id", "body"]
+
+
+def test_success_line_keeps_non_ascii() -> None:
+    line = success_line("ü", 200, "r", {"object": "x", "text": "日本"})
+    assert "日本".encode() in line and "ü".encode() in line
+
+
+def test_error_line_for_an_http_answer() -> None:
+    envelope = {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
+    resp = {"status_code": 400, "request_id": "req_1", "body": envelope}
+    obj = json.loads(error_line("c", "", "", resp))
+    check_error_line(obj)
+    assert obj["response"] == resp and obj["error"] is None
+
+
+def test_error_line_without_an_answer() -> None:
+    obj = json.loads(error_line("c", "request_timeout", "timed out"))
+    check_error_line(obj)
+    assert obj["response"] is None
+    assert obj["error"] == {"code": "request_timeout", "message": "timed out"}
+
+
+def test_error_line_for_an_unreadable_line_has_null_custom_id() -> None:
+    obj = json.loads(error_line(None, "invalid_json_line", "line 3: not JSON"))
+    check_error_line(obj)
+    assert obj["custom_id"] is None
+
+
+# ------------------------------------------------------------------ executor.error_body
+
+
+def outcome(status: int, body: bytes) -> Outcome:
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    return Outcome(status, body, parsed)
+
+
+def test_openai_envelope_passes_through() -> None:
+    env = {"error": {"message": "The model is not supported", "type": "invalid_request_error",
+                     "param": "model", "code": "model_not_supported"}}
+    assert error_body(400, outcome(400, orjson.dumps(env))) == env
+
+
+@pytest.mark.parametrize("status, body, text", [
+    (400, b'{"error": "Model is overloaded"}', "Model is overloaded"),
+    (422, b'{"detail": "field required"}', "field required"),
+    (404, b'{"message": "Not Found"}', "Not Found"),
+    (503, b"<html><body>Service Unavailable</body></html>", "Service Unavailable"),
+    (502, b"upstream connect error", "upstream connect error"),
+    (500, b"", "500"),
+    (413, b"[1, 2]", "[1"),
+    (400, b'{"error": ["a", "b"]}', "a"),
+    (429, b'{"error": {"code": 429}}', "429"),
+])
+def test_other_error_shapes_are_wrapped(status: int, body: bytes, text: str) -> None:
+    got = error_body(status, outcome(status, body))
+    err = check_error_envelope(got)
+    assert text in err["message"]
+
+
+def test_partial_openai_envelope_is_completed() -> None:
+    # {"error": {"message": ...}} without type/param/code must still be a full OpenAI envelope.
+    got = error_body(400, outcome(400, b'{"error": {"message": "bad input"}}'))
+    err = check_error_envelope(got)
+    assert err["message"] == "bad input"
+
+
+@pytest.mark.parametrize("status, kind", [(400, "invalid_request_error"), (401, "authentication_error"),
+                                          (403, "permission_error"), (404, "not_found_error"),
+                                          (429, "rate_limit_error"), (500, "server_error"),
+                                          (503, "server_error")])
+def test_wrapped_error_type_follows_the_status(status: int, kind: str) -> None:
+    assert error_body(status, outcome(status, b'{"error": "x"}'))["error"]["type"] == kind
+
+
+def test_hf_error_type_becomes_the_code() -> None:
+    got = error_body(400, outcome(400, b'{"error": "Input validation error", "error_type": "validation"}'))
+    assert got["error"]["code"] == "validation"
+    check_error_envelope(got)
