@@ -124,7 +124,7 @@ class Router:
                 f"no embeddings route for model {model!r}: {str(e).splitlines()[0][:200] if str(e) else e!r}; "
                 "check the model id and its providers, or use --base-url with a server that serves it",
             )
-        payload = dict(params.json or {})
+        payload = dict(params.json) if isinstance(params.json, dict) else {}
         key = next((k for k, v in payload.items() if v == sentinel), None)
         if key is None:
             return Unroutable("unsupported_endpoint", f"cannot build an embeddings request for {model!r}")

@@ -16,11 +16,22 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from .config import RunConfig, parse_window
-from .errors import (AlreadyRunning, AuthError, EndedEarly, ExitCode, HfbatchError, InputError,
-                     Interrupted, SomeFailed, StoppedEarly, UsageError, error_for_code)
+from .errors import (
+    AlreadyRunning,
+    AuthError,
+    EndedEarly,
+    ExitCode,
+    HfbatchError,
+    InputError,
+    Interrupted,
+    SomeFailed,
+    StoppedEarly,
+    UsageError,
+    error_for_code,
+)
 from .executor import Executor, StopControl
 from .ledger import Ledger, scan
 from .models import LineError, Request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from array import array
 from typing import Any
 
 import orjson
@@ -29,24 +30,62 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 
 
 class IdSet:
-    """The custom_ids seen so far (uniqueness check)."""
+    """A set of custom_ids in 16 bytes per id (1M ids: 16 MB), not the ~90 of a set of str.
 
-    __slots__ = ("_seen",)
+    It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
+    table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
+    lines), the price of memory that stays small however large the batch.
+    """
+
+    __slots__ = ("_table", "_mask", "_count")
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()
+        self._table = array("Q", bytes(8 * 1024))
+        self._mask = 1023
+        self._count = 0
 
     def add(self, custom_id: str) -> bool:
         """Record `custom_id`; False if it was already there."""
-        before = len(self._seen)
-        self._seen.add(custom_id)
-        return len(self._seen) != before
+        h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1  # 0 marks an empty slot
+        table, mask = self._table, self._mask
+        i = h & mask
+        while True:
+            v = table[i]
+            if v == 0:
+                table[i] = h
+                self._count += 1
+                if self._count * 2 > mask:
+                    self._grow()
+                return True
+            if v == h:
+                return False
+            i = (i + 1) & mask
 
     def __contains__(self, custom_id: str) -> bool:
-        return custom_id in self._seen
+        h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1
+        table, mask = self._table, self._mask
+        i = h & mask
+        while True:
+            v = table[i]
+            if v == h:
+                return True
+            if v == 0:
+                return False
+            i = (i + 1) & mask
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._count
+
+    def _grow(self) -> None:
+        old = self._table
+        self._table = table = array("Q", bytes(16 * len(old)))
+        self._mask = mask = len(table) - 1
+        for h in old:
+            if h:
+                i = h & mask
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = h
 
 
 def normalize_url(url: str) -> str:

@@ -1,12 +1,14 @@
 """Write stage: finished requests -> output / error JSONL lines in OpenAI's batch shape, appended as they finish.
 
-Lines are buffered in memory and handed to the OS at least every `flush_interval` seconds (and
-whenever the buffer passes 1 MiB); files are fsync'ed every `fsync_interval` seconds and at close,
-so a crash loses at most what was in flight plus ~100 ms of answers.
+Inside the event loop, lines written during one loop iteration are handed to the OS in one write
+at the end of that iteration (call_soon), so a kill -9 loses no answer that was received: a rerun
+re-sends at most what was in flight. Files are fsync'ed every `fsync_interval` seconds and at
+close, so a machine crash loses at most the last few seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, BinaryIO
@@ -39,14 +41,26 @@ class JsonlSink:
         self._fsync_interval = fsync_interval
         self._last_sync = time.monotonic()
         self._dirty = False
+        self._scheduled = False
 
     def write(self, line: bytes) -> None:
-        """Queue one serialized line (without its newline)."""
+        """Queue one serialized line (without its newline); it reaches the OS at the end of this
+        event-loop iteration (or at once outside a loop)."""
         self._buf.append(line)
         self._size += len(line) + 1
         self.lines += 1
         if self._size >= _FLUSH_BYTES:
             self.flush()
+        elif not self._scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_soon)
+                self._scheduled = True
+            except RuntimeError:
+                self.flush()
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
 
     def flush(self) -> None:
         """Hand buffered lines to the OS; fsync when the interval has passed."""

@@ -3,6 +3,7 @@ executor.error_body: every provider error shape becomes OpenAI's error envelope.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -33,17 +34,32 @@ def test_sink_writes_newline_terminated_lines(tmp_path: Path) -> None:
     assert p.read_bytes() == b'{"a":1}\n{"b":2}\n'
 
 
-def test_sink_buffers_until_flush(tmp_path: Path) -> None:
+def test_sink_writes_through_outside_an_event_loop(tmp_path: Path) -> None:
     p = tmp_path / "out.jsonl"
     sink = JsonlSink(str(p))
     sink.write(b"1")
-    assert p.read_bytes() == b""  # created (truncated) at once, written on flush
-    sink.flush()
-    assert p.read_bytes() == b"1\n"
+    assert p.read_bytes() == b"1\n"  # no loop to batch in: handed to the OS at once
     sink.flush()  # nothing new: nothing written twice
     sink.write(b"2")
     sink.close()
     assert p.read_bytes() == b"1\n2\n"
+
+
+def test_sink_coalesces_one_loop_iteration_into_one_write(tmp_path: Path) -> None:
+    p = tmp_path / "out.jsonl"
+    sink = JsonlSink(str(p))
+
+    async def scenario() -> tuple[bytes, bytes]:
+        sink.write(b"1")
+        sink.write(b"2")
+        during = p.read_bytes()  # same iteration: still buffered
+        await asyncio.sleep(0)  # one iteration later: both lines reached the OS
+        return during, p.read_bytes()
+
+    during, after = asyncio.run(scenario())
+    sink.close()
+    assert during == b""
+    assert after == b"1\n2\n"
 
 
 def test_sink_flushes_by_itself_past_one_mebibyte(tmp_path: Path) -> None:
