@@ -20,10 +20,10 @@ test: install
 check: install
 	$(BIN)/ruff check hfbatch tests
 	$(BIN)/mypy
-	$(BIN)/python -m hfbatch.docgen --check
+	$(BIN)/python scripts/gen_cli_docs.py --check
 
 docs: install
-	$(BIN)/python -m hfbatch.docgen
+	$(BIN)/python scripts/gen_cli_docs.py
 
 # The main job on the embedded default: the local fake provider stands in for the router.
 demo: install

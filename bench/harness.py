@@ -1,0 +1,209 @@
+"""Shared pieces of the benchmark harness: paths, the referee's mock provider, measured child runs.
+
+Nothing here imports hfbatch: every client (hfbatch and the referee's baselines) runs as a child
+process, measured from the outside (wall by time.perf_counter around the child, CPU and peak RSS
+from the rusage os.wait4 returns for it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+
+
+def referee_dir() -> Path:
+    """The referee (mock provider, input generator, baselines): $HFBATCH_REFEREE, else ../shared/referee."""
+    override = os.environ.get("HFBATCH_REFEREE")
+    path = Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "referee"
+    if not (path / "mock_provider.js").is_file():
+        sys.exit(f"bench: referee not found at {path} (set HFBATCH_REFEREE to its directory)")
+    return path
+
+
+def venv_python() -> str:
+    p = REPO / ".venv" / "bin" / "python"
+    return str(p) if p.exists() else sys.executable
+
+
+def hfbatch_exe() -> list[str]:
+    p = REPO / ".venv" / "bin" / "hfbatch"
+    return [str(p)] if p.exists() else [venv_python(), "-m", "hfbatch"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a measured child: no proxies (loopback only), nothing resumable."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    for k in ("HFBATCH_BASE_URL", "HFBATCH_CONCURRENCY", "HFBATCH_ROUTER_URL", "HFBATCH_HOME", "HFBATCH_DEBUG"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Mock:
+    """`node mock_provider.js PORT LATENCY_MS` on 127.0.0.1, on a free port."""
+
+    def __init__(self, referee: Path, latency_ms: int, log: Path | None = None) -> None:
+        self.referee, self.latency_ms = referee, latency_ms
+        self.log = log or (OUT / f"mock-{latency_ms}ms.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Mock:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # a free port can be taken between the probe and node's listen: retry
+            self.port = _free_port()
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    ["node", str(self.referee / "mock_provider.js"), str(self.port), str(self.latency_ms)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    self.stats()
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()
+        raise RuntimeError(f"the mock provider did not start (see {self.log})")
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        req = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        with _NO_PROXY.open(req, timeout=10) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/__stats")
+
+    def reset(self) -> None:
+        self._call("POST", "/__reset")
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    def __enter__(self) -> Mock:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_measured(cmd: list[str], env: dict[str, str], timeout: float, *, stdout: Path | None = None,
+                 stderr: Path | None = None, cwd: Path | None = None) -> dict[str, Any]:
+    """Run one child; wall from perf_counter around it, CPU (user+sys) and peak RSS from os.wait4."""
+    out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
+    err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
+    killed = threading.Event()
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd)
+
+        def kill() -> None:
+            killed.set()
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
+    finally:
+        for f in (out, err):
+            if f is not subprocess.DEVNULL:
+                f.close()  # type: ignore[union-attr]
+    return {
+        "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "cpu_s": ru.ru_utime + ru.ru_stime,
+        "maxrss_kb": ru.ru_maxrss, "rc": p.returncode, "timed_out": killed.is_set(),
+        "vol_ctx": ru.ru_nvcsw, "invol_ctx": ru.ru_nivcsw,
+    }
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            n += chunk.count(b"\n")
+    return n
+
+
+def gen_input(referee: Path, n: int) -> Path:
+    """The referee's input file of n chat requests, cached under bench/out/inputs/."""
+    d = OUT / "inputs"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"chat-{n}.jsonl"
+    if path.exists() and count_lines(path) == n:
+        return path
+    tmp = path.with_suffix(".tmp")
+    subprocess.run([venv_python(), str(referee / "gen_input.py"), str(n), str(tmp)], check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        node = "?"
+    py = subprocess.run([venv_python(), "-c", "import sys;print(sys.version.split()[0])"],
+                        capture_output=True, text=True).stdout.strip()
+    mem_kb = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "python": py, "node": node,
+            "kernel": platform.release(), "mem_gb": round(mem_kb / 1024 / 1024, 1)}
