@@ -48,6 +48,11 @@ def child_env(**extra: str) -> dict[str, str]:
     """The environment for a measured child: no proxies (loopback only), nothing resumable."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    # Byte-code caches as an installed package has them (this sandbox sets PYTHONDONTWRITEBYTECODE,
+    # and the editable hfbatch/ has no __pycache__): compiled once into bench/out/pycache, which
+    # keeps the source trees untouched.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
     for k in ("HFBATCH_BASE_URL", "HFBATCH_CONCURRENCY", "HFBATCH_ROUTER_URL", "HFBATCH_HOME", "HFBATCH_DEBUG"):
         env.pop(k, None)
     env.update(extra)
@@ -124,12 +129,55 @@ class Mock:
         self.stop()
 
 
+_HZ = os.sysconf("SC_CLK_TCK")
+_NCPU = len(os.sched_getaffinity(0))
+
+
+def system_busy_s() -> float:
+    """CPU-seconds the whole machine has been busy (all CPUs; /proc/stat, idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _HZ  # user nice system idle iowait irq softirq steal
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """utime+stime of a live process (the mock), in seconds; 0 if unknown."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _HZ
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def foreign_share(seconds: float = 1.0) -> float:
+    """Share of the machine's CPUs busy over `seconds` while we run nothing (other tenants)."""
+    b0, t0 = system_busy_s(), time.monotonic()
+    time.sleep(seconds)
+    return (system_busy_s() - b0) / ((time.monotonic() - t0) * _NCPU)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (at most max_wait s) until other processes use < threshold of the CPUs; the last share seen."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        share = foreign_share(0.5)
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+
+
 def run_measured(cmd: list[str], env: dict[str, str], timeout: float, *, stdout: Path | None = None,
-                 stderr: Path | None = None, cwd: Path | None = None) -> dict[str, Any]:
-    """Run one child; wall from perf_counter around it, CPU (user+sys) and peak RSS from os.wait4."""
+                 stderr: Path | None = None, cwd: Path | None = None, mock_pid: int | None = None) -> dict[str, Any]:
+    """Run one child; wall from perf_counter around it, CPU (user+sys) and peak RSS from os.wait4.
+
+    Also how much CPU other processes (neither the child nor the mock) took meanwhile: the machine
+    may be shared, and contention inflates both wall and CPU figures."""
     out = open(stdout, "wb") if stdout else subprocess.DEVNULL  # noqa: SIM115
     err = open(stderr, "wb") if stderr else subprocess.DEVNULL  # noqa: SIM115
     killed = threading.Event()
+    busy0, mock0 = system_busy_s(), proc_cpu_s(mock_pid)
     try:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd)
@@ -148,6 +196,7 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, *, stdout:
         finally:
             timer.cancel()
         wall = time.perf_counter() - t0
+        busy, mock_cpu = system_busy_s() - busy0, proc_cpu_s(mock_pid) - mock0
         p.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
     finally:
         for f in (out, err):
@@ -157,6 +206,9 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float, *, stdout:
         "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "cpu_s": ru.ru_utime + ru.ru_stime,
         "maxrss_kb": ru.ru_maxrss, "rc": p.returncode, "timed_out": killed.is_set(),
         "vol_ctx": ru.ru_nvcsw, "invol_ctx": ru.ru_nivcsw,
+        "mock_cpu_s": mock_cpu,
+        # CPU used by other processes during the run, as a share of all CPUs (0 = machine to ourselves)
+        "foreign_share": max(0.0, busy - ru.ru_utime - ru.ru_stime - mock_cpu) / (wall * _NCPU),
     }
 
 
@@ -181,6 +233,18 @@ def gen_input(referee: Path, n: int) -> Path:
     subprocess.run([venv_python(), str(referee / "gen_input.py"), str(n), str(tmp)], check=True)
     os.replace(tmp, path)
     return path
+
+
+def source_fingerprint() -> dict[str, Any]:
+    """Which hfbatch was measured (the tree changes under us): sha256 over hfbatch/*.py, newest mtime."""
+    import hashlib
+
+    h, newest, files = hashlib.sha256(), 0.0, sorted((REPO / "hfbatch").glob("*.py"))
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        newest = max(newest, f.stat().st_mtime)
+    return {"sha256": h.hexdigest()[:16], "files": len(files),
+            "newest_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest))}
 
 
 def machine() -> dict[str, Any]:

@@ -35,6 +35,18 @@ class RunConfig:
     wait: bool = False
     detach: bool = False
     batch_id: str | None = None  # `hfbatch resume ID`: this batch, found by id rather than by identity
+    rpm: float | None = None
+    tpm: float | None = None
+    adapt: bool = True
+    route: str | None = None
+    fallback: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    dedupe: bool = True
+    cache: bool = False
+    coalesce: int | None = None
+    budget: float | None = None
+    prices: str | None = None
+    dry_run: bool = False
     token: str | None = field(default=None, repr=False)
 
     def options(self) -> dict[str, object]:
@@ -44,6 +56,9 @@ class RunConfig:
             "max_attempts": self.max_attempts, "skip_invalid": self.skip_invalid,
             "endpoint": self.endpoint, "bill_to": self.bill_to,
             "completion_window": self.completion_window, "grace": self.grace,
+            "rpm": self.rpm, "tpm": self.tpm, "adapt": self.adapt, "route": self.route,
+            "fallback": list(self.fallback), "max_tokens": self.max_tokens, "dedupe": self.dedupe,
+            "cache": self.cache, "coalesce": self.coalesce, "budget": self.budget, "prices": self.prices,
         }
 
 

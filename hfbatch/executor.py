@@ -1,24 +1,30 @@
-"""Execute stage: validated Requests -> HTTP attempts (bounded workers, retry policy) -> lines in the sinks.
+"""Execute stage: validated Requests -> HTTP attempts under the limits -> one line per request in the sinks.
 
 Every request ends as exactly one line in exactly one file, or (when the run stops early) as no
-line at all, so that a rerun sends it. A 401/403 stops everything at once; a 402 stops dispatching
-and lets in-flight requests finish.
+line at all, so that a rerun sends it. A 401/403 stops everything at once; a 402 (or the budget)
+stops dispatching and lets in-flight requests finish.
+
+Each request is a task; a read-ahead window bounds how many exist (memory stays flat), a global
+gate bounds what is in flight (-c), and a per-provider gate, moved by AIMD, keeps one throttling
+provider from slowing requests that go elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
+from .limits import AIMD, Gate, RateBucket
 from .models import Outcome, Request
-from .providers import Router, Unroutable
+from .providers import Route, Router, Unroutable, split_model
 from .retry import Retry, RetryPolicy
-from .summary import Stats
+from .summary import Stats, usage_tokens
 from .transport import Transport
 from .writer import JsonlSink, error_line, success_line
 
@@ -27,6 +33,7 @@ _HTTP_TYPES = {
     403: "permission_error", 404: "not_found_error", 408: "timeout", 409: "conflict_error",
     413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
+THROTTLE_STATUSES = frozenset({429, 503})
 
 
 @dataclass
@@ -55,155 +62,340 @@ class StopControl:
         return True
 
 
+@dataclass(slots=True)
+class Limits:
+    """What bounds the traffic (built from the flags)."""
+
+    concurrency: int
+    rpm: float | None = None
+    tpm: float | None = None
+    adapt: bool = True
+    fallback: tuple[str, ...] = ()
+
+
+class _Provider:
+    """The gate and AIMD controller of one serving provider."""
+
+    __slots__ = ("gate", "aimd")
+
+    def __init__(self, concurrency: int, adapt: bool) -> None:
+        self.aimd = AIMD(concurrency) if adapt else None
+        self.gate = Gate(self.aimd.value if self.aimd else concurrency)
+
+
+# A finished request, replayable for its duplicates: ("ok", status, request_id, body, (in, out)) |
+# ("http", response) | ("error", code, message).
+Result = tuple[Any, ...]
+
+
+class _Group:
+    """Identical requests (dedupe): the first is sent, the others get its result. Kept until every
+    expected copy was served, so copies read long after the first answer still send nothing."""
+
+    __slots__ = ("result", "done", "remaining")
+
+    def __init__(self, copies: int) -> None:
+        self.result: Result | None = None
+        self.done = asyncio.Event()
+        self.remaining = copies
+
+
 class Executor:
     def __init__(
         self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
-        err: JsonlSink, stats: Stats, stop: StopControl, concurrency: int,
+        err: JsonlSink, stats: Stats, stop: StopControl, limits: Limits,
+        dedupe_keys: dict[bytes, int] | None = None, hooks: Any = None,
     ) -> None:
         self.transport, self.router, self.policy = transport, router, policy
         self.out, self.err, self.stats, self.stop = out, err, stats, stop
-        self.concurrency = concurrency
-        self.unsent = 0
+        self.limits = limits
+        self.gate = Gate(limits.concurrency)
+        self.providers: dict[str, _Provider] = {}
+        self.learned: dict[str, str] = {}  # auto-routed model -> the provider that served it
+        self.rpm = RateBucket(limits.rpm / 60.0) if limits.rpm else None
+        self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0) if limits.tpm else None
+        self.dedupe_keys = dedupe_keys
+        self.groups: dict[bytes, _Group] = {}
+        self.hooks = hooks  # cost ledger / budget / cache (optional)
+
+    # -- dispatch ------------------------------------------------------------------------------
 
     async def run(self, requests: Iterable[Request] | AsyncIterator[Request]) -> None:
-        """Feed `requests` through a bounded queue to the workers until done or stopped."""
-        queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=self.concurrency * 2)
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
-        stop_wait = asyncio.create_task(self.stop.event.wait())
+        """Start a task per request, at most a read-ahead window of them alive, until done or stopped."""
+        window = asyncio.Semaphore(max(64, 4 * self.limits.concurrency))
+        tasks: set[asyncio.Task[None]] = set()
+        stop_wait = asyncio.ensure_future(self.stop.event.wait())
+
+        def finished(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
+            window.release()
+
         try:
             if isinstance(requests, AsyncIterator):
                 async for req in requests:
-                    if not await self._put(queue, req, stop_wait):
+                    if not await self._admit(window, stop_wait):
                         break
+                    self._spawn(req, tasks, finished)
             else:
                 for req in requests:
-                    if not await self._put(queue, req, stop_wait):
+                    if not await self._admit(window, stop_wait):
                         break
-            for _ in workers:  # one end marker per worker
-                if not await self._put(queue, None, stop_wait):
-                    # Stopped: what is queued stays unsent; every worker gets its marker at once
-                    # (the queue holds 2x the workers, so this never blocks).
-                    self._drain(queue)
-                    for _ in workers:
-                        queue.put_nowait(None)
-                    break
-            await asyncio.gather(*workers)
+                    self._spawn(req, tasks, finished)
+            while tasks:
+                await asyncio.wait(tuple(tasks))
         finally:
             stop_wait.cancel()
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            self._drain(queue)
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _drain(self, queue: asyncio.Queue[Request | None]) -> None:
-        """Empty the queue; the requests in it were never sent."""
-        while not queue.empty():
-            if queue.get_nowait() is not None:
-                self.unsent += 1
+    def _spawn(self, req: Request, tasks: set[asyncio.Task[None]], finished: Any) -> None:
+        t = asyncio.create_task(self._task(req))
+        tasks.add(t)
+        t.add_done_callback(finished)
 
-    async def _put(self, queue: asyncio.Queue[Request | None], item: Request | None,
-                   stop_wait: asyncio.Task[Any]) -> bool:
+    async def _admit(self, window: asyncio.Semaphore, stop_wait: asyncio.Future[Any]) -> bool:
         if self.stop.reason is not None:
-            if item is not None:
-                self.unsent += 1
             return False
-        if not queue.full():
-            queue.put_nowait(item)
+        if not window.locked():
+            await window.acquire()
             return True
-        put = asyncio.ensure_future(queue.put(item))
-        await asyncio.wait((put, stop_wait), return_when=asyncio.FIRST_COMPLETED)
-        if put.done():
-            return True
-        put.cancel()
-        if item is not None:
-            self.unsent += 1
+        acq = asyncio.ensure_future(window.acquire())
+        await asyncio.wait((acq, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+        if acq.done():
+            if self.stop.reason is None:
+                return True
+            window.release()
+            return False
+        acq.cancel()
         return False
 
-    async def _worker(self, queue: asyncio.Queue[Request | None]) -> None:
-        while True:
-            req = await queue.get()
-            if req is None:
-                return
-            if self.stop.reason is not None:
-                self.unsent += 1
-                continue
-            try:
-                await self._one(req)
-            except asyncio.CancelledError:
-                self.unsent += 1  # cancelled in flight: no line, a rerun sends it
-                raise
-            except Exception as e:  # noqa: BLE001 - a bug must not lose the line
-                self._write_error(req.custom_id, "internal_error", f"hfbatch internal error: {e!r}"[:300])
+    async def _task(self, req: Request) -> None:
+        try:
+            await self._one(req)
+        except asyncio.CancelledError:
+            raise  # cancelled in flight: no line, a rerun sends it
+        except Exception as e:  # noqa: BLE001 - a bug must not lose the line
+            self._write(req.custom_id, ("error", "internal_error", f"hfbatch internal error: {e!r}"[:300]))
+
+    # -- one request ---------------------------------------------------------------------------
 
     async def _one(self, req: Request) -> None:
         route = await self.router.route(req)
         if isinstance(route, Unroutable):
-            self._write_error(req.custom_id, route.code, route.message)
+            self._write(req.custom_id, ("error", route.code, route.message))
             return
-        stats, attempt, answers_500 = self.stats, 0, 0
+        key = None
+        if self.dedupe_keys:
+            from .cache import request_key
+
+            key = request_key(req.url, req.body)
+            occurrences = self.dedupe_keys.get(key)
+            if occurrences is not None:
+                group = self.groups.get(key)
+                if group is not None:  # a copy: wait for the first one's answer
+                    await group.done.wait()
+                    group.remaining -= 1
+                    if group.remaining <= 0:
+                        self.groups.pop(key, None)
+                    if group.result is not None:
+                        self._write(req.custom_id, group.result, copy=True)
+                    return
+                self.groups[key] = _Group(occurrences - 1)
+            else:
+                key = None
+        result = None
+        try:
+            cached = self.hooks.cached(req) if self.hooks is not None else None
+            if cached is not None:
+                result = cached
+                self._write(req.custom_id, result, copy=True, cache=True)
+                return
+            outcome = await self._send(req, route)
+            if outcome is None:
+                return  # stopped: no line
+            result = self._record(req, route, outcome)
+        finally:
+            if key is not None:
+                group = self.groups[key]
+                group.result = result
+                group.done.set()
+                if result is None:
+                    self.groups.pop(key, None)  # stopped before an answer: copies stay unsent too
+
+    def _provider_key(self, model: str) -> str:
+        base, pinned = split_model(model)
+        return pinned or self.learned.get(base) or "auto:" + base
+
+    def _provider(self, key: str) -> _Provider:
+        p = self.providers.get(key)
+        if p is None:
+            p = self.providers[key] = _Provider(self.limits.concurrency, self.limits.adapt)
+        return p
+
+    async def _send(self, req: Request, route: Route) -> Outcome | None:
+        """Attempts under the limits until a final outcome; None when the run stopped first."""
+        stats, stop = self.stats, self.stop
+        attempt = answers_500 = 0
+        chain = list(self.limits.fallback)
+        model = route.model or req.model
         while True:
             attempt += 1
-            stats.sent += 1
-            stats.in_flight += 1
+            if self.rpm is not None and await stop.sleep(self.rpm.reserve(1)):
+                return None
+            booked = 0
+            if self.tpm is not None:
+                booked = route.token_estimate
+                if await stop.sleep(self.tpm.reserve(booked)):
+                    return None
+            reserved = self.hooks.reserve(req, route) if self.hooks is not None else 0.0
+            if reserved is None:
+                return None  # the budget said no: the hook stopped the run
+            provider = self._provider(self._provider_key(model))
+            await provider.gate.acquire()
             try:
-                outcome = await self.transport.post(route.url, route.data)
+                await self.gate.acquire()
+            except BaseException:
+                provider.gate.release()
+                raise
+            try:
+                if stop.reason is not None:
+                    return None
+                started = time.monotonic()
+                stats.sent += 1
+                stats.in_flight += 1
+                try:
+                    outcome = await self.transport.post(route.url, route.data)
+                finally:
+                    stats.in_flight -= 1
             finally:
-                stats.in_flight -= 1
+                self.gate.release()
+                provider.gate.release()
+                if self.hooks is not None:
+                    self.hooks.release(reserved)
             status = outcome.status
+            self._adapt(provider, model, outcome, started)
+            if self.tpm is not None and status is not None and 200 <= status < 300:
+                self.tpm.refund(booked - _tokens_used(outcome.parsed, booked))
             if status in (401, 403):
-                self.stop.stop("auth", _auth_message(status, outcome), hard=True)
-                self.unsent += 1
-                return
+                stop.stop("auth", _auth_message(status, outcome), hard=True)
+                return None
             if status == 402:
-                self.stop.stop("credits", "credits exhausted (HTTP 402): top up your Hugging Face "
-                               "credits or subscribe to PRO, then rerun the same command to send the rest")
-                self.unsent += 1
-                return
+                stop.stop("credits", "credits exhausted (HTTP 402): top up your Hugging Face "
+                          "credits or subscribe to PRO, then rerun the same command to send the rest")
+                return None
             answers_500 += status == 500
             decision = self.policy.decide(outcome, attempt, answers_500=answers_500)
             if isinstance(decision, Retry):
                 stats.retries += 1
-                if await self.stop.sleep(decision.delay):
-                    self.unsent += 1
-                    return
+                if await stop.sleep(decision.delay):
+                    return None
                 continue
-            break
-        self._record(req, route.adapt, outcome)
+            if chain and _provider_side_failure(outcome):
+                nxt = chain.pop(0)
+                model = split_model(model)[0] + ":" + nxt
+                nxt_route = await self.router.route(replace(req, body={**req.body, "model": model}, model=model))
+                if isinstance(nxt_route, Unroutable):
+                    return outcome
+                route = nxt_route
+                stats.fallbacks += 1
+                attempt = answers_500 = 0
+                continue
+            return outcome
 
-    def _record(self, req: Request, adapt: Any, o: Outcome) -> None:
+    def _adapt(self, provider: _Provider, model: str, outcome: Outcome, started: float) -> None:
+        if outcome.provider:
+            base, pinned = split_model(model)
+            if pinned is None and self.learned.get(base) != outcome.provider:
+                self.learned[base] = outcome.provider
+        aimd = provider.aimd
+        if aimd is None or outcome.status is None:
+            return
+        if outcome.status in THROTTLE_STATUSES:
+            if aimd.on_throttle(started):
+                provider.gate.set_limit(aimd.value)
+        elif 200 <= outcome.status < 300:
+            before = aimd.value
+            aimd.on_success()
+            if aimd.value != before:
+                provider.gate.set_limit(aimd.value)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _record(self, req: Request, route: Route, o: Outcome) -> Result:
         stats = self.stats
         stats.latency.add(o.latency)
         status = o.status
         request_id = o.request_id or "req_" + os.urandom(12).hex()
+        result: Result
         if status is not None and 200 <= status < 300 and o.parsed is not None:
-            if adapt is not None:
-                body: Any = adapt(o.parsed, req)
-            elif b"\n" in o.body or b"\r" in o.body:
-                body = o.parsed  # pretty-printed answers would break JSONL: re-serialize those
+            if route.adapt is not None:
+                body: Any = route.adapt(o.parsed, req)
+                usage_of = body
             else:
-                body = orjson.Fragment(o.body)  # pass the provider's bytes through unchanged
-            self.out.write(success_line(req.custom_id, status, request_id, body))
-            stats.completed += 1
-            stats.add_usage(o.parsed if adapt is None else body)
+                # Pass the provider's bytes through unchanged, unless pretty-printed (newlines would
+                # break JSONL): then re-serialize.
+                body = o.parsed if (b"\n" in o.body or b"\r" in o.body) else orjson.Fragment(o.body)
+                usage_of = o.parsed
+            result = ("ok", status, request_id, body, usage_tokens(usage_of))
+            stats.add_usage(usage_of)
             stats.providers[o.provider or "unknown"] += 1
-            return
-        if status is None:
-            self._write_error(req.custom_id, o.error_code or "connection_error", o.error_message or "")
-            return
-        if 200 <= status < 300:
+            if self.hooks is not None:
+                self.hooks.answered(req, route, o, usage_of)
+        elif status is None:
+            result = ("error", o.error_code or "connection_error", o.error_message or "")
+        elif 200 <= status < 300:
             snippet = o.body[:200].decode("utf-8", "replace")
-            self._write_error(
-                req.custom_id, "invalid_response",
-                f"the provider answered HTTP {status} with a body that is not JSON: {snippet!r}",
-            )
-            return
-        response = {"status_code": status, "request_id": request_id, "body": error_body(status, o)}
-        self.err.write(error_line(req.custom_id, "", "", response))
-        stats.failed += 1
+            result = ("error", "invalid_response",
+                      f"the provider answered HTTP {status} with a body that is not JSON: {snippet!r}")
+        else:
+            result = ("http", {"status_code": status, "request_id": request_id, "body": error_body(status, o)})
+        self._write(req.custom_id, result)
+        return result
 
-    def _write_error(self, custom_id: str, code: str, message: str) -> None:
-        self.err.write(error_line(custom_id, code, message))
-        self.stats.failed += 1
+    def _write(self, custom_id: str, result: Result, copy: bool = False, cache: bool = False) -> None:
+        stats = self.stats
+        kind = result[0]
+        if kind == "ok":
+            self.out.write(success_line(custom_id, result[1], result[2], result[3]))
+            stats.completed += 1
+        elif kind == "http":
+            self.err.write(error_line(custom_id, "", "", result[1]))
+            stats.failed += 1
+        else:
+            self.err.write(error_line(custom_id, result[1], result[2]))
+            stats.failed += 1
+        if copy:
+            if cache:
+                stats.cache_hits += 1
+            else:
+                stats.deduped += 1
+            if kind == "ok":
+                stats.add_saved(result[4])
+
+    def concurrency_now(self) -> dict[str, int]:
+        """The live limit per provider (what AIMD allows right now)."""
+        return {k: p.gate.limit for k, p in self.providers.items()}
+
+
+def _tokens_used(parsed: Any, default: int) -> int:
+    if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
+        u = parsed["usage"]
+        total = u.get("total_tokens")
+        if isinstance(total, int):
+            return total
+    return default
+
+
+def _provider_side_failure(o: Outcome) -> bool:
+    """Worth another provider: throttled or broken after retries, or the model is not served there."""
+    if o.status is None or o.status == 429 or o.status >= 500:
+        return True
+    if o.status in (400, 404) and isinstance(o.parsed, dict):
+        e = o.parsed.get("error")
+        return isinstance(e, dict) and e.get("code") in ("model_not_supported", "model_not_found")
+    return False
 
 
 def error_body(status: int, o: Outcome) -> Any:
@@ -237,6 +429,6 @@ def _auth_message(status: int | None, o: Outcome) -> str:
     detail = f" ({str(detail)[:160]})" if detail else ""
     if status == 401:
         return (f"the provider rejected the token (HTTP 401){detail}: check HF_TOKEN / --token; it needs "
-                "the 'Make calls to Inference Providers' permission. Rerun to send the rest")
+                "the 'Make calls to Inference Providers' permission")
     return (f"access denied (HTTP 403){detail}: the token may lack access to this model (gated? accept its "
-            "terms on the Hub) or to the org in --bill-to. Rerun to send the rest")
+            "terms on the Hub) or to the org in --bill-to")

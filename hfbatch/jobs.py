@@ -40,11 +40,13 @@ def list_batches(limit: int | None = None) -> Iterator[dict[str, Any]]:
     rows = []
     for b in Registry().all():
         try:
-            rows.append(live_batch(b))
+            batch = live_batch(b)
         except (OSError, ValueError, KeyError):
             continue
-    rows.sort(key=lambda r: (r.get("created_at", 0), r["id"]), reverse=True)
-    yield from rows[:limit] if limit else rows
+        order = _meta(b).get("created_ns") or batch.get("created_at", 0) * 10**9
+        rows.append((order, batch))
+    rows.sort(key=lambda r: r[0], reverse=True)
+    yield from (batch for _, batch in (rows[:limit] if limit else rows))
 
 
 def cancel(batch_id: str) -> tuple[dict[str, Any], bool]:

@@ -44,6 +44,8 @@ class Route:
     data: bytes
     # Turns the provider's parsed 2xx answer into the OpenAI body to write; None: pass bytes through.
     adapt: Callable[[Any, Request], Any] | None = None
+    model: str | None = None  # the model as sent (with the --route suffix, after a fallback)
+    token_estimate: int = 0  # prompt estimate + output cap, for --tpm (0 when not asked for)
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,20 +63,31 @@ class _EmbeddingTarget:
 
 
 class Router:
-    """Builds Routes. `base_url` set: pass-through mode."""
+    """Builds Routes. `base_url` set: pass-through mode.
 
-    def __init__(self, base_url: str | None) -> None:
+    `route_suffix` (--route) is appended to router models that carry no suffix; `max_tokens`
+    (--max-tokens) caps the output of every chat / responses body; `estimate` computes the token
+    estimate --tpm books."""
+
+    def __init__(self, base_url: str | None, route_suffix: str | None = None, max_tokens: int | None = None,
+                 estimate: Callable[[dict[str, Any], str], int] | None = None) -> None:
         self.base_url = base_url.rstrip("/") if base_url else None
         self.root = router_root()
+        self.route_suffix = route_suffix
+        self.max_tokens = max_tokens
+        self.estimate = estimate
+        self.capped = 0  # bodies whose output cap --max-tokens lowered or set
         self._emb: dict[str, _EmbeddingTarget | Unroutable] = {}
         self._emb_locks: dict[str, asyncio.Lock] = {}
 
     async def route(self, req: Request) -> Route | Unroutable:
+        body = self._rewrite(req)
+        est = self.estimate(body, req.url) if self.estimate is not None else 0
         if self.base_url is not None:
             path = req.url[3:] if req.url.startswith("/v1/") else req.url
-            return Route(self.base_url + path, orjson.dumps(req.body))
+            return Route(self.base_url + path, orjson.dumps(body), model=body.get("model"), token_estimate=est)
         if req.url in ROUTER_ENDPOINTS:
-            return Route(self.root + req.url, orjson.dumps(req.body))
+            return Route(self.root + req.url, orjson.dumps(body), model=body.get("model"), token_estimate=est)
         if req.url == "/v1/embeddings":
             target = await self._embedding_target(req.model)
             if isinstance(target, Unroutable):
@@ -84,14 +97,34 @@ class Router:
             if target.openai_shaped:
                 extra = {k: v for k, v in req.body.items() if k not in ("model", "input")}
                 payload.update(extra)
-                return Route(target.url, orjson.dumps(payload))
-            return Route(target.url, orjson.dumps(payload), adapt=hf_features_to_openai)
+                return Route(target.url, orjson.dumps(payload), model=req.model, token_estimate=est)
+            return Route(target.url, orjson.dumps(payload), adapt=hf_features_to_openai, model=req.model,
+                         token_estimate=est)
         return Unroutable(
             "unsupported_endpoint",
             f"{req.url} is not served by the Hugging Face router (it serves /v1/chat/completions, "
             "/v1/responses and, through provider routes, /v1/embeddings); run this line with "
             "--base-url pointing at an OpenAI-compatible server that has it",
         )
+
+    def _rewrite(self, req: Request) -> dict[str, Any]:
+        """Apply --route and --max-tokens (copying the body only when something changes)."""
+        body = req.body
+        if self.route_suffix and self.base_url is None and req.url in ROUTER_ENDPOINTS:
+            model = body.get("model", "")
+            if ":" not in model.rsplit("/", 1)[-1]:
+                body = {**body, "model": f"{model}:{self.route_suffix}"}
+        cap = self.max_tokens
+        if cap is not None and req.url in ("/v1/chat/completions", "/v1/responses", "/v1/completions"):
+            keys = ("max_output_tokens",) if req.url == "/v1/responses" else ("max_completion_tokens", "max_tokens")
+            present = [k for k in keys if isinstance(body.get(k), int)]
+            if not present:
+                body = {**body, keys[-1]: cap}
+                self.capped += 1
+            elif any(body[k] > cap for k in present):
+                body = {**body, **{k: min(body[k], cap) for k in present}}
+                self.capped += 1
+        return body
 
     async def _embedding_target(self, model: str) -> _EmbeddingTarget | Unroutable:
         hit = self._emb.get(model)

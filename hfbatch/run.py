@@ -32,14 +32,15 @@ from .errors import (
     UsageError,
     error_for_code,
 )
-from .executor import Executor, StopControl
+from .executor import Executor, Limits, StopControl
 from .ledger import Ledger, scan
 from .models import LineError, Request
+from .plan import InputPlan, RunHooks, scan_input
 from .providers import Router
 from .reader import iter_lines
 from .retry import RetryPolicy
 from .state import TERMINAL_STATUSES, BatchDir, Registry, unlock
-from .summary import MAX_REPORTED_ERRORS, BatchInfo, Stats, batch_object
+from .summary import BatchInfo, Stats, batch_object
 from .transport import Transport
 from .ui import Progress
 from .validate import IdSet, validate_line
@@ -100,8 +101,8 @@ async def _submit(cfg: RunConfig) -> RunResult:
         input_file = str(b.path / "input.jsonl")
     meta = {
         "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
-        "input_sha256": digest, "output_path": cfg.output_path, "errors_path": cfg.errors_path,
-        "options": cfg.options(), "created_at": info.created_at,
+        "input_sha256": digest, "output_path": _abs(cfg.output_path), "errors_path": _abs(cfg.errors_path),
+        "options": cfg.options(), "created_at": info.created_at, "created_ns": time.time_ns(),
         "expires_at": info.created_at + window, "pid": os.getpid(), "exit_code": None, "total": None,
     }
     b.save_meta(meta)
@@ -174,14 +175,17 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     meta["pid"] = os.getpid()
     b.save_meta(meta)
     input_file, pass_through = meta["input_file"], cfg.base_url is not None
-    if info.status == "validating":
-        total = _validate_file(input_file, cfg, info, pass_through)
+    validating = info.status == "validating"
+    plan = scan_input(input_file, strict=validating and not cfg.skip_invalid, dedupe=cfg.dedupe,
+                      pass_through=pass_through, endpoint=cfg.endpoint)
+    if validating:
+        info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
         if info.errors:
             info.set_status("failed")
             info.state = "failed"
-            stats.total = total
+            stats.total = plan.total
             return _finish(b, meta, info, stats, window, InputError(_invalid_message(cfg, info)))
-        meta["total"] = total
+        meta["total"] = plan.total
         b.save_meta(meta)
         info.set_status("in_progress")
     stats.total = int(meta.get("total") or 0)
@@ -196,7 +200,7 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     if b.cancel_requested():
         info.set_status("cancelling")
     b.save_batch(batch_object(info, stats, window))
-    return await _execute(cfg, b, meta, info, stats, ledger, window, resume)
+    return await _execute(cfg, b, meta, info, stats, ledger, window, resume, plan)
 
 
 def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:
@@ -209,28 +213,6 @@ def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:
         if stored.get(key):
             info.stamps[status] = stored[key]
     return info
-
-
-def _validate_file(path: str, cfg: RunConfig, info: BatchInfo, pass_through: bool) -> int:
-    """Count the requests; in strict mode also collect every invalid line (OpenAI validates the
-    whole file before running anything)."""
-    seen = None if cfg.skip_invalid else IdSet()
-    total = 0
-    with open(path, "rb") as f:
-        for line_no, raw in iter_lines(f):
-            total += 1
-            if seen is None:
-                continue
-            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
-            if isinstance(r, LineError):
-                if len(info.errors) < MAX_REPORTED_ERRORS:
-                    info.errors.append(r)
-                else:
-                    info.errors_dropped += 1
-    if total == 0:
-        info.errors.append(LineError(0, None, "empty_file", "The input file is empty. Please ensure "
-                                     "that the batch contains at least one request."))
-    return total
 
 
 def _invalid_message(cfg: RunConfig, info: BatchInfo) -> str:
@@ -266,7 +248,7 @@ def _detach(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, 
 
 
 async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
-                   ledger: Ledger, window: int, resume: bool) -> RunResult:
+                   ledger: Ledger, window: int, resume: bool, plan: InputPlan) -> RunResult:
     if cfg.output_path == "-":
         out = JsonlSink(None, sys.stdout.buffer)
     else:
@@ -311,10 +293,17 @@ async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batc
 
     try:
         async with Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg)) as transport:
+            router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
+                            estimate=_token_estimator() if cfg.tpm else None)
+            limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
+                            fallback=cfg.fallback)
+            hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router")
             executor = Executor(
-                transport=transport, router=Router(cfg.base_url), out=out, err=err, stats=stats,
-                stop=stop, concurrency=cfg.concurrency, policy=RetryPolicy(max_attempts=cfg.max_attempts),
+                transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
+                limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
+                dedupe_keys=plan.duplicates or None, hooks=hooks,
             )
+            progress.concurrency = executor.concurrency_now
             work = asyncio.create_task(executor.run(requests()))
             ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save))
             guard = asyncio.create_task(_guard(stop, work, cfg.grace))
@@ -328,6 +317,9 @@ async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batc
                 guard.cancel()
                 ticker.cancel()
                 progress.stop()
+                hooks.close()
+                stats.capped = router.capped
+                stats.concurrency = executor.concurrency_now()
         if stop.reason in ("expired", "cancelled"):
             out.flush()
             err.flush()
@@ -442,6 +434,31 @@ async def _guard(stop: StopControl, work: asyncio.Task[None], grace: float) -> N
     while not stop.hard and asyncio.get_running_loop().time() < deadline and not work.done():
         await asyncio.sleep(0.05)
     work.cancel()
+
+
+def _open_cache() -> Any:
+    from .cache import ResponseCache, default_path
+
+    return ResponseCache(default_path())
+
+
+def _token_estimator() -> Any:
+    """Prompt tokens (characters / 4) + the output cap: what --tpm books before a request."""
+
+    def estimate(body: dict[str, Any], url: str) -> int:
+        text = sum(len(str(v)) for k, v in body.items() if k in ("messages", "input", "prompt", "instructions"))
+        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        out = cap if isinstance(cap, int) else (0 if url == "/v1/embeddings" else 512)
+        return text // 4 + out
+
+    return estimate
+
+
+def _retry_base() -> float:
+    """Backoff base in seconds; HFBATCH_RETRY_BASE shortens it (tests, local servers)."""
+    from .config import env_float
+
+    return env_float("HFBATCH_RETRY_BASE", 0.5)
 
 
 def _extra_headers(cfg: RunConfig) -> dict[str, str]:

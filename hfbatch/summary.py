@@ -53,10 +53,23 @@ class Stats:
     cached_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    deduped: int = 0  # lines answered by an identical request of this batch
+    cache_hits: int = 0  # lines answered from the --cache
+    fallbacks: int = 0  # requests re-sent to the next --fallback provider
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    capped: int = 0  # bodies whose output cap --max-tokens lowered or set
+    concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def add_saved(self, tokens: tuple[int, int]) -> None:
+        """Tokens a deduped copy or a cache hit did not spend."""
+        inp, out = tokens
+        self.saved_input_tokens += inp
+        self.saved_output_tokens += out
 
     def add_usage(self, body: Any) -> None:
         """Sum chat (prompt/completion), responses (input/output) and embeddings usage."""
@@ -65,18 +78,25 @@ class Stats:
         u = body.get("usage")
         if not isinstance(u, dict):
             return
-        inp = u.get("prompt_tokens", u.get("input_tokens"))
-        out = u.get("completion_tokens", u.get("output_tokens"))
-        if isinstance(inp, int):
-            self.input_tokens += inp
-        if isinstance(out, int):
-            self.output_tokens += out
+        inp, out = usage_tokens(body)
+        self.input_tokens += inp
+        self.output_tokens += out
         d = u.get("prompt_tokens_details") or u.get("input_tokens_details")
         if isinstance(d, dict) and isinstance(d.get("cached_tokens"), int):
             self.cached_tokens += d["cached_tokens"]
         d = u.get("completion_tokens_details") or u.get("output_tokens_details")
         if isinstance(d, dict) and isinstance(d.get("reasoning_tokens"), int):
             self.reasoning_tokens += d["reasoning_tokens"]
+
+
+def usage_tokens(body: Any) -> tuple[int, int]:
+    """(input, output) tokens of an answer body (chat, responses, embeddings); 0 when unknown."""
+    u = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(u, dict):
+        return 0, 0
+    inp = u.get("prompt_tokens", u.get("input_tokens"))
+    out = u.get("completion_tokens", u.get("output_tokens"))
+    return (inp if isinstance(inp, int) else 0), (out if isinstance(out, int) else 0)
 
 
 @dataclass
@@ -169,6 +189,15 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
                 "p95": round(p95 * 1000, 1) if p95 is not None else None,
             },
             "providers": dict(stats.providers),
+            "concurrency": stats.concurrency,
+            "fallbacks": stats.fallbacks,
+            "savings": {
+                "deduped_requests": stats.deduped,
+                "cache_hits": stats.cache_hits,
+                "saved_input_tokens": stats.saved_input_tokens,
+                "saved_output_tokens": stats.saved_output_tokens,
+                "max_tokens_capped": stats.capped,
+            },
             "models": dict(stats.models),
             "endpoints": dict(stats.endpoints),
         },

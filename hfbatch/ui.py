@@ -16,6 +16,7 @@ class Progress:
         self.stats = stats
         self._bar: Any = None
         self._task: Any = None
+        self.concurrency: Any = None  # () -> {provider: live limit}, set by the run
 
     def start(self) -> None:
         if not self.enabled:
@@ -47,6 +48,10 @@ class Progress:
         elapsed = self._bar.tasks[0].elapsed or 0.0
         rate = f"{done / elapsed:,.0f}/s" if elapsed > 0.5 else ""
         extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
+        if self.concurrency is not None:
+            limits = self.concurrency()
+            if limits:
+                extra += " · limit " + ",".join(str(v) for v in limits.values())
         self._bar.update(self._task, completed=done, total=s.total or None, rate=rate, extra=extra)
         self._bar.refresh()
 

@@ -44,7 +44,7 @@ class IdSet:
         self._mask = 1023
         self._count = 0
 
-    def add(self, custom_id: str) -> bool:
+    def add(self, custom_id: str | bytes) -> bool:
         """Record `custom_id`; False if it was already there."""
         h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1  # 0 marks an empty slot
         table, mask = self._table, self._mask
@@ -61,7 +61,7 @@ class IdSet:
                 return False
             i = (i + 1) & mask
 
-    def __contains__(self, custom_id: str) -> bool:
+    def __contains__(self, custom_id: object) -> bool:
         h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1
         table, mask = self._table, self._mask
         i = h & mask

@@ -1,0 +1,251 @@
+"""Cache stage: (endpoint, request body) -> a stored 2xx answer, in a SQLite file shared by runs and processes.
+
+The key is `request_key(url, body)`: a 32-byte blake2b digest of the endpoint and the canonical JSON body
+(`orjson.dumps(body, option=OPT_SORT_KEYS)`: keys sorted at every depth, no whitespace), so the same request
+written with another key order or spacing maps to the same entry. Numbers are formatted the way orjson
+formats them: `1` and `1.0` are different requests (as they are on the wire), `1e2` and `100.0` the same.
+
+The file (default `$HFBATCH_HOME/cache.sqlite3`) is 0600 whatever the umask (it holds prompts and answers;
+SQLite gives its -wal/-shm files the mode of the database). It runs in WAL mode with a 5 s busy timeout, so
+several hfbatch processes can share it. Writes are batched: put() and hit counts are buffered and committed
+when `flush_rows` rows are pending or `flush_interval` seconds have passed (checked on each put/get), on
+flush(), stats(), clear() and close(); this process's get() sees its own buffered puts at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from hashlib import blake2b
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:  # sqlite3 is imported when a cache is opened: request_key alone (dedupe) does not need it
+    import sqlite3
+
+CACHE_FILE = "cache.sqlite3"
+_SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
+    key BLOB PRIMARY KEY, url TEXT NOT NULL, model TEXT NOT NULL, status INTEGER NOT NULL, body BLOB NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0)"""
+_UPSERT = """INSERT INTO responses (key, url, model, status, body, input_tokens, output_tokens, created_at, hits)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT(key) DO UPDATE SET url = excluded.url, model = excluded.model, status = excluded.status,
+    body = excluded.body, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
+    created_at = excluded.created_at, hits = responses.hits + excluded.hits"""
+_MAX_PENDING_FACTOR = 50  # a database locked for good: drop buffered rows past 50 x flush_rows (it is a cache)
+
+
+def request_key(url: str, body: dict[str, Any]) -> bytes:
+    """32-byte blake2b digest of `url` + the canonical JSON of `body` (sorted keys at every depth, orjson floats).
+
+    Pass whatever identifies "the same request" for your run: the endpoint path (`/v1/embeddings`), or base URL
+    + path to keep answers of different servers apart (the model, with its `:provider` suffix, is in the body)."""
+    h = blake2b(digest_size=32)
+    h.update(url.encode())
+    h.update(b"\0")
+    h.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return h.digest()
+
+
+def default_path() -> Path:
+    """$HFBATCH_HOME/cache.sqlite3 (the home directory is created 0700)."""
+    from hfbatch.state import home
+
+    return home() / CACHE_FILE
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """A stored answer: HTTP status (always 2xx), the body bytes as written to the output file, its token usage."""
+
+    status: int
+    body: bytes
+    input_tokens: int
+    output_tokens: int
+    model: str
+    created_at: int
+
+
+# (url, model, status, body, input_tokens, output_tokens, created_at, hits)
+_Row = tuple[str, str, int, bytes, int, int, int, int]
+
+
+class ResponseCache:
+    """A response cache in one SQLite file; safe to share between processes, and between threads of one process."""
+
+    def __init__(
+        self, path: Path, *, flush_interval: float = 0.5, flush_rows: int = 200,
+        now: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self._flush_interval = flush_interval
+        self._flush_rows = max(1, flush_rows)
+        self._now = now
+        self._mono = monotonic
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, _Row] = {}
+        self._hits: dict[bytes, int] = {}
+        self._last_flush = monotonic()
+        if not self.path.parent.exists():
+            from hfbatch.state import private_dir
+
+            private_dir(self.path.parent)
+        import sqlite3
+
+        # SQLite would create the file 0644 & ~umask: create it ourselves, then force 0600.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        self._db: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+        )
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(_SCHEMA)
+        db.execute("CREATE INDEX IF NOT EXISTS responses_created ON responses (created_at)")
+
+    def __enter__(self) -> ResponseCache:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise ValueError("the cache is closed")
+        return self._db
+
+    def get(self, key: bytes) -> CachedAnswer | None:
+        """The stored 2xx answer for `key` (buffered puts of this process included), counting a hit; else None."""
+        with self._lock:
+            row = self._pending.get(key)
+            if row is not None:
+                self._pending[key] = (*row[:7], row[7] + 1)
+            else:
+                found = self._conn.execute(
+                    "SELECT url, model, status, body, input_tokens, output_tokens, created_at, 0 FROM responses "
+                    "WHERE key = ? AND status BETWEEN 200 AND 299", (key,)).fetchone()
+                if found is None:
+                    self._maybe_flush()
+                    return None
+                row = found
+                self._hits[key] = self._hits.get(key, 0) + 1
+            self._maybe_flush()
+        _, model, status, body, inp, out, created, _ = row
+        return CachedAnswer(status, bytes(body), inp, out, model, created)
+
+    def put(
+        self, key: bytes, url: str, model: str, status: int, body: bytes, input_tokens: int, output_tokens: int,
+    ) -> None:
+        """Store an answer (replacing an older one for the same key). Non-2xx answers are ignored: never cached."""
+        if not 200 <= status < 300:
+            return
+        with self._lock:
+            old = self._pending.get(key)
+            hits = old[7] if old is not None else 0
+            self._pending[key] = (url, model, status, bytes(body), input_tokens, output_tokens, int(self._now()), hits)
+            self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if not self._pending and not self._hits:
+            self._last_flush = self._mono()
+            return
+        waiting = len(self._pending) + len(self._hits)
+        if waiting < self._flush_rows and self._mono() - self._last_flush < self._flush_interval:
+            return
+        import sqlite3
+
+        try:
+            self.flush()
+        except sqlite3.OperationalError:  # locked past the busy timeout: keep the rows, try again later
+            self._last_flush = self._mono()
+            if len(self._pending) > _MAX_PENDING_FACTOR * self._flush_rows:
+                self._pending.clear()
+                self._hits.clear()
+
+    def flush(self) -> None:
+        """Commit buffered puts and hit counts in one transaction (raises sqlite3.OperationalError if locked)."""
+        with self._lock:
+            if not self._pending and not self._hits:
+                return
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, [(k, *row) for k, row in self._pending.items()])
+                db.executemany("UPDATE responses SET hits = hits + ? WHERE key = ?",
+                               [(n, k) for k, n in self._hits.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._pending.clear()
+            self._hits.clear()
+            self._last_flush = self._mono()
+
+    def stats(self) -> dict[str, Any]:
+        """{path, entries, bytes (database + WAL on disk), hits, by_model {model: entries}, oldest, newest
+        (created_at, None when empty), saved_input_tokens, saved_output_tokens (tokens x hits)}."""
+        with self._lock:
+            self.flush()
+            db = self._conn
+            entries, hits, oldest, newest, saved_in, saved_out = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(hits), 0), MIN(created_at), MAX(created_at), "
+                "COALESCE(SUM(hits * input_tokens), 0), COALESCE(SUM(hits * output_tokens), 0) FROM responses"
+            ).fetchone()
+            by_model = dict(db.execute("SELECT model, COUNT(*) FROM responses GROUP BY model ORDER BY model"))
+        size = 0
+        for p in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                size += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return {"path": str(self.path), "entries": entries, "bytes": size, "hits": hits, "by_model": by_model,
+                "oldest": oldest, "newest": newest, "saved_input_tokens": saved_in, "saved_output_tokens": saved_out}
+
+    def clear(self, older_than: int | None = None, model: str | None = None) -> int:
+        """Delete entries (all of them by default; `older_than`: only those created more than that many
+        seconds ago; `model`: only that model's), then VACUUM. Returns the number of entries deleted."""
+        where: list[str] = []
+        args: list[Any] = []
+        if older_than is not None:
+            where.append("created_at < ?")
+            args.append(int(self._now()) - older_than)
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        sql = "DELETE FROM responses" + (" WHERE " + " AND ".join(where) if where else "")
+        import sqlite3
+
+        with self._lock:
+            self.flush()
+            db = self._conn
+            deleted = db.execute(sql, args).rowcount
+            try:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:  # another process is busy with the file: the space comes back later
+                pass
+        return deleted
+
+    def close(self) -> None:
+        """Commit what is buffered and close the connection (idempotent)."""
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                self.flush()
+            finally:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,191 @@
+"""Coalesce stage: single-input /v1/embeddings bodies -> one packed body with a list input; its answer -> one per line.
+
+`coalesce_key` says which bodies may share a request (same model, same input kind, same other parameters),
+`Packer` groups them up to N (or until a group has waited `max_wait`), `pack` builds the request and `split`
+turns the CreateEmbeddingResponse back into one CreateEmbeddingResponse per packed body, each holding its
+embedding at index 0, with the usage split so the parts sum exactly to what the provider reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+_TEXT = b"text:"
+_TOKENS = b"tokens:"
+
+
+def _is_token_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
+def coalesce_key(req_body: dict[str, Any]) -> tuple[str, bytes] | None:
+    """(model, canonical bytes of the other parameters and of the input kind) when `req_body` is a single-input
+    embeddings body, i.e. `input` is one non-empty string or one non-empty list of ints (one token array);
+    else None. Bodies with equal keys may be packed together: strings are never packed with token arrays.
+    Empty inputs are left alone so that the provider's error lands on their own line only."""
+    model = req_body.get("model")
+    inp = req_body.get("input")
+    if not isinstance(model, str):
+        return None
+    if isinstance(inp, str) and inp:
+        kind = _TEXT
+    elif _is_token_array(inp):
+        kind = _TOKENS
+    else:
+        return None
+    rest = {k: v for k, v in req_body.items() if k not in ("input", "model")}
+    return model, kind + orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+
+
+def input_weight(req_body: dict[str, Any]) -> int:
+    """The size of a single input, for `split(weights=...)`: characters of a string, tokens of a token array."""
+    inp = req_body.get("input")
+    return len(inp) if isinstance(inp, str | list) else 0
+
+
+def pack(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One embeddings body: the shared parameters (in the first body's key order) and `input` = the list of
+    each body's single input, in order. Raises ValueError if the bodies do not all have the same coalesce_key."""
+    if not bodies:
+        raise ValueError("nothing to pack")
+    key = coalesce_key(bodies[0])
+    if key is None:
+        raise ValueError("not a single-input embeddings body")
+    for b in bodies[1:]:
+        if coalesce_key(b) != key:
+            raise ValueError("bodies with different models or parameters cannot be packed together")
+    packed = dict(bodies[0])
+    packed["input"] = [b["input"] for b in bodies]
+    return packed
+
+
+def apportion(total: int, weights: list[int]) -> list[int]:
+    """Split the integer `total` proportionally to `weights` (evenly when they are all 0) by the
+    largest-remainder method: non-negative integers summing exactly to `total`; ties go to the earlier part."""
+    n = len(weights)
+    if n == 0:
+        raise ValueError("no parts to split into")
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must be non-negative")
+    if total < 0:
+        raise ValueError("cannot split a negative total")
+    if sum(weights) == 0:
+        weights = [1] * n
+    wsum = sum(weights)
+    shares = [total * w // wsum for w in weights]
+    left = total - sum(shares)
+    by_remainder = sorted(range(n), key=lambda i: (-(total * weights[i] % wsum), i))
+    for i in by_remainder[:left]:
+        shares[i] += 1
+    return shares
+
+
+def _split_usage(usage: dict[str, Any], weights: list[int]) -> list[dict[str, Any]]:
+    """Every non-negative int is apportioned (nested dicts too); total_tokens is prompt_tokens + the apportioned
+    rest, so each part keeps total >= prompt; other values are copied."""
+    n = len(weights)
+    parts: list[dict[str, Any]] = [{} for _ in range(n)]
+    for name, value in usage.items():
+        if isinstance(value, dict):
+            columns: list[Any] = _split_usage(value, weights)
+        elif type(value) is int and value >= 0:
+            columns = apportion(value, weights)
+        else:
+            columns = [value] * n
+        for part, v in zip(parts, columns, strict=True):
+            part[name] = v
+    prompt, total = usage.get("prompt_tokens"), usage.get("total_tokens")
+    if type(prompt) is int and type(total) is int and total >= prompt >= 0:
+        for part, extra in zip(parts, apportion(total - prompt, weights), strict=True):
+            part["total_tokens"] = part["prompt_tokens"] + extra
+    return parts
+
+
+def split(answer: dict[str, Any], n: int, weights: list[int] | None = None) -> list[dict[str, Any]]:
+    """An OpenAI CreateEmbeddingResponse for `n` packed inputs -> `n` CreateEmbeddingResponse bodies; the i-th
+    holds `data[index == i]` re-indexed to 0 and the answer's other fields (object, model, ...).
+
+    Usage: every integer counter is split proportionally to `weights` (one per input, e.g. `input_weight` of
+    each packed body: characters of a text, tokens of a token array), or evenly when `weights` is None or all 0,
+    by the largest-remainder method, so the parts sum exactly to the original totals. An answer without
+    `usage` gives parts without `usage`. Raises ValueError unless the answer holds exactly `n` embeddings
+    with indexes 0..n-1."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if weights is None:
+        weights = [1] * n
+    elif len(weights) != n:
+        raise ValueError(f"{len(weights)} weights for {n} inputs")
+    data = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(data, list) or len(data) != n:
+        got = len(data) if isinstance(data, list) else "no"
+        raise ValueError(f"expected {n} embeddings in the answer, got {got}")
+    by_index: dict[int, dict[str, Any]] = {}
+    for item in data:
+        index = item.get("index") if isinstance(item, dict) else None
+        if type(index) is not int or not 0 <= index < n or index in by_index:
+            raise ValueError(f"embedding indexes must be 0..{n - 1}, each once; got {index!r}")
+        by_index[index] = item
+    usage = answer.get("usage")
+    usages = _split_usage(usage, weights) if isinstance(usage, dict) else None
+    shared = {k: v for k, v in answer.items() if k not in ("data", "usage")}
+    parts: list[dict[str, Any]] = []
+    for i in range(n):
+        body = dict(shared)
+        body["data"] = [{**by_index[i], "index": 0}]
+        if usages is not None:
+            body["usage"] = usages[i]
+        parts.append(body)
+    return parts
+
+
+class Packer(Generic[T]):
+    """Groups coalescable items by key. add() returns a full group (N items, in arrival order) as soon as it
+    fills; due() returns the groups whose oldest item has waited `max_wait` seconds or more; flush_all() returns
+    every partial group (call it when the input ends). Groups come out oldest first. Items are opaque.
+    `now` is the clock (injectable for tests); not thread-safe (use it from one task/thread)."""
+
+    def __init__(self, size: int, max_wait: float = 0.05, now: Callable[[], float] = time.monotonic) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.size = size
+        self.max_wait = max_wait
+        self._now = now
+        self._groups: dict[Hashable, tuple[float, list[T]]] = {}
+
+    def __len__(self) -> int:
+        """Items waiting in partial groups."""
+        return sum(len(items) for _, items in self._groups.values())
+
+    def add(self, key: Hashable, item: T) -> list[T] | None:
+        group = self._groups.get(key)
+        if group is None:
+            group = (self._now(), [])
+            self._groups[key] = group
+        group[1].append(item)
+        if len(group[1]) >= self.size:
+            del self._groups[key]
+            return group[1]
+        return None
+
+    def next_deadline(self) -> float | None:
+        """When (on the `now` clock) the oldest partial group becomes due; None when nothing waits."""
+        if not self._groups:
+            return None
+        return min(started for started, _ in self._groups.values()) + self.max_wait
+
+    def due(self) -> list[list[T]]:
+        limit = self._now() - self.max_wait
+        keys = [k for k, (started, _) in self._groups.items() if started <= limit]
+        return [self._groups.pop(k)[1] for k in keys]
+
+    def flush_all(self) -> list[list[T]]:
+        groups = [items for _, items in self._groups.values()]
+        self._groups.clear()
+        return groups

@@ -1,0 +1,121 @@
+"""Limits (pure, clock injected): smooth rate buckets (RPM/TPM), AIMD concurrency per provider, slot gates.
+
+Nothing here sleeps: buckets return how long a caller must wait, AIMD returns the new limit, and
+Gate is the only awaitable (a counting semaphore whose limit can change while it is in use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+
+class RateBucket:
+    """A virtual-scheduling token bucket: `rate` units per second with a small burst allowance.
+
+    reserve(n) books n units and returns the seconds to wait before using them; requests are
+    served in booking order and spread evenly (no burst at minute boundaries). refund(n) gives
+    units back (a request that used fewer tokens than booked)."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate * 0.1)
+        self._clock = clock
+        self._next = clock()  # when the next unit is free
+
+    def reserve(self, amount: float) -> float:
+        now = self._clock()
+        start = max(self._next, now - self.burst / self.rate)
+        self._next = start + amount / self.rate
+        # A request may start once the units booked before it are paid for; its own units are
+        # a debt that delays the next ones (so a request larger than the burst still runs).
+        return max(0.0, start - now)
+
+    def refund(self, amount: float) -> None:
+        self._next -= amount / self.rate
+
+
+class AIMD:
+    """Additive-increase / multiplicative-decrease concurrency limit between 1 and `maximum`.
+
+    Starts at min(maximum, `initial`) and doubles per round trip while nothing throttles (slow
+    start); the first 429/503 ends slow start. A throttle multiplies the limit by `beta`, at most
+    once per round trip: throttles of requests started before the last decrease are ignored.
+    After that, each success adds 1/limit (about +1 per round trip)."""
+
+    def __init__(self, maximum: int, initial: int = 64, beta: float = 0.7,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.maximum = maximum
+        self.limit = float(min(maximum, initial))
+        self.beta = beta
+        self.slow_start = self.limit < maximum
+        self.decreases = 0
+        self._clock = clock
+        self._last_decrease = float("-inf")
+
+    @property
+    def value(self) -> int:
+        return max(1, int(self.limit))
+
+    def on_success(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        self.limit = min(float(self.maximum), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
+
+    def on_throttle(self, started_at: float) -> bool:
+        """A request started at `started_at` was throttled; True if the limit went down."""
+        self.slow_start = False
+        if started_at < self._last_decrease:
+            return False  # this window already paid for its overload
+        self.limit = max(1.0, self.limit * self.beta)
+        self._last_decrease = self._clock()
+        self.decreases += 1
+        return True
+
+
+class Gate:
+    """A counting semaphore whose limit may change while in use (AIMD moves it)."""
+
+    __slots__ = ("limit", "active", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # woken and cancelled at once: pass the slot on
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def release(self) -> None:
+        self.active -= 1
+        self.wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.wake()
+
+    def wake(self) -> None:
+        while self._waiters and self.active < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)

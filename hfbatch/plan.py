@@ -1,0 +1,97 @@
+"""Plan stage: the input file -> counts, strict-mode errors, duplicate-request groups; and the per-request
+hooks (response cache, cost ledger, budget gate) the executor calls around each request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .models import LineError, Request
+from .reader import iter_lines
+from .summary import MAX_REPORTED_ERRORS, usage_tokens
+from .validate import IdSet, validate_line
+
+
+@dataclass
+class InputPlan:
+    total: int = 0  # non-blank lines
+    errors: list[LineError] = field(default_factory=list)
+    errors_dropped: int = 0
+    duplicates: dict[bytes, int] = field(default_factory=dict)  # request key -> occurrences (>= 2)
+
+
+def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, endpoint: str | None) -> InputPlan:
+    """One streaming pass over the input. Strict: collect every invalid line (OpenAI validates the
+    whole file before running anything). Dedupe: find requests (endpoint + body) that occur more
+    than once; memory holds 16 bytes per line plus one entry per duplicated request."""
+    plan = InputPlan()
+    ids = IdSet()
+    seen_keys = IdSet() if dedupe else None
+    if dedupe:
+        from .cache import request_key
+    with open(path, "rb") as f:
+        for line_no, raw in iter_lines(f):
+            plan.total += 1
+            if not (strict or dedupe):
+                continue
+            r = validate_line(line_no, raw, ids, pass_through=pass_through, endpoint=endpoint)
+            if isinstance(r, LineError):
+                if strict:
+                    if len(plan.errors) < MAX_REPORTED_ERRORS:
+                        plan.errors.append(r)
+                    else:
+                        plan.errors_dropped += 1
+                continue
+            if seen_keys is not None:
+                key = request_key(r.url, r.body)
+                # The fingerprint set flags candidates; the executor matches full keys, so a rare
+                # fingerprint collision costs a little memory, never a wrong answer.
+                if not seen_keys.add(key):
+                    plan.duplicates[key] = plan.duplicates.get(key, 1) + 1
+    if plan.total == 0:
+        plan.errors.append(LineError(0, None, "empty_file", "The input file is empty. Please ensure "
+                                     "that the batch contains at least one request."))
+    return plan
+
+
+class RunHooks:
+    """What the executor asks around each request: a cached answer? may it start (budget)? and what
+    it cost. Every part is optional."""
+
+    def __init__(self, *, cache: Any = None, server: str = "router") -> None:
+        self.cache = cache
+        self.server = server  # cache answers per server: the router and a local vLLM differ
+
+    def _key(self, req: Request) -> bytes:
+        from .cache import request_key
+
+        return request_key(self.server + req.url, req.body)
+
+    def cached(self, req: Request) -> tuple[Any, ...] | None:
+        if self.cache is None:
+            return None
+        hit = self.cache.get(self._key(req))
+        if hit is None:
+            return None
+        return ("ok", hit.status, "cache_" + hit.created_at.__str__(), orjson.Fragment(hit.body),
+                (hit.input_tokens, hit.output_tokens))
+
+    def reserve(self, req: Request, route: Any) -> float | None:
+        return 0.0
+
+    def release(self, amount: float | None) -> None:
+        return None
+
+    def answered(self, req: Request, route: Any, outcome: Any, body: Any) -> None:
+        if self.cache is not None and outcome.status is not None and 200 <= outcome.status < 300:
+            raw = outcome.body if route.adapt is None else orjson.dumps(body)
+            if b"\n" in raw:
+                raw = orjson.dumps(body)
+            inp, out = usage_tokens(body)
+            self.cache.put(self._key(req), req.url, req.model, outcome.status, raw, inp, out)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()

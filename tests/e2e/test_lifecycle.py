@@ -1,0 +1,718 @@
+"""End to end: the batch lifecycle. The registry ($HFBATCH_HOME/batches/<id>/), the registry commands
+(list, status, cancel, resume, wait, results), exactly-once resume (rerun, kill -9, torn lines,
+--retry-failed, --skip-invalid duplicates), one process per batch, signals, expiry, cancel, --detach.
+
+Every CLI call here runs as a real subprocess (umask 0o022) against a real fake provider; every run
+is checked for tracebacks and token leaks, and every Batch object is validated with the openai SDK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    TOKEN,
+    assert_clean,
+    assert_each_once,
+    batch_from,
+    chat_line,
+    check_batch,
+    check_error_line,
+    check_output_line,
+    cli_env,
+    ids,
+    read_jsonl,
+    write_jsonl,
+)
+
+from hfbatch.fake_provider import ThreadedFakeProvider
+
+URL = "/v1/chat/completions"
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+UMASK = 0o022  # a permissive umask: hfbatch must still keep its registry private
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def chat_file(path: Path, n: int, prefix: str = "r", extra: dict[int, str] | None = None) -> list[str]:
+    """n chat lines with [[id:...]] markers (the fake counts duplicate answers); extra[i] is
+    prepended to line i's text (scripted faults, sleeps)."""
+    lines = [chat_line(f"{prefix}{i:03d}", f"{(extra or {}).get(i, '')}[[id:{prefix}{i:03d}]] message {i}")
+             for i in range(n)]
+    write_jsonl(path, lines)
+    return ids(lines)  # type: ignore[return-value]
+
+
+def count_lines(path: Path) -> int:
+    """Complete (newline-terminated) lines in a file that another process is appending to."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def poll(cond: Callable[[], Any], what: str, timeout: float = 15.0,
+         proc: subprocess.Popen[bytes] | None = None) -> Any:
+    """Poll `cond` every 20 ms until truthy; fail after `timeout` s (or when `proc` has exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}: "
+                        f"{err.decode(errors='replace')[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def check_stamps(batch: dict[str, Any], *keys: str) -> None:
+    """`keys` (status timestamps) are set, and in order after created_at."""
+    missing = [k for k in keys if not isinstance(batch.get(k), int)]
+    assert not missing, f"status {batch['status']!r} but {missing} not set: " + json.dumps(
+        {k: v for k, v in batch.items() if k.endswith("_at")})
+    seq = [batch["created_at"], *(batch[k] for k in keys)]
+    assert seq == sorted(seq), f"timestamps out of order: {list(zip(('created_at', *keys), seq, strict=True))}"
+
+
+def check_completed(batch: dict[str, Any]) -> None:
+    assert batch["status"] == "completed", batch["status"]
+    assert batch["hfbatch"]["state"] == "finished", batch["hfbatch"]
+    check_stamps(batch, "in_progress_at", "finalizing_at", "completed_at")
+
+
+def check_interrupted(batch: dict[str, Any]) -> None:
+    """A resumable batch: still in_progress for OpenAI, interrupted for us."""
+    assert batch["status"] == "in_progress", batch["status"]
+    assert batch["hfbatch"]["state"] == "interrupted", batch["hfbatch"]
+    assert batch["completed_at"] is None and batch["finalizing_at"] is None, batch
+    check_stamps(batch, "in_progress_at")
+
+
+def check_private(home: Path) -> None:
+    """Everything under HFBATCH_HOME: directories 0700, files 0600."""
+    bad = []
+    for p in [home, *sorted(home.rglob("*"))]:
+        st = p.lstat()
+        want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+        if stat.S_IMODE(st.st_mode) != want:
+            bad.append(f"{p.relative_to(home.parent)}: {oct(stat.S_IMODE(st.st_mode))} (want {oct(want)})")
+    assert not bad, "registry entries not private: " + "; ".join(bad)
+
+
+def batch_dirs(home: Path) -> list[Path]:
+    root = home / "batches"
+    return sorted(p for p in root.iterdir() if (p / "meta.json").exists()) if root.is_dir() else []
+
+
+def last_json(text: str) -> dict[str, Any]:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines, "nothing on stdout"
+    obj: dict[str, Any] = json.loads(lines[-1])
+    return obj
+
+
+class Cli:
+    """`python -m hfbatch ...` as a subprocess: run() waits, start() does not (killed at teardown)."""
+
+    def __init__(self, tmp_path: Path, fakes: list[ThreadedFakeProvider]) -> None:
+        self.tmp_path, self.fakes = tmp_path, fakes
+        self.home = tmp_path / "_home" / "hfbatch"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _env(self) -> dict[str, str]:
+        return cli_env(self.tmp_path, self.fakes[-1] if self.fakes else None)
+
+    def run(self, *args: str, cwd: Path | None = None, input_bytes: bytes | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        stdin: dict[str, Any] = ({"input": input_bytes} if input_bytes is not None
+                                 else {"stdin": subprocess.DEVNULL})
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-m", "hfbatch", *args], cwd=cwd or self.tmp_path,
+                               env=self._env(), capture_output=True, timeout=timeout,
+                               preexec_fn=lambda: os.umask(UMASK), **stdin)
+        except subprocess.TimeoutExpired as e:
+            err = (e.stderr or b"").decode("utf-8", "replace")
+            pytest.fail(f"`hfbatch {' '.join(args)}` did not exit within {timeout} s: {err[-2000:]!r}")
+        out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+        assert_clean(self.tmp_path, out, err, {TOKEN})
+        result = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+        result.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
+        return result
+
+    def start(self, *args: str, cwd: Path | None = None, stdin_pipe: bool = False) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([sys.executable, "-m", "hfbatch", *args], cwd=cwd or self.tmp_path,
+                             env=self._env(), stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: os.umask(UMASK))
+        self.procs.append(p)
+        return p
+
+    def finish(self, p: subprocess.Popen[bytes], timeout: float = 20) -> tuple[int, str, str]:
+        if p.stdin is not None and p.stdin.closed:
+            p.stdin = None  # communicate() would flush it
+        try:
+            out_b, err_b = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out_b, err_b = p.communicate()
+            pytest.fail(f"hfbatch did not exit within {timeout} s: {err_b.decode(errors='replace')[-2000:]}")
+        out, err = out_b.decode("utf-8", "replace"), err_b.decode("utf-8", "replace")
+        assert_clean(self.tmp_path, out, err, {TOKEN})
+        return p.returncode, out, err
+
+    def kill9(self, p: subprocess.Popen[bytes]) -> None:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)  # reaped: no zombie that still looks alive to `kill -0`
+
+    def batch(self, *args: str) -> dict[str, Any]:
+        """Run a command that prints one Batch object (status, cancel, wait) and validate it."""
+        p = self.run(*args)
+        assert p.returncode == 0, (args, p.returncode, p.stderr)
+        return check_batch(last_json(p.stdout))
+
+    def listing(self, *args: str) -> list[dict[str, Any]]:
+        p = self.run("list", *args)
+        assert p.returncode == 0, p.stderr
+        rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
+        for r in rows:
+            check_batch(r)
+        return rows
+
+    def only_batch_id(self) -> str:
+        dirs = batch_dirs(self.home)
+        assert len(dirs) == 1, f"expected one batch in the registry, found {[d.name for d in dirs]}"
+        return dirs[0].name
+
+    def stored(self, batch_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        d = self.home / "batches" / batch_id
+        return json.loads((d / "batch.json").read_bytes()), json.loads((d / "meta.json").read_bytes())
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        # A detached runner is our process too (started by our submit): end it by its recorded pid.
+        for d in batch_dirs(self.home):
+            try:
+                pid = json.loads((d / "meta.json").read_bytes()).get("pid")
+                if pid:
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture
+def cli(tmp_path: Path, _fakes: list[ThreadedFakeProvider]) -> Iterable[Cli]:
+    c = Cli(tmp_path, _fakes)
+    yield c
+    c.close()
+
+
+def wait_until_blocked_on_stdin(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """Until every process has imported everything and sits reading its stdin."""
+    def ready() -> bool:
+        for p in procs:
+            try:
+                if "pipe_read" not in Path(f"/proc/{p.pid}/wchan").read_text():
+                    return False
+            except OSError:
+                return False
+        return True
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return  # no /proc/PID/wchan here: go on anyway (only the timing gets looser)
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- registry and commands
+
+
+def test_registry_commands_and_replay(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake()
+    all_ids = chat_file(tmp_path / "in.jsonl", 20, extra={7: "[[fault:400]] "})
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "4")
+    assert p.returncode == 3, p.stderr  # one line answered 400
+    printed = batch_from(p.stdout)
+    check_completed(printed)
+    assert printed["request_counts"] == {"total": 20, "completed": 19, "failed": 1}
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+
+    # The registry: batches/<id>/{batch.json, meta.json}, private whatever the umask.
+    batch_id = cli.only_batch_id()
+    assert batch_id == printed["id"]
+    stored, meta = cli.stored(batch_id)
+    assert stored == printed, "batch.json differs from the Batch object printed at the end"
+    digest = hashlib.sha256((tmp_path / "in.jsonl").read_bytes()).hexdigest()
+    assert meta["input_sha256"] == digest
+    assert meta["input_path"] == "in.jsonl"
+    assert os.path.abspath(tmp_path / meta["output_path"]) == str(tmp_path / "in.output.jsonl")
+    assert os.path.abspath(tmp_path / meta["errors_path"]) == str(tmp_path / "in.errors.jsonl")
+    assert meta["options"]["concurrency"] == 4
+    assert meta["exit_code"] == 3
+    assert meta["pid"] is None, "a finished batch still names a process"
+    check_private(cli.home)
+
+    # list (piped: JSON lines), list --json, status, results.
+    rows = cli.listing()
+    assert [r["id"] for r in rows] == [batch_id]
+    assert rows[0] == stored
+    assert cli.batch("status", batch_id) == stored
+    r = cli.run("results", batch_id)
+    assert r.returncode == 0 and r.stdout.encode() == (tmp_path / "in.output.jsonl").read_bytes()
+    r = cli.run("results", batch_id, "--errors")
+    assert r.returncode == 0 and r.stdout.encode() == (tmp_path / "in.errors.jsonl").read_bytes()
+
+    # The same command again: nothing sent, the stored Batch printed, the stored exit code.
+    before = fake.stats()["requests"]
+    again = cli.run("submit", "in.jsonl", "-q", "-c", "4")
+    assert again.returncode == 3, again.stderr
+    assert fake.stats()["requests"] == before, "a finished batch sent requests again"
+    assert batch_from(again.stdout) == stored
+    assert len(batch_dirs(cli.home)) == 1
+    assert read_jsonl(tmp_path / "in.output.jsonl") == out and read_jsonl(tmp_path / "in.errors.jsonl") == err
+    check_private(cli.home)
+
+
+def test_registry_commands_work_from_another_directory(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """A batch submitted with relative paths in one directory: `results` and `status` from another."""
+    make_fake()
+    proj = tmp_path / "proj"
+    all_ids = chat_file(proj / "in.jsonl", 20)
+    p = cli.run("submit", "in.jsonl", "-q", cwd=proj)
+    assert p.returncode == 0, p.stderr
+    batch_id = batch_from(p.stdout)["id"]
+    assert len(read_jsonl(proj / "in.output.jsonl")) == 20
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = cli.run("results", batch_id, cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(ln)["custom_id"] for ln in r.stdout.splitlines() if ln.strip()]
+    assert sorted(got) == sorted(all_ids), (
+        f"`hfbatch results {batch_id}` run from another directory printed {len(got)} of 20 lines "
+        "(the registry keeps the output path relative to the submit's directory?)")
+
+
+def test_list_is_newest_first(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """Batches registered a few tens of ms apart (the same second) are still listed newest first."""
+    make_fake()
+    n = 4
+    procs = [cli.start("submit", "-", "-q", "-o", f"o{k}.jsonl", "-e", f"e{k}.jsonl", stdin_pipe=True)
+             for k in range(n)]
+    wait_until_blocked_on_stdin(procs)
+    while time.time() % 1 > 0.3:  # register them all early in one second, if we can
+        time.sleep(0.01)
+    order = []
+    for k, proc in enumerate(procs):
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(chat_line(f"list-{k}", f"batch {k}")).encode() + b"\n")
+        proc.stdin.close()
+        poll(lambda k=k: len(batch_dirs(cli.home)) == k + 1, f"batch {k} registered", proc=proc)
+        order.append(next(d.name for d in batch_dirs(cli.home) if d.name not in order))
+    for proc in procs:
+        code, _, err = cli.finish(proc)
+        assert code == 0, err
+    for k, batch_id in enumerate(order):  # stdin is kept in the registry (privately)
+        data = (cli.home / "batches" / batch_id / "input.jsonl").read_bytes()
+        assert json.loads(data)["custom_id"] == f"list-{k}"
+    check_private(cli.home)
+    rows = cli.listing("--json")
+    got = [r["id"] for r in rows]
+    created = {r["id"]: r["created_at"] for r in rows}
+    assert got == order[::-1], (f"not newest first: got {got}, registered in order {order}; created_at: "
+                                f"{[created[i] for i in order]}")
+
+
+# --------------------------------------------------------------------------- exactly-once resume
+
+
+def test_kill9_then_rerun_resends_at_most_the_in_flight(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.2)
+    n, c = 40, 4
+    all_ids = chat_file(tmp_path / "in.jsonl", n)
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", str(c))
+    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 8, "8 output lines", proc=proc)
+    cli.kill9(proc)
+    done_before = len(read_jsonl(tmp_path / "in.output.jsonl"))
+    assert done_before < n
+
+    # A registry written by a crashed process still reads; the batch shows as interrupted.
+    batch_id = cli.only_batch_id()
+    rows = cli.listing("--json")
+    assert [r["id"] for r in rows] == [batch_id]
+    check_interrupted(rows[0])
+
+    p = cli.run("submit", "in.jsonl", "-q", "-c", str(c))
+    assert p.returncode == 0, p.stderr
+    batch = batch_from(p.stdout)
+    assert batch["id"] == batch_id
+    check_completed(batch)
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    out = read_jsonl(tmp_path / "in.output.jsonl")
+    assert_each_once(all_ids, out, read_jsonl(tmp_path / "in.errors.jsonl"))
+    for obj in out:
+        check_output_line(obj, URL)
+    st = fake.stats()
+    assert st["distinct_ok"] == n
+    assert st["dup_ok"] <= c, f"{st['dup_ok']} answered requests were sent again (concurrency {c})"
+    check_private(cli.home)
+
+
+def test_sigint_then_rerun_finishes_once_and_repairs_a_torn_line(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.1)
+    n = 60
+    all_ids = chat_file(tmp_path / "in.jsonl", n)
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "4")
+    poll(lambda: fake.stats()["ok"] >= 8, "8 answers", proc=proc)
+    proc.send_signal(signal.SIGINT)
+    code, stdout, stderr = cli.finish(proc)
+    assert code == -signal.SIGINT, (code, stderr)
+    first = batch_from(stdout)
+    check_interrupted(first)
+    assert first["hfbatch"]["stop_reason"] == "signal"
+    assert cli.stored(first["id"])[0] == first
+    out = read_jsonl(tmp_path / "in.output.jsonl")
+    assert 0 < len(out) < n and len(set(ids(out))) == len(out)
+    assert fake.stats()["dup_ok"] == 0
+
+    # A crash mid-write leaves a torn last line: cut the last line in half.
+    path = tmp_path / "in.output.jsonl"
+    data = path.read_bytes()
+    torn_id = out[-1]["custom_id"]
+    path.write_bytes(data[: len(data) - 1 - (len(data.rstrip(b"\n").split(b"\n")[-1]) // 2)])
+    assert not path.read_bytes().endswith(b"\n")
+
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "4")
+    assert p.returncode == 0, p.stderr
+    batch = batch_from(p.stdout)
+    assert batch["id"] == first["id"]
+    check_completed(batch)
+    assert batch["in_progress_at"] == first["in_progress_at"], "resume forgot when the batch started"
+    assert batch["request_counts"] == {"total": n, "completed": n, "failed": 0}
+    out = read_jsonl(path)  # asserts the file ends with a complete line
+    assert_each_once(all_ids, out, read_jsonl(tmp_path / "in.errors.jsonl"))
+    for obj in out:
+        check_output_line(obj, URL)
+    st = fake.stats()
+    # Resent: exactly the lines without a complete line (the torn one included), nothing else.
+    assert st["requests"] == n + 1, f"{st['requests']} requests for {n} lines and one torn line"
+    assert st["dup_ok"] == 1, f"dup_ok {st['dup_ok']}: only the torn line ({torn_id}) should be sent again"
+    check_private(cli.home)
+
+
+def test_sigterm_stops_with_minus_15_and_stays_resumable(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.2)
+    chat_file(tmp_path / "in.jsonl", 20)
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2")
+    poll(lambda: fake.stats()["ok"] >= 2, "2 answers", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    code, stdout, stderr = cli.finish(proc)
+    assert code == -signal.SIGTERM, (code, stderr)
+    batch = batch_from(stdout)
+    check_interrupted(batch)
+    stored, meta = cli.stored(batch["id"])
+    assert stored == batch and meta["pid"] is None and meta["exit_code"] is not None, meta
+
+
+def test_retry_failed_resends_only_retryable_failures(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake()
+    n = 20
+    retryable = {2: "[[fault:503]] ", 5: "[[fault:503]] ", 9: "[[fault:429]] "}
+    permanent = {12: "[[fault:400]] ", 15: "[[fault:404]] "}
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={**retryable, **permanent})
+    args = ["submit", "in.jsonl", "-q", "--max-attempts", "1"]
+    p = cli.run(*args)
+    assert p.returncode == 3, p.stderr
+    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": 15, "failed": 5}
+    assert len(read_jsonl(tmp_path / "in.errors.jsonl")) == 5
+
+    # Without the flag: a finished batch, replayed; the hint names --retry-failed.
+    sent = fake.stats()["requests"]
+    p = cli.run(*args)
+    assert p.returncode == 3 and fake.stats()["requests"] == sent
+    assert "--retry-failed" in p.stderr, p.stderr
+
+    p = cli.run(*args, "--retry-failed")
+    assert p.returncode == 3, p.stderr  # the 400 and 404 remain
+    assert fake.stats()["requests"] == sent + len(retryable), "re-sent something other than the 3 retryable"
+    batch = batch_from(p.stdout)
+    check_completed(batch)
+    assert batch["request_counts"] == {"total": n, "completed": 18, "failed": 2}
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+    assert sorted(ids(err)) == [f"r{i:03d}" for i in sorted(permanent)]
+    assert sorted(e["response"]["status_code"] for e in err) == [400, 404]
+    for obj in err:
+        check_error_line(obj)
+    for obj in out:
+        check_output_line(obj, URL)
+    assert cli.stored(batch["id"])[1]["exit_code"] == 3
+    assert fake.stats()["dup_ok"] == 0
+    check_private(cli.home)
+
+
+def test_skip_invalid_duplicate_is_not_taken_for_the_answer(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake()
+    lines = [chat_line("a", "[[sleep:1]] [[id:a]] the valid a"), chat_line("a", "[[id:a-dup]] duplicate a"),
+             chat_line("b", "[[id:b]] b"), chat_line("c", "[[id:c]] c")]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    args = ["submit", "in.jsonl", "-q", "-c", "4", "--skip-invalid"]
+    proc = cli.start(*args)
+    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 2 and count_lines(tmp_path / "in.errors.jsonl") >= 1,
+         "b, c answered and the duplicate rejected", proc=proc)
+    cli.kill9(proc)  # "a" (1 s) is still in flight
+    assert "a" not in ids(read_jsonl(tmp_path / "in.output.jsonl"))
+
+    p = cli.run(*args)
+    assert p.returncode == 3, p.stderr  # the rejected duplicate is a failed line
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert sorted(ids(out)) == ["a", "b", "c"], f"output custom_ids: {ids(out)}"
+    answer_a = next(o for o in out if o["custom_id"] == "a")
+    assert "the valid a" in answer_a["response"]["body"]["choices"][0]["message"]["content"]
+    assert len(err) == 1, f"the rejection should appear once: {err}"
+    assert err[0]["error"]["code"] == "duplicate_custom_id" and err[0]["error"]["message"].startswith("line 2:")
+    st = fake.stats()
+    assert st["distinct_ok"] == 3 and st["dup_ok"] == 0
+    assert batch_from(p.stdout)["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+
+
+def test_foreign_output_files_are_refused_unless_overwrite(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake()
+    all_ids = chat_file(tmp_path / "in.jsonl", 20)
+    junk = json.dumps({"id": "batch_req_0", "custom_id": "zzz", "response": None, "error": None}) + "\n"
+    (tmp_path / "out.jsonl").write_text(junk)
+    args = ["submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl"]
+    p = cli.run(*args)
+    assert p.returncode == 2, p.stderr
+    assert "out.jsonl" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert fake.stats()["requests"] == 0 and (tmp_path / "out.jsonl").read_text() == junk
+
+    p = cli.run(*args, "--overwrite")
+    assert p.returncode == 0, p.stderr
+    batch_id = batch_from(p.stdout)["id"]
+    assert_each_once(all_ids, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+
+    # The input changes: the same output paths now hold another input's lines.
+    chat_file(tmp_path / "in.jsonl", 21)
+    sent = fake.stats()["requests"]
+    p = cli.run(*args)
+    assert p.returncode == 2, p.stderr
+    assert batch_id in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert fake.stats()["requests"] == sent
+
+
+# --------------------------------------------------------------------------- one process per batch
+
+
+def test_second_submit_exits_5_or_waits_and_replays(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.05)
+    n = 30
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:3]] "})  # the first run lasts >= 3 s
+    args = ["submit", "in.jsonl", "-q", "-c", "4"]
+    first = cli.start(*args)
+    poll(lambda: fake.stats()["ok"] >= 4, "the first run under way", proc=first)
+
+    second = cli.run(*args)
+    assert second.returncode == 5, (second.returncode, second.stderr)
+    assert f"pid {first.pid}" in second.stderr, second.stderr
+    assert second.elapsed < 5  # type: ignore[attr-defined]
+    assert first.poll() is None, "the first run ended before the second was refused"
+
+    waiter = cli.start(*args, "--wait")
+    code1, out1, err1 = cli.finish(first)
+    code2, out2, err2 = cli.finish(waiter)
+    assert code1 == 0, err1
+    assert code2 == 0, err2
+    b1, b2 = batch_from(out1), batch_from(out2)
+    check_completed(b1)
+    assert b2 == b1, "--wait did not replay the stored result"
+    st = fake.stats()
+    assert st["requests"] == n and st["dup_ok"] == 0, st
+    assert_each_once(all_ids, read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl"))
+    assert len(batch_dirs(cli.home)) == 1
+
+
+def test_simultaneous_identical_submits_run_the_batch_once(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """Three identical submits (stdin input: same content, same paths) released at the same moment."""
+    fake = make_fake(latency=0.05)
+    n = 20
+    lines = [chat_line(f"s{i:02d}", f"[[id:s{i:02d}]] same {i}") for i in range(n)]
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    procs = [cli.start("submit", "-", "-q", "-c", "2", "-o", "out.jsonl", "-e", "err.jsonl", stdin_pipe=True)
+             for _ in range(3)]
+    wait_until_blocked_on_stdin(procs)
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.close()
+    results = [cli.finish(proc) for proc in procs]
+    codes = sorted(r[0] for r in results)
+    st = fake.stats()
+    registered = [d.name for d in batch_dirs(cli.home)]
+    problems = []
+    if len(registered) != 1:
+        problems.append(f"{len(registered)} batches registered for one identity: {registered}")
+    if st["requests"] != n or st["dup_ok"]:
+        problems.append(f"the fake got {st['requests']} requests for {n} lines (dup_ok {st['dup_ok']})")
+    if codes[0] != 0 or any(c not in (0, 5) for c in codes):
+        problems.append(f"exit codes {codes}")
+    try:
+        assert_each_once(ids(lines), read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+    except AssertionError as e:
+        problems.append(f"output: {e}")
+    assert not problems, "; ".join(problems)
+
+
+# --------------------------------------------------------------------------- expiry and cancel
+
+
+def test_completion_window_expires(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.3)
+    n = 40
+    all_ids = chat_file(tmp_path / "in.jsonl", n)
+    args = ["submit", "in.jsonl", "-q", "-c", "2", "--completion-window", "2s"]
+    p = cli.run(*args)
+    assert p.returncode == 6, p.stderr
+    batch = batch_from(p.stdout)
+    assert batch["status"] == "expired", batch["status"]
+    check_stamps(batch, "in_progress_at", "expired_at")
+    assert batch["completed_at"] is None and batch["cancelled_at"] is None
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+    assert 0 < len(out) < n
+    for obj in err:
+        check_error_line(obj)
+        assert obj["error"] == {"code": "batch_expired", "message": EXPIRED_MESSAGE}, obj
+    assert batch["request_counts"] == {"total": n, "completed": len(out), "failed": len(err)}
+    assert batch["error_file_id"] is not None
+
+    sent = fake.stats()["requests"]
+    again = cli.run(*args)
+    assert again.returncode == 6, again.stderr
+    assert fake.stats()["requests"] == sent
+    assert batch_from(again.stdout) == batch
+
+
+def test_cancel_a_running_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.3)
+    n = 40
+    all_ids = chat_file(tmp_path / "in.jsonl", n)
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2")
+    poll(lambda: batch_dirs(cli.home) and fake.stats()["ok"] >= 2, "the run under way", proc=proc)
+    rows = cli.listing("--json")
+    assert len(rows) == 1 and rows[0]["status"] == "in_progress", rows
+    batch_id = rows[0]["id"]
+    c = cli.run("cancel", batch_id)
+    assert c.returncode == 0, c.stderr
+    cancelling = check_batch(last_json(c.stdout))
+
+    code, stdout, stderr = cli.finish(proc, timeout=10)
+    assert code == 6, (code, stderr)
+    batch = batch_from(stdout)
+    assert batch["id"] == batch_id and batch["status"] == "cancelled", batch["status"]
+    check_stamps(batch, "in_progress_at", "cancelling_at", "cancelled_at")
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+    assert err and all(e["error"]["code"] == "batch_cancelled" for e in err), err[:3]
+    for obj in err:
+        check_error_line(obj)
+    assert batch["request_counts"] == {"total": n, "completed": len(out), "failed": len(err)}
+    assert fake.stats()["requests"] == len(out)
+    assert cli.stored(batch_id)[0] == batch
+    check_private(cli.home)
+    # What `hfbatch cancel` printed: a cancelling batch, stamped as such.
+    assert cancelling["status"] in ("cancelling", "cancelled"), cancelling["status"]
+    check_stamps(cancelling, "in_progress_at", "cancelling_at")
+
+
+def test_cancel_after_kill9_closes_the_batch_out(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.3)
+    n = 40
+    all_ids = chat_file(tmp_path / "in.jsonl", n)
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2")
+    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 2, "2 output lines", proc=proc)
+    cli.kill9(proc)
+    batch_id = cli.only_batch_id()
+    sent = fake.stats()["requests"]
+    check_interrupted(cli.batch("status", batch_id))  # what a crashed process left still reads
+
+    batch = cli.batch("cancel", batch_id)
+    assert batch["status"] == "cancelled", batch["status"]
+    check_stamps(batch, "in_progress_at", "cancelling_at", "cancelled_at")
+    assert fake.stats()["requests"] == sent, "cancel sent requests"
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+    assert all(e["error"]["code"] == "batch_cancelled" for e in err)
+    assert batch["request_counts"] == {"total": n, "completed": len(out), "failed": len(err)}
+
+    w = cli.run("wait", batch_id, "--timeout", "5")
+    assert w.returncode == 6, (w.returncode, w.stderr)
+    assert check_batch(last_json(w.stdout))["status"] == "cancelled"
+    check_private(cli.home)
+
+
+# --------------------------------------------------------------------------- --detach
+
+
+def test_detach_status_wait_results(tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(latency=0.05)
+    n = 40
+    # Line 0 takes 3 s: the run outlives a live refresh of batch.json (every ~2 s).
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:3]] ", 3: "[[fault:400]] "})
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "2", "--detach")
+    assert p.returncode == 0, p.stderr
+    assert p.elapsed < 5, f"--detach took {p.elapsed:.1f} s"  # type: ignore[attr-defined]
+    first = check_batch(last_json(p.stdout))
+    batch_id = first["id"]
+    assert first["status"] in ("validating", "in_progress"), first["status"]
+
+    # Live progress while it runs: batch.json is refreshed every ~2 s, and `status` shows it.
+    def live_counts() -> dict[str, Any] | None:
+        try:
+            b = cli.stored(batch_id)[0]
+        except (OSError, ValueError):
+            return None
+        return b if b["status"] in TERMINAL or b["request_counts"]["completed"] > 0 else None
+
+    seen = poll(live_counts, "live request_counts in batch.json", timeout=10)
+    assert seen["status"] == "in_progress", f"no live counts before the batch ended ({seen['status']})"
+    live = cli.batch("status", batch_id)
+    assert live["status"] == "in_progress" and live["hfbatch"]["state"] == "running", live
+    assert 0 < live["request_counts"]["completed"] < n and live["request_counts"]["total"] == n
+
+    w = cli.run("wait", batch_id, "--timeout", "20", timeout=30)
+    assert w.returncode == 3, (w.returncode, w.stderr)  # the batch's own exit code: one line failed
+    done = check_batch(last_json(w.stdout))
+    check_completed(done)
+    assert done["request_counts"] == {"total": n, "completed": n - 1, "failed": 1}
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(all_ids, out, err)
+    r = cli.run("results", batch_id)
+    assert r.returncode == 0 and r.stdout.encode() == (tmp_path / "in.output.jsonl").read_bytes()
+    assert fake.stats()["requests"] == n and fake.stats()["dup_ok"] == 0
+    assert cli.stored(batch_id)[1]["exit_code"] == 3
+    check_private(cli.home)
+
