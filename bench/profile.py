@@ -58,21 +58,32 @@ HFBATCH_FUNCS = [
     ("save", "hfbatch/run.py", "save (live batch.json every 2 s)"),
     ("batch_object", "hfbatch/summary.py", "batch_object"),
     ("write_json", "hfbatch/state.py", "write_json (batch.json/meta.json + fsync)"),
+    ("BaseEventLoop.run_in_executor", "asyncio/base_events.py",
+     "aiohttp trust_env: run_in_executor(_get_netrc_auth) per request (event-loop side)"),
+    ("to_thread", "asyncio/threads.py",
+     "aiohttp trust_env: to_thread(get_env_proxy_for_url) per request (event-loop side)"),
 ]
 
 
-def parse_raw(path: Path) -> list[tuple[list[tuple[str, str, str]], int]]:
-    """py-spy raw output: 'frame;frame;... count', frames 'func (file:line)', root first."""
+Stack = tuple[str, list[tuple[str, str, str]], int]  # thread name, frames (root first), samples
+
+
+def parse_raw(path: Path) -> list[Stack]:
+    """py-spy raw output with --threads: 'thread (TID): NAME;frame;frame;... count', frames 'func (file:line)'."""
     stacks = []
     for line in path.read_text().splitlines():
         body, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
+        parts = body.split(";")
+        thread = "?"
+        if parts and parts[0].startswith("thread ("):
+            thread = parts.pop(0).partition(": ")[2] or "MainThread (unnamed yet)"
         frames = []
-        for fr in body.split(";") if body.strip() else []:
+        for fr in parts if any(p.strip() for p in parts) else []:
             m = FRAME_RE.match(fr.strip())
             frames.append((m["func"], m["file"], m["line"] or "") if m else (fr, "?", ""))
-        stacks.append((frames, int(count)))
+        stacks.append((thread, frames, int(count)))
     return stacks
 
 
@@ -95,9 +106,13 @@ def category(file: str) -> str:
     return "other: " + file.split("/")[0]
 
 
-def phase(frames: list[tuple[str, str, str]]) -> str:
-    funcs = [(f, file) for f, file, _ in frames]
+def phase(thread: str, frames: list[tuple[str, str, str]]) -> str:
+    funcs = [(f.rpartition(".")[2] if "<" not in f else f, file) for f, file, _ in frames]
     files = [file for _, file in funcs]
+    if not thread.startswith("MainThread"):
+        what = {f for f, _ in funcs} & {"_get_netrc_auth", "get_env_proxy_for_url", "getaddrinfo",
+                                        "_resolve_embedding"}
+        return f"worker threads ({thread.rstrip('0123456789')}*): " + (", ".join(sorted(what)) or "idle/pool machinery")
     if not frames:
         return "no Python frame (native: interpreter start/exit, GC, C code)"
     if any(f == "_find_and_load" for f, _ in funcs):
@@ -118,15 +133,15 @@ def phase(frames: list[tuple[str, str, str]]) -> str:
     return "other (before/after the loop)"
 
 
-def summarize(stacks: list[tuple[list[tuple[str, str, str]], int]], us_per_req: float | None,
+def summarize(stacks: list[Stack], us_per_req: float | None,
               total_cpu_s: float | None) -> dict[str, Any]:
-    total = sum(c for _, c in stacks) or 1
+    total = sum(c for _, _, c in stacks) or 1
     phases: Counter[str] = Counter()
     loop_cat: Counter[str] = Counter()
     lines: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    for frames, c in stacks:
-        ph = phase(frames)
+    for thread, frames, c in stacks:
+        ph = phase(thread, frames)
         phases[ph] += c
         if frames:
             func, file, line = frames[-1]
@@ -222,8 +237,9 @@ def main() -> int:
             for fmt, path in formats:
                 mock.reset()
                 cmd, env, d = cmd_env(fmt)
+                threads = ["--threads"] if fmt == "raw" else []
                 subprocess.run([pyspy, "record", "--nonblocking", "--rate", str(args.rate), "--format", fmt,
-                                "-o", str(path), "--", *cmd], env=env, check=True,
+                                *threads, "-o", str(path), "--", *cmd], env=env, check=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"  py-spy {fmt}: {path}", flush=True)

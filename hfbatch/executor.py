@@ -200,7 +200,7 @@ class Executor:
                     if group.remaining <= 0:
                         self.groups.pop(key, None)
                     if group.result is not None:
-                        self._write(req.custom_id, group.result, copy=True)
+                        self._write(req.custom_id, group.result, copy=True, req=req)
                     return
                 self.groups[key] = _Group(occurrences - 1)
             else:
@@ -210,7 +210,7 @@ class Executor:
             cached = self.hooks.cached(req) if self.hooks is not None else None
             if cached is not None:
                 result = cached
-                self._write(req.custom_id, result, copy=True, cache=True)
+                self._write(req.custom_id, result, copy=True, cache=True, req=req)
                 return
             outcome = await self._send(req, route)
             if outcome is None:
@@ -249,15 +249,20 @@ class Executor:
                 booked = route.token_estimate
                 if await stop.sleep(self.tpm.reserve(booked)):
                     return None
-            reserved = self.hooks.reserve(req, route) if self.hooks is not None else 0.0
+            reserved = await self.hooks.reserve(req, route) if self.hooks is not None else 0.0
             if reserved is None:
                 return None  # the budget said no: the hook stopped the run
             provider = self._provider(self._provider_key(model))
-            await provider.gate.acquire()
             try:
-                await self.gate.acquire()
+                await provider.gate.acquire()
+                try:
+                    await self.gate.acquire()
+                except BaseException:
+                    provider.gate.release()
+                    raise
             except BaseException:
-                provider.gate.release()
+                if self.hooks is not None:
+                    self.hooks.release(reserved)
                 raise
             try:
                 if stop.reason is not None:
@@ -354,7 +359,8 @@ class Executor:
         self._write(req.custom_id, result)
         return result
 
-    def _write(self, custom_id: str, result: Result, copy: bool = False, cache: bool = False) -> None:
+    def _write(self, custom_id: str, result: Result, copy: bool = False, cache: bool = False,
+               req: Request | None = None) -> None:
         stats = self.stats
         kind = result[0]
         if kind == "ok":
@@ -373,6 +379,8 @@ class Executor:
                 stats.deduped += 1
             if kind == "ok":
                 stats.add_saved(result[4])
+                if self.hooks is not None and req is not None:
+                    self.hooks.saved(req, result[4])
 
     def concurrency_now(self) -> dict[str, int]:
         """The live limit per provider (what AIMD allows right now)."""

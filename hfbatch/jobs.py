@@ -62,6 +62,7 @@ def cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
     b.request_cancel()
     if b.running() or pid_alive(_meta(b).get("pid")):
         batch["status"] = "cancelling"  # the running process notices within a second
+        batch["cancelling_at"] = batch.get("cancelling_at") or int(time.time())
         return batch, False
     return batch, True
 

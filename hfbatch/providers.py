@@ -45,6 +45,7 @@ class Route:
     # Turns the provider's parsed 2xx answer into the OpenAI body to write; None: pass bytes through.
     adapt: Callable[[Any, Request], Any] | None = None
     model: str | None = None  # the model as sent (with the --route suffix, after a fallback)
+    body: dict[str, Any] | None = None  # the body as sent (after --route / --max-tokens)
     token_estimate: int = 0  # prompt estimate + output cap, for --tpm (0 when not asked for)
 
 
@@ -70,11 +71,13 @@ class Router:
     estimate --tpm books."""
 
     def __init__(self, base_url: str | None, route_suffix: str | None = None, max_tokens: int | None = None,
-                 estimate: Callable[[dict[str, Any], str], int] | None = None) -> None:
+                 estimate: Callable[[dict[str, Any], str], int] | None = None,
+                 default_max_tokens: int | None = None) -> None:
         self.base_url = base_url.rstrip("/") if base_url else None
         self.root = router_root()
         self.route_suffix = route_suffix
         self.max_tokens = max_tokens
+        self.default_max_tokens = default_max_tokens  # set where no cap is given (--budget's bound)
         self.estimate = estimate
         self.capped = 0  # bodies whose output cap --max-tokens lowered or set
         self._emb: dict[str, _EmbeddingTarget | Unroutable] = {}
@@ -85,9 +88,11 @@ class Router:
         est = self.estimate(body, req.url) if self.estimate is not None else 0
         if self.base_url is not None:
             path = req.url[3:] if req.url.startswith("/v1/") else req.url
-            return Route(self.base_url + path, orjson.dumps(body), model=body.get("model"), token_estimate=est)
+            return Route(self.base_url + path, orjson.dumps(body), model=body.get("model"), body=body,
+                         token_estimate=est)
         if req.url in ROUTER_ENDPOINTS:
-            return Route(self.root + req.url, orjson.dumps(body), model=body.get("model"), token_estimate=est)
+            return Route(self.root + req.url, orjson.dumps(body), model=body.get("model"), body=body,
+                         token_estimate=est)
         if req.url == "/v1/embeddings":
             target = await self._embedding_target(req.model)
             if isinstance(target, Unroutable):
@@ -115,13 +120,14 @@ class Router:
             if ":" not in model.rsplit("/", 1)[-1]:
                 body = {**body, "model": f"{model}:{self.route_suffix}"}
         cap = self.max_tokens
-        if cap is not None and req.url in ("/v1/chat/completions", "/v1/responses", "/v1/completions"):
+        if (cap or self.default_max_tokens) and req.url in ("/v1/chat/completions", "/v1/responses",
+                                                             "/v1/completions"):
             keys = ("max_output_tokens",) if req.url == "/v1/responses" else ("max_completion_tokens", "max_tokens")
             present = [k for k in keys if isinstance(body.get(k), int)]
             if not present:
-                body = {**body, keys[-1]: cap}
-                self.capped += 1
-            elif any(body[k] > cap for k in present):
+                body = {**body, keys[-1]: cap or self.default_max_tokens}
+                self.capped += cap is not None
+            elif cap is not None and any(body[k] > cap for k in present):
                 body = {**body, **{k: min(body[k], cap) for k in present}}
                 self.capped += 1
         return body

@@ -32,6 +32,8 @@ from .errors import (
     UsageError,
     error_for_code,
 )
+from .cost import Budget, CostLedger
+from .estimate import DEFAULT_MAX_OUTPUT
 from .executor import Executor, Limits, StopControl
 from .ledger import Ledger, scan
 from .models import LineError, Request
@@ -70,13 +72,37 @@ async def _submit(cfg: RunConfig) -> RunResult:
     key = f"{digest}|{_abs(cfg.output_path)}|{_abs(cfg.errors_path)}"
     if cfg.output_path == "-":
         key += f"|stdout:{os.urandom(8).hex()}"  # no durable ledger for stdout: never resumed
-    found = reg.get(cfg.batch_id) if cfg.batch_id else reg.find(key)
-    if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
-        raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
+    registry_fd = reg.lock()
+    try:
+        found = reg.get(cfg.batch_id) if cfg.batch_id else reg.find(key)
+        if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
+            raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
+        if found is not None:
+            fd = found.lock()
+        else:
+            _refuse_foreign_outputs(cfg, reg)
+            info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window)
+            b = reg.create(info.id)
+            if cfg.input_path == "-":
+                shutil.move(input_file, b.path / "input.jsonl")
+                input_file = str(b.path / "input.jsonl")
+            meta = {
+                "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
+                "input_sha256": digest, "output_path": _abs(cfg.output_path),
+                "errors_path": _abs(cfg.errors_path), "options": cfg.options(), "created_at": info.created_at,
+                "created_ns": time.time_ns(), "expires_at": info.created_at + window, "pid": os.getpid(),
+                "exit_code": None, "total": None,
+            }
+            # batch.json first: meta.json is what makes a batch exist, so a crash in between leaves
+            # nothing half-registered.
+            b.save_batch(batch_object(info, Stats(), window))
+            b.save_meta(meta)
+            fd = b.lock()
+    finally:
+        unlock(registry_fd)
     if found is not None:
         if cfg.input_path == "-":
             os.unlink(input_file)  # the batch kept its own copy of this exact content
-        fd = found.lock()
         if fd is None:
             pid = found.meta().get("pid")
             if not cfg.wait:
@@ -86,32 +112,30 @@ async def _submit(cfg: RunConfig) -> RunResult:
                 )
             fd = await asyncio.to_thread(found.lock, True)
         try:
-            meta, stored = found.meta(), found.batch()
+            meta = found.meta()
+            stored = _stored_batch(found, meta, window)
             retry = cfg.retry_failed and stored["status"] == "completed"
             if stored["status"] in TERMINAL_STATUSES and not retry:
                 return _replay(found, meta, stored)
             return await _run(cfg, found, meta, window, resume=True)
         finally:
             unlock(fd)
-    _refuse_foreign_outputs(cfg, reg)
-    info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window)
-    b = reg.create(info.id)
-    if cfg.input_path == "-":
-        shutil.move(input_file, b.path / "input.jsonl")
-        input_file = str(b.path / "input.jsonl")
-    meta = {
-        "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
-        "input_sha256": digest, "output_path": _abs(cfg.output_path), "errors_path": _abs(cfg.errors_path),
-        "options": cfg.options(), "created_at": info.created_at, "created_ns": time.time_ns(),
-        "expires_at": info.created_at + window, "pid": os.getpid(), "exit_code": None, "total": None,
-    }
-    b.save_meta(meta)
-    b.save_batch(batch_object(info, Stats(), window))
-    fd = b.lock()
     try:
         return await _run(cfg, b, meta, window, resume=False, info=info)
     finally:
         unlock(fd)
+
+
+def _stored_batch(b: BatchDir, meta: dict[str, Any], window: int) -> dict[str, Any]:
+    """The batch's stored object; rebuilt as freshly created if a crash left it missing or torn."""
+    try:
+        return b.batch()
+    except (OSError, ValueError):
+        info = BatchInfo(id=b.id, input_file_id=meta.get("input_path", "-"), created_at=meta["created_at"],
+                         completion_window=meta.get("options", {}).get("completion_window", "24h"))
+        batch = batch_object(info, Stats(), window)
+        b.save_batch(batch)
+        return batch
 
 
 def _materialize_input(path: str, reg: Registry) -> tuple[str, str]:
@@ -269,7 +293,7 @@ async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batc
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, on_signal, s)
     pass_through = cfg.base_url is not None
-    executor: Executor | None = None
+    stored_cost = (b.batch().get("hfbatch") or {}).get("cost") if resume else None
 
     def requests() -> Iterator[Request]:
         seen = IdSet() if cfg.skip_invalid else None
@@ -294,10 +318,15 @@ async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batc
     try:
         async with Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg)) as transport:
             router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
-                            estimate=_token_estimator() if cfg.tpm else None)
+                            estimate=_token_estimator() if cfg.tpm else None,
+                            default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
+            spend = await _cost_ledger(cfg, transport, stored_cost if resume else None)
+            stats.cost = spend
+            budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
             limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
                             fallback=cfg.fallback)
-            hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router")
+            hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
+                             ledger=spend, budget=budget, stop=stop)
             executor = Executor(
                 transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
                 limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
@@ -318,6 +347,7 @@ async def _execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batc
                 ticker.cancel()
                 progress.stop()
                 hooks.close()
+                stats.saved_usd = hooks.saved_usd
                 stats.capped = router.capped
                 stats.concurrency = executor.concurrency_now()
         if stop.reason in ("expired", "cancelled"):
@@ -377,6 +407,8 @@ def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo
             error = AuthError(message)
         elif stop.reason == "signal":
             error = Interrupted(signals_seen[0], message)
+        elif stop.reason == "budget":
+            error = StoppedEarly(f"{stop.message} ({info.unsent} requests not sent)")
         else:
             error = StoppedEarly(message)
     return _finish(b, meta, info, stats, window, error, out_lines=out.lines, err_lines=err.lines)
@@ -434,6 +466,18 @@ async def _guard(stop: StopControl, work: asyncio.Task[None], grace: float) -> N
     while not stop.hard and asyncio.get_running_loop().time() < deadline and not work.done():
         await asyncio.sleep(0.05)
     work.cancel()
+
+
+async def _cost_ledger(cfg: RunConfig, transport: Transport, stored: dict[str, Any] | None) -> CostLedger:
+    """Prices for this run (router catalog, its cache when offline, or --prices), and the spend so far."""
+    from .pricing import default_cache_path, load_catalog, models_url
+
+    url = models_url(cfg.base_url)
+    catalog = await load_catalog(transport.get_json, url, default_cache_path(url), cfg.prices)
+    ledger = CostLedger(catalog)
+    if stored:
+        ledger.load(stored)
+    return ledger
 
 
 def _open_cache() -> Any:

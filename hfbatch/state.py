@@ -167,6 +167,13 @@ class Registry:
                     best = (created, b)
         return best[1] if best else None
 
+    def lock(self) -> int:
+        """The registry-wide lock (held briefly): finding and creating a batch is one step, so two
+        identical submits started at once register one batch, not two."""
+        fd = os.open(self.root / "registry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
     def tmp_dir(self) -> Path:
         return private_dir(self.root / "tmp")
 

@@ -59,6 +59,8 @@ class Stats:
     saved_input_tokens: int = 0
     saved_output_tokens: int = 0
     capped: int = 0  # bodies whose output cap --max-tokens lowered or set
+    saved_usd: float = 0.0  # what the deduped copies and cache hits would have cost
+    cost: Any = None  # cost.CostLedger of the run
     concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
@@ -152,6 +154,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
             )
         errors = {"object": "list", "data": data}
     p50, p95 = stats.latency.quantile(0.5), stats.latency.quantile(0.95)
+    cost = stats.cost.summary() if stats.cost is not None else None
     return {
         "id": info.id,
         "object": "batch",
@@ -188,6 +191,8 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
                 "p50": round(p50 * 1000, 1) if p50 is not None else None,
                 "p95": round(p95 * 1000, 1) if p95 is not None else None,
             },
+            "estimated_cost_usd": cost["estimated_cost_usd"] if cost else None,
+            "cost": cost,
             "providers": dict(stats.providers),
             "concurrency": stats.concurrency,
             "fallbacks": stats.fallbacks,
@@ -197,6 +202,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
                 "saved_input_tokens": stats.saved_input_tokens,
                 "saved_output_tokens": stats.saved_output_tokens,
                 "max_tokens_capped": stats.capped,
+                "estimated_saved_usd": round(stats.saved_usd, 10),
             },
             "models": dict(stats.models),
             "endpoints": dict(stats.endpoints),

@@ -48,6 +48,8 @@ class Progress:
         elapsed = self._bar.tasks[0].elapsed or 0.0
         rate = f"{done / elapsed:,.0f}/s" if elapsed > 0.5 else ""
         extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
+        if s.cost is not None and s.cost.spent:
+            extra += f" · ~${s.cost.spent:.4f}"
         if self.concurrency is not None:
             limits = self.concurrency()
             if limits:

@@ -95,7 +95,8 @@ def test_mixed_endpoints_through_the_router(tmp_path: Path, fake, run_cli) -> No
 
     st = fake.stats()
     assert st["models"]["test-org/NonExist-model"] == 1
-    assert st["paths"] == {"/v1/chat/completions": 3, "/v1/responses": 1, FE_PATH: 2}, st["paths"]
+    # /v1/models: the price catalog, fetched once per run (no inference)
+    assert st["paths"] == {"/v1/models": 1, "/v1/chat/completions": 3, "/v1/responses": 1, FE_PATH: 2}, st["paths"]
     assert st["auth_missing"] == 0
 
     batch = batch_from(p.stdout)
@@ -131,7 +132,7 @@ def test_mixed_endpoints_through_base_url(tmp_path: Path, fake, run_cli) -> None
         assert obj["response"]["status_code"] == 400
     assert sorted(ids(out)) == ["chat-1", "chat-2", "cmp-1", "emb-1", "emb-2", "resp-1"]
     st = fake.stats()
-    assert st["paths"] == {"/v1/chat/completions": 3, "/v1/responses": 1, "/v1/embeddings": 3,
+    assert st["paths"] == {"/v1/models": 1, "/v1/chat/completions": 3, "/v1/responses": 1, "/v1/embeddings": 3,
                            "/v1/completions": 1}, st["paths"]
     batch = batch_from(p.stdout)
     assert batch["request_counts"] == {"total": 8, "completed": 6, "failed": 2}

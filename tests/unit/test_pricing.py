@@ -13,18 +13,17 @@ import orjson
 import pytest
 
 from hfbatch.errors import UsageError
+from hfbatch.cost import Budget, CostLedger
 from hfbatch.pricing import (
-    Budget,
     Catalog,
-    CostLedger,
     Price,
     ProviderInfo,
     iso,
     load_catalog,
     models_url,
     request_cost,
-    usage_tokens,
 )
+from hfbatch.summary import usage_tokens
 
 CHAT, EMBED = "test-org/tiny-chat", "test-org/tiny-embed"
 URL = "http://127.0.0.1:9/v1/models"
