@@ -1,0 +1,278 @@
+"""Execute a registered batch: sinks, transport, executor, live state, then its end (status, exit error)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .config import RunConfig
+from .cost import Budget, CostLedger
+from .errors import AuthError, EndedEarly, ExitCode, HfbatchError, Interrupted, SomeFailed, StoppedEarly
+from .estimate import DEFAULT_MAX_OUTPUT
+from .executor import Executor, Limits, StopControl
+from .ledger import Ledger, scan
+from .models import LineError, Request
+from .plan import InputPlan, RunHooks
+from .providers import Router
+from .reader import iter_lines
+from .retry import RetryPolicy
+from .state import BatchDir
+from .summary import BatchInfo, Stats, batch_object
+from .transport import Transport
+from .ui import Progress
+from .validate import IdSet, validate_line
+from .writer import JsonlSink, error_line
+
+SAVE_EVERY = 2.0  # seconds between live batch.json updates
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
+
+
+@dataclass
+class RunResult:
+    batch: dict[str, Any]
+    error: HfbatchError | None  # raised by the CLI after the summary is printed
+    replayed: bool = False
+
+
+async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
+                   ledger: Ledger, window: int, resume: bool, plan: InputPlan) -> RunResult:
+    if cfg.output_path == "-":
+        out = JsonlSink(None, sys.stdout.buffer)
+    else:
+        out = JsonlSink(cfg.output_path, append=resume)
+    err = JsonlSink(cfg.errors_path, append=resume)
+    stop = StopControl()
+    progress = Progress(enabled=not cfg.quiet, stats=stats)
+    loop = asyncio.get_running_loop()
+    signals_seen: list[int] = []
+    expires_at = info.created_at + window
+    if info.status == "cancelling":
+        stop.stop("cancelled", "cancelled")
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        stop.stop("signal", f"stopped by {signal.Signals(signum).name}", hard=len(signals_seen) > 1)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(s, on_signal, s)
+    pass_through = cfg.base_url is not None
+    stored_cost = (b.batch().get("hfbatch") or {}).get("cost") if resume else None
+
+    def requests() -> Iterator[Request]:
+        seen = IdSet() if cfg.skip_invalid else None
+        done, rejected = ledger.done, ledger.rejected
+        with open(meta["input_file"], "rb") as f:
+            for line_no, raw in iter_lines(f):
+                r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
+                if isinstance(r, LineError):
+                    if line_no not in rejected:
+                        err.write(error_line(r.custom_id, r.code, f"line {r.line_no}: {r.message}"))
+                        stats.failed += 1
+                    continue
+                if r.custom_id in done:
+                    continue
+                stats.endpoints[r.url] += 1
+                stats.models[r.model] += 1
+                yield r
+
+    def save() -> None:
+        b.save_batch(batch_object(info, stats, window))
+
+    try:
+        async with Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg)) as transport:
+            router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
+                            estimate=_token_estimator() if cfg.tpm else None,
+                            default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
+            spend = await _cost_ledger(cfg, transport, stored_cost if resume else None)
+            stats.cost = spend
+            budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
+            limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
+                            fallback=cfg.fallback)
+            hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
+                             ledger=spend, budget=budget, stop=stop)
+            executor = Executor(
+                transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
+                limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
+                dedupe_keys=plan.duplicates or None, hooks=hooks,
+            )
+            progress.concurrency = executor.concurrency_now
+            work = asyncio.create_task(executor.run(requests()))
+            ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save))
+            guard = asyncio.create_task(_guard(stop, work, cfg.grace))
+            progress.start()
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                if not work.cancelled():
+                    raise
+            finally:
+                guard.cancel()
+                ticker.cancel()
+                progress.stop()
+                hooks.close()
+                stats.saved_usd = hooks.saved_usd
+                stats.capped = router.capped
+                stats.concurrency = executor.concurrency_now()
+        if stop.reason in ("expired", "cancelled"):
+            out.flush()
+            err.flush()
+            _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through)
+    finally:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(s)
+        out.close()
+        err.close()
+    return _conclude(cfg, b, meta, info, stats, window, stop, signals_seen, out, err)
+
+
+def _close_unanswered(cfg: RunConfig, meta: dict[str, Any], err: JsonlSink, stats: Stats, reason: str,
+                      pass_through: bool) -> None:
+    """Expiry or cancel: every valid request with no line yet gets batch_expired / batch_cancelled."""
+    code, message = (("batch_expired", EXPIRED_MESSAGE) if reason == "expired"
+                     else ("batch_cancelled", CANCELLED_MESSAGE))
+    done = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, Stats()).done
+    seen = IdSet()
+    with open(meta["input_file"], "rb") as f:
+        for line_no, raw in iter_lines(f):
+            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)
+            if isinstance(r, Request) and r.custom_id not in done:
+                err.write(error_line(r.custom_id, code, message))
+                stats.failed += 1
+
+
+def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
+              window: int, stop: StopControl, signals_seen: list[int], out: JsonlSink,
+              err: JsonlSink) -> RunResult:
+    info.unsent = max(0, stats.total - stats.completed - stats.failed)
+    error: HfbatchError | None = None
+    if stop.reason is None:
+        info.set_status("finalizing")
+        info.set_status("completed")
+        info.state = "finished"
+        if stats.failed:
+            error = SomeFailed(f"{stats.failed} of {stats.total} requests failed; see {cfg.errors_path}")
+    elif stop.reason == "expired":
+        info.set_status("expired")
+        info.state = "finished"
+        error = EndedEarly(f"the completion window ({info.completion_window}) expired; requests not "
+                           f"run are in {cfg.errors_path} as batch_expired")
+    elif stop.reason == "cancelled":
+        info.set_status("cancelled")
+        info.state = "finished"
+        error = EndedEarly(f"batch {info.id} was cancelled; requests not run are in {cfg.errors_path} "
+                           "as batch_cancelled")
+    else:
+        # Stopped early: the batch stays in_progress (resumable); our state says why.
+        info.state, info.stop_reason = "interrupted", stop.reason
+        message = (f"{stop.message}; {info.unsent} requests were not sent. Rerun the same command "
+                   f"(or `hfbatch resume {info.id}`) to send only those")
+        if stop.reason == "auth":
+            error = AuthError(message)
+        elif stop.reason == "signal":
+            error = Interrupted(signals_seen[0], message)
+        elif stop.reason == "budget":
+            error = StoppedEarly(f"{stop.message} ({info.unsent} requests not sent)")
+        else:
+            error = StoppedEarly(message)
+    return finish(b, meta, info, stats, window, error, out_lines=out.lines, err_lines=err.lines)
+
+
+def finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, window: int,
+            error: HfbatchError | None, out_lines: int = 0, err_lines: int = 0) -> RunResult:
+    out_path, err_path = meta["output_path"], meta["errors_path"]
+    if info.status != "failed":
+        info.output_file_id = out_path if (stats.completed or out_lines) else None
+        info.error_file_id = err_path if (stats.failed or err_lines) else None
+    batch = batch_object(info, stats, window)
+    b.save_batch(batch)
+    meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
+    meta["pid"] = None
+    b.save_meta(meta)
+    return RunResult(batch, error)
+
+
+async def _tick(out: JsonlSink, err: JsonlSink, progress: Progress, b: BatchDir, stop: StopControl,
+                info: BatchInfo, expires_at: int, save: Any) -> None:
+    """Every 100 ms: hand finished lines to the OS and refresh the progress bar. Every 0.5 s: look
+    for a cancel request and the completion window. Every 2 s: publish live counts."""
+    last_save = last_check = time.monotonic()
+    while True:
+        await asyncio.sleep(0.1)
+        out.flush()
+        err.flush()
+        progress.update()
+        now = time.monotonic()
+        if now - last_check >= 0.5:
+            last_check = now
+            if stop.reason is None and b.cancel_requested():
+                stop.stop("cancelled", "cancelled")
+                info.set_status("cancelling")
+                save()
+                last_save = now
+            elif stop.reason is None and time.time() >= expires_at:
+                stop.stop("expired", "the completion window expired")
+        if now - last_save >= SAVE_EVERY:
+            last_save = now
+            save()
+
+
+async def _guard(stop: StopControl, work: asyncio.Task[None], grace: float) -> None:
+    """How a stop ends in-flight requests: at once (auth, second signal), after the grace period
+    (signal, expiry), or when they finish by themselves (credits, cancel)."""
+    await stop.event.wait()
+    if stop.reason in ("credits", "cancelled"):
+        while not stop.hard:
+            await asyncio.sleep(0.05)
+        work.cancel()
+        return
+    deadline = asyncio.get_running_loop().time() + (0 if stop.reason == "auth" else grace)
+    while not stop.hard and asyncio.get_running_loop().time() < deadline and not work.done():
+        await asyncio.sleep(0.05)
+    work.cancel()
+
+
+async def _cost_ledger(cfg: RunConfig, transport: Transport, stored: dict[str, Any] | None) -> CostLedger:
+    """Prices for this run (router catalog, its cache when offline, or --prices), and the spend so far."""
+    from .pricing import default_cache_path, load_catalog, models_url
+
+    url = models_url(cfg.base_url)
+    catalog = await load_catalog(transport.get_json, url, default_cache_path(url), cfg.prices)
+    ledger = CostLedger(catalog)
+    if stored:
+        ledger.load(stored)
+    return ledger
+
+
+def _open_cache() -> Any:
+    from .cache import ResponseCache, default_path
+
+    return ResponseCache(default_path())
+
+
+def _token_estimator() -> Any:
+    """Prompt tokens (characters / 4) + the output cap: what --tpm books before a request."""
+
+    def estimate(body: dict[str, Any], url: str) -> int:
+        text = sum(len(str(v)) for k, v in body.items() if k in ("messages", "input", "prompt", "instructions"))
+        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        out = cap if isinstance(cap, int) else (0 if url == "/v1/embeddings" else 512)
+        return text // 4 + out
+
+    return estimate
+
+
+def _retry_base() -> float:
+    """Backoff base in seconds; HFBATCH_RETRY_BASE shortens it (tests, local servers)."""
+    from .config import env_float
+
+    return env_float("HFBATCH_RETRY_BASE", 0.5)
+
+
+def _extra_headers(cfg: RunConfig) -> dict[str, str]:
+    return {"X-HF-Bill-To": cfg.bill_to} if cfg.bill_to else {}
