@@ -47,6 +47,9 @@ RetryFailedOpt = Annotated[bool, typer.Option(
 WaitOpt = Annotated[bool, typer.Option(
     help="If another process is running this batch, wait for it to end instead of exiting with 5.")]
 BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfbatch list` shows.")]
+PricesOpt = Annotated[str | None, typer.Option(
+    help="Prices for custom servers: a /v1/models JSON file or {model: {provider: {input, output}}} "
+    "(USD per 1M tokens).")]
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -76,6 +79,30 @@ def submit(
     wait: WaitOpt = False,
     detach: Annotated[bool, typer.Option(
         help="Validate, register, run in the background and print the Batch object at once.")] = False,
+    rpm: Annotated[float | None, typer.Option(
+        min=1, help="Requests per minute at most, spread evenly.", envvar="HFBATCH_RPM")] = None,
+    tpm: Annotated[float | None, typer.Option(
+        min=1, help="Tokens per minute at most (prompt estimate + output cap, corrected by real usage).",
+        envvar="HFBATCH_TPM")] = None,
+    adapt: Annotated[bool, typer.Option(
+        help="Adapt concurrency per provider (AIMD: shrink on 429/503, grow on success).")] = True,
+    route: Annotated[str | None, typer.Option(
+        help="fastest | cheapest | preferred | <provider>: appended to router models without a suffix.")] = None,
+    fallback: Annotated[str | None, typer.Option(
+        help="Providers to try next, in order (p1,p2), when one fails on its side (429/5xx after retries, "
+        "model_not_supported).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Cap max_tokens / max_completion_tokens / max_output_tokens in every body.")] = None,
+    dedupe: Annotated[bool, typer.Option(
+        help="Send identical requests (same endpoint and body) once; every custom_id gets the answer.")] = True,
+    cache: Annotated[bool, typer.Option(
+        help="Answer from, and fill, the local response cache (hfbatch cache stats|clear).")] = False,
+    budget: Annotated[float | None, typer.Option(
+        min=0, help="Stop before the estimated spend could exceed this many USD (exit 5; rerun with more "
+        "to send the rest).")] = None,
+    prices: PricesOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Validate and estimate the cost (like `hfbatch estimate`); send nothing.")] = False,
     quiet: QuietOpt = False,
     token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
@@ -108,12 +135,19 @@ def submit(
             raise UsageError(f"cannot write {path}: directory {parent} does not exist")
     if detach and output == "-":
         raise UsageError("--detach cannot write to stdout; give -o a path")
+    if dry_run:
+        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=not sys.stdout.isatty(),
+                 token=token)
+        return
     cfg = RunConfig(
         input_path=input, output_path=output, errors_path=errors, base_url=base_url,
         concurrency=concurrency, timeout=timeout, max_attempts=max_attempts, skip_invalid=skip_invalid,
         endpoint=endpoint, summary_path=summary, quiet=quiet, bill_to=bill_to,
         completion_window=completion_window, grace=grace, overwrite=overwrite,
         retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),
+        rpm=rpm, tpm=tpm, adapt=adapt, route=route, max_tokens=max_tokens, dedupe=dedupe, cache=cache,
+        budget=budget, prices=prices,
+        fallback=tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else (),
     )
     _run_and_print(cfg)
 
@@ -147,7 +181,7 @@ def resume(
     from .jobs import get
 
     meta = get(batch_id).meta()
-    opts = dict(meta.get("options") or {})
+    opts = _options(meta)
     if concurrency is not None:
         opts["concurrency"] = concurrency
     cfg = RunConfig(
@@ -156,6 +190,82 @@ def resume(
         token=resolve_token(token, opts.get("base_url")), **opts,
     )
     _run_and_print(cfg)
+
+
+def _options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The options a batch was submitted with, as RunConfig fields."""
+    from dataclasses import fields
+
+    from .config import RunConfig
+
+    known = {f.name for f in fields(RunConfig)}
+    opts = {k: v for k, v in (meta.get("options") or {}).items() if k in known}
+    if isinstance(opts.get("fallback"), list):
+        opts["fallback"] = tuple(opts["fallback"])
+    return opts
+
+
+@app.command()
+def estimate(
+    input: Annotated[str, typer.Argument(help="OpenAI batch input file (JSONL).")],
+    base_url: BaseUrlOpt = None,
+    prices: PricesOpt = None,
+    endpoint: Annotated[str | None, typer.Option(help="Require every line's url to be this endpoint.")] = None,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object (the default when piped).")] = False,
+    token: TokenOpt = None,
+) -> None:
+    """Validate INPUT and estimate its tokens and cost per provider, cheapest first; sends no inference request.
+
+    Input tokens come from a tokenizer in the local Hugging Face cache when one is there, else
+    characters / 4; output tokens are bounded by each body's max_tokens (512 when absent)."""
+    from .config import resolve_token
+    from .errors import UsageError
+    from .estimate import render_table, run_estimate
+
+    if input == "-" or not os.path.isfile(input):
+        raise UsageError(f"input file not found: {input} (estimate reads a file, not stdin)")
+    try:
+        tok = resolve_token(token, base_url)
+    except UsageError:
+        tok = None  # the price list is public: estimate without a token
+    est = run_estimate(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint)
+    if json or not sys.stdout.isatty():
+        sys.stdout.buffer.write(orjson.dumps(est) + b"\n")
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_table(est))
+    for note in est.get("notes") or []:
+        console.print(f"note: {note}", style="dim")
+
+
+cache_app = typer.Typer(help="The local response cache (submit --cache).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats() -> None:
+    """Entries, size, hits and tokens saved, per model (JSON)."""
+    from .cache import ResponseCache, default_path
+
+    with ResponseCache(default_path()) as c:
+        sys.stdout.buffer.write(orjson.dumps(c.stats()) + b"\n")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    model: Annotated[str | None, typer.Option(help="Only this model's entries.")] = None,
+    older_than: Annotated[str | None, typer.Option(help="Only entries older than this (30m, 2h, 7d).")] = None,
+) -> None:
+    """Delete cached answers (all, or by model and age)."""
+    from .cache import ResponseCache, default_path
+    from .config import parse_window
+
+    age = parse_window(older_than) if older_than else None
+    with ResponseCache(default_path()) as c:
+        n = c.clear(older_than=age, model=model)
+    sys.stdout.buffer.write(orjson.dumps({"deleted": n}) + b"\n")
 
 
 @app.command("list")
@@ -207,8 +317,7 @@ def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False) -> None:
     # No process runs it: close it out here (sends nothing, writes the batch_cancelled lines).
     meta = get(batch_id).meta()
     cfg = RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
-                    errors_path=meta["errors_path"], quiet=True, batch_id=batch_id,
-                    **(meta.get("options") or {}))
+                    errors_path=meta["errors_path"], quiet=True, batch_id=batch_id, **_options(meta))
     from .errors import EndedEarly
     from .run import submit as run_submit
 

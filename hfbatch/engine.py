@@ -41,7 +41,8 @@ class RunResult:
 
 
 async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
-                   ledger: Ledger, window: int, resume: bool, plan: InputPlan) -> RunResult:
+                  ledger: Ledger, window: int, resume: bool, plan: InputPlan,
+                  stored_cost: dict[str, Any] | None) -> RunResult:
     if cfg.output_path == "-":
         out = JsonlSink(None, sys.stdout.buffer)
     else:
@@ -62,7 +63,6 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
     for s in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(s, on_signal, s)
     pass_through = cfg.base_url is not None
-    stored_cost = (b.batch().get("hfbatch") or {}).get("cost") if resume else None
 
     def requests() -> Iterator[Request]:
         seen = IdSet() if cfg.skip_invalid else None
@@ -89,7 +89,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
             router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
                             estimate=_token_estimator() if cfg.tpm else None,
                             default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
-            spend = await _cost_ledger(cfg, transport, stored_cost if resume else None)
+            spend = await _cost_ledger(cfg, transport, stored_cost)
             stats.cost = spend
             budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
             limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
@@ -256,13 +256,12 @@ def _open_cache() -> Any:
 
 
 def _token_estimator() -> Any:
-    """Prompt tokens (characters / 4) + the output cap: what --tpm books before a request."""
+    """What --tpm books before a request: the prompt estimate plus the output cap (estimate.py's rules)."""
+    from .estimate import estimate_tokens
 
     def estimate(body: dict[str, Any], url: str) -> int:
-        text = sum(len(str(v)) for k, v in body.items() if k in ("messages", "input", "prompt", "instructions"))
-        cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-        out = cap if isinstance(cap, int) else (0 if url == "/v1/embeddings" else 512)
-        return text // 4 + out
+        inp, out = estimate_tokens(body, url)
+        return inp + out
 
     return estimate
 

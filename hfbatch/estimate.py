@@ -284,3 +284,19 @@ def render_table(est: dict[str, Any]) -> Table:
             table.add_row(model, "-", f"{m['requests']:,}", f"{m['input_tokens']:,}", f"{m['max_output_tokens']:,}",
                           "?", "?", "unknown")
     return table
+
+
+def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: str | None,
+                 endpoint: str | None = None) -> dict[str, Any]:
+    """`hfbatch estimate`: fetch the price catalog (one GET, no inference) and estimate the file."""
+    import asyncio
+
+    from .pricing import default_cache_path, load_catalog, models_url
+    from .transport import Transport
+
+    async def catalog() -> Catalog:
+        async with Transport(1, 30.0, token) as t:
+            url = models_url(base_url)
+            return await load_catalog(t.get_json, url, default_cache_path(url), prices)
+
+    return estimate_file(path, asyncio.run(catalog()), pass_through=base_url is not None, endpoint=endpoint)

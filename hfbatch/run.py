@@ -188,7 +188,8 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     if b.cancel_requested():
         info.set_status("cancelling")
     b.save_batch(batch_object(info, stats, window))
-    return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan)
+    stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
+    return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, stored_cost)
 
 
 def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:
