@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from hfbatch.cli import app
 
-COMMANDS = ["", "submit", "resume", "list", "status", "cancel", "wait", "results"]
+COMMANDS = ["", "submit", "resume", "estimate", "list", "status", "cancel", "wait", "results", "cache stats", "cache clear"]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
@@ -17,7 +17,7 @@ def render() -> str:
     runner = CliRunner()
     parts = ["# hfbatch command reference", "", "Generated from `--help` by `make docs`; do not edit.", ""]
     for cmd in COMMANDS:
-        args = ([cmd] if cmd else []) + ["--help"]
+        args = cmd.split() + ["--help"]
         result = runner.invoke(app, args, prog_name="hfbatch", terminal_width=100, env={"COLUMNS": "100"})
         if result.exit_code != 0:
             raise SystemExit(f"`hfbatch {' '.join(args)}` failed: {result.output}")
