@@ -97,6 +97,9 @@ def submit(
         help="Send identical requests (same endpoint and body) once; every custom_id gets the answer.")] = True,
     cache: Annotated[bool, typer.Option(
         help="Answer from, and fill, the local response cache (hfbatch cache stats|clear).")] = False,
+    coalesce: Annotated[int | None, typer.Option(
+        min=2, max=2048, help="Pack up to N single-input /v1/embeddings requests (same model and parameters) "
+        "into one request; each line still gets its own answer.")] = None,
     budget: Annotated[float | None, typer.Option(
         min=0, help="Stop before the estimated spend could exceed this many USD (exit 5; rerun with more "
         "to send the rest).")] = None,
@@ -146,6 +149,7 @@ def submit(
         completion_window=completion_window, grace=grace, overwrite=overwrite,
         retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),
         rpm=rpm, tpm=tpm, adapt=adapt, route=route, max_tokens=max_tokens, dedupe=dedupe, cache=cache,
+        coalesce=coalesce,
         budget=budget, prices=prices,
         fallback=tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else (),
     )

@@ -93,7 +93,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
             stats.cost = spend
             budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
             limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
-                            fallback=cfg.fallback)
+                            fallback=cfg.fallback, coalesce=cfg.coalesce)
             hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
                              ledger=spend, budget=budget, stop=stop)
             executor = Executor(

@@ -22,17 +22,13 @@ import orjson
 
 from .limits import AIMD, Gate, RateBucket
 from .models import Outcome, Request
+from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
 from .providers import Route, Router, Unroutable, split_model
 from .retry import Retry, RetryPolicy
 from .summary import Stats, usage_tokens
 from .transport import Transport
 from .writer import JsonlSink, error_line, success_line
 
-_HTTP_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
-    403: "permission_error", 404: "not_found_error", 408: "timeout", 409: "conflict_error",
-    413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-}
 THROTTLE_STATUSES = frozenset({429, 503})
 
 
@@ -71,6 +67,7 @@ class Limits:
     tpm: float | None = None
     adapt: bool = True
     fallback: tuple[str, ...] = ()
+    coalesce: int | None = None  # pack up to N single-input embeddings requests into one
 
 
 class _Provider:
@@ -100,6 +97,19 @@ class _Group:
         self.remaining = copies
 
 
+_SOLO = ("solo",)  # a pack member told to go on alone
+
+
+class _Pack:
+    """Single-input embeddings requests waiting to be sent as one (--coalesce)."""
+
+    __slots__ = ("members", "timer")
+
+    def __init__(self) -> None:
+        self.members: list[tuple[Request, asyncio.Future[Result | None]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Executor:
     def __init__(
         self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
@@ -117,6 +127,8 @@ class Executor:
         self.dedupe_keys = dedupe_keys
         self.groups: dict[bytes, _Group] = {}
         self.hooks = hooks  # cost ledger / budget / cache (optional)
+        self.packs: dict[Any, _Pack] = {}
+        self.pack_wait = 0.05  # seconds a partial pack waits for more members
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -212,6 +224,13 @@ class Executor:
                 result = cached
                 self._write(req.custom_id, result, copy=True, cache=True, req=req)
                 return
+            if self.limits.coalesce and req.url == "/v1/embeddings":
+                packed = await self._coalesced(req)
+                if packed is not _SOLO:
+                    result = packed
+                    if result is not None:
+                        self._write(req.custom_id, result)
+                    return
             outcome = await self._send(req, route)
             if outcome is None:
                 return  # stopped: no line
@@ -223,6 +242,83 @@ class Executor:
                 group.done.set()
                 if result is None:
                     self.groups.pop(key, None)  # stopped before an answer: copies stay unsent too
+
+    # -- coalescing (--coalesce N) --------------------------------------------------------------
+
+    async def _coalesced(self, req: Request) -> Result | None:
+        """Join a pack of identical-parameter embeddings requests; returns this member's result, None
+        (stopped: no line), or _SOLO (send it alone)."""
+        from .coalesce import coalesce_key
+
+        key = coalesce_key(req.body)
+        if key is None:
+            return _SOLO
+        fut: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
+        pack = self.packs.get(key)
+        if pack is None:
+            pack = self.packs[key] = _Pack()
+            pack.timer = asyncio.get_running_loop().call_later(self.pack_wait, self._flush_pack, key)
+        pack.members.append((req, fut))
+        if len(pack.members) >= (self.limits.coalesce or 1):
+            self._flush_pack(key)
+        return await fut
+
+    def _flush_pack(self, key: Any) -> None:
+        pack = self.packs.pop(key, None)
+        if pack is None:
+            return
+        if pack.timer is not None:
+            pack.timer.cancel()
+        if len(pack.members) == 1:
+            pack.members[0][1].set_result(_SOLO)
+            return
+        task = asyncio.ensure_future(self._send_pack(pack.members))
+        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+
+    async def _send_pack(self, members: list[tuple[Request, asyncio.Future[Result | None]]]) -> None:
+        from .coalesce import input_weight, pack, split
+
+        reqs = [r for r, _ in members]
+        results: list[Any] = [_SOLO] * len(members)
+        try:
+            lead = reqs[0]
+            body = pack([r.body for r in reqs])
+            route = await self.router.route(replace(lead, body=body))
+            if isinstance(route, Unroutable):
+                results = [("error", route.code, route.message)] * len(reqs)
+                return
+            outcome = await self._send(lead, route)
+            if outcome is None:
+                results = [None] * len(reqs)
+                return
+            status = outcome.status
+            if status is not None and 200 <= status < 300 and outcome.parsed is not None:
+                answer = route.adapt(outcome.parsed, lead) if route.adapt is not None else outcome.parsed
+                try:
+                    parts = split(answer, len(reqs), weights=[input_weight(r.body) for r in reqs])
+                except ValueError:
+                    return  # an answer we cannot split: every member goes alone
+                self.stats.latency.add(outcome.latency)
+                request_id = outcome.request_id or "req_" + os.urandom(12).hex()
+                results = []
+                for r, part in zip(reqs, parts, strict=True):
+                    tokens = usage_tokens(part)
+                    results.append(("ok", status, request_id, part, tokens))
+                    self.stats.add_usage(part)
+                    self.stats.providers[outcome.provider or "unknown"] += 1
+                    if self.hooks is not None:
+                        self.hooks.answered(r, route, outcome, part)
+                self.stats.coalesced += len(reqs) - 1
+                return
+            if status is not None and 400 <= status < 500 and status != 429:
+                return  # one bad input fails a pack: let each member get its own answer
+            self.stats.latency.add(outcome.latency)
+            result = self._result_of(lead, route, outcome)
+            results = [result] * len(reqs)
+        finally:
+            for (_, fut), res in zip(members, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
 
     def _provider_key(self, model: str) -> str:
         base, pinned = split_model(model)
@@ -282,9 +378,9 @@ class Executor:
             status = outcome.status
             self._adapt(provider, model, outcome, started)
             if self.tpm is not None and status is not None and 200 <= status < 300:
-                self.tpm.refund(booked - _tokens_used(outcome.parsed, booked))
+                self.tpm.refund(booked - tokens_used(outcome.parsed, booked))
             if status in (401, 403):
-                stop.stop("auth", _auth_message(status, outcome), hard=True)
+                stop.stop("auth", auth_message(status, outcome), hard=True)
                 return None
             if status == 402:
                 stop.stop("credits", "credits exhausted (HTTP 402): top up your Hugging Face "
@@ -297,7 +393,7 @@ class Executor:
                 if await stop.sleep(decision.delay):
                     return None
                 continue
-            if chain and _provider_side_failure(outcome):
+            if chain and provider_side_failure(outcome):
                 nxt = chain.pop(0)
                 model = split_model(model)[0] + ":" + nxt
                 nxt_route = await self.router.route(replace(req, body={**req.body, "model": model}, model=model))
@@ -329,8 +425,14 @@ class Executor:
     # -- results -------------------------------------------------------------------------------
 
     def _record(self, req: Request, route: Route, o: Outcome) -> Result:
+        self.stats.latency.add(o.latency)
+        result = self._result_of(req, route, o)
+        self._write(req.custom_id, result)
+        return result
+
+    def _result_of(self, req: Request, route: Route, o: Outcome) -> Result:
+        """The line an outcome becomes (and, for a 2xx, its usage, provider and cost recorded)."""
         stats = self.stats
-        stats.latency.add(o.latency)
         status = o.status
         request_id = o.request_id or "req_" + os.urandom(12).hex()
         result: Result
@@ -356,7 +458,6 @@ class Executor:
                       f"the provider answered HTTP {status} with a body that is not JSON: {snippet!r}")
         else:
             result = ("http", {"status_code": status, "request_id": request_id, "body": error_body(status, o)})
-        self._write(req.custom_id, result)
         return result
 
     def _write(self, custom_id: str, result: Result, copy: bool = False, cache: bool = False,
@@ -385,58 +486,3 @@ class Executor:
     def concurrency_now(self) -> dict[str, int]:
         """The live limit per provider (what AIMD allows right now)."""
         return {k: p.gate.limit for k, p in self.providers.items()}
-
-
-def _tokens_used(parsed: Any, default: int) -> int:
-    if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
-        u = parsed["usage"]
-        total = u.get("total_tokens")
-        if isinstance(total, int):
-            return total
-    return default
-
-
-def _provider_side_failure(o: Outcome) -> bool:
-    """Worth another provider: throttled or broken after retries, or the model is not served there."""
-    if o.status is None or o.status == 429 or o.status >= 500:
-        return True
-    if o.status in (400, 404) and isinstance(o.parsed, dict):
-        e = o.parsed.get("error")
-        return isinstance(e, dict) and e.get("code") in ("model_not_supported", "model_not_found")
-    return False
-
-
-def error_body(status: int, o: Outcome) -> Any:
-    """The provider's error answer in OpenAI's envelope {"error": {message, type, param, code}}.
-
-    OpenAI-shaped answers pass through unchanged; Hugging Face's `{"error": "text"}`, `{"detail":
-    ...}`, `{"message": ...}`, plain text and HTML are wrapped so OpenAI code can read them."""
-    p = o.parsed
-    kind = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    if isinstance(p, dict) and isinstance(p.get("error"), dict) and "message" in p["error"]:
-        e = p["error"]
-        if all(k in e for k in ("type", "param", "code")):
-            return p  # already OpenAI's envelope: unchanged
-        return {**p, "error": {"type": kind, "param": None, "code": None, **e}}
-    if isinstance(p, dict):
-        raw = p.get("error") or p.get("detail") or p.get("message") or p
-        message = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
-    elif p is not None:
-        message = orjson.dumps(p).decode()
-    else:
-        message = o.body[:1000].decode("utf-8", "replace").strip() or f"HTTP {status}"
-    code = p.get("error_type") if isinstance(p, dict) else None
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-def _auth_message(status: int | None, o: Outcome) -> str:
-    detail = ""
-    if isinstance(o.parsed, dict):
-        e = o.parsed.get("error")
-        detail = (e.get("message") if isinstance(e, dict) else e) or ""
-    detail = f" ({str(detail)[:160]})" if detail else ""
-    if status == 401:
-        return (f"the provider rejected the token (HTTP 401){detail}: check HF_TOKEN / --token; it needs "
-                "the 'Make calls to Inference Providers' permission")
-    return (f"access denied (HTTP 403){detail}: the token may lack access to this model (gated? accept its "
-            "terms on the Hub) or to the org in --bill-to")

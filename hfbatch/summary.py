@@ -56,6 +56,7 @@ class Stats:
     deduped: int = 0  # lines answered by an identical request of this batch
     cache_hits: int = 0  # lines answered from the --cache
     fallbacks: int = 0  # requests re-sent to the next --fallback provider
+    coalesced: int = 0  # requests saved by packing embeddings inputs (--coalesce)
     saved_input_tokens: int = 0
     saved_output_tokens: int = 0
     capped: int = 0  # bodies whose output cap --max-tokens lowered or set
@@ -198,6 +199,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
             "fallbacks": stats.fallbacks,
             "savings": {
                 "deduped_requests": stats.deduped,
+                "coalesced_requests": stats.coalesced,
                 "cache_hits": stats.cache_hits,
                 "saved_input_tokens": stats.saved_input_tokens,
                 "saved_output_tokens": stats.saved_output_tokens,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from conftest import LINE_ID_RE, check_error_envelope, check_error_line, check_output_line
 
-from hfbatch.executor import error_body
+from hfbatch.outcomes import error_body
 from hfbatch.models import Outcome
 from hfbatch.writer import JsonlSink, error_line, new_line_id, success_line
 
