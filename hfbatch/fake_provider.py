@@ -196,6 +196,17 @@ def _feature_extraction(body: dict[str, Any], model: str, n: int) -> Payload:
     return 200, [_vector(t) for t in texts]
 
 
+def _hf_task(body: dict[str, Any], model: str, n: int) -> Payload:
+    """hf-inference's task route: text-classification for models named *classif*, else summarization."""
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        return 400, {"error": "'inputs' must be a non-empty string"}
+    if "classif" in model:
+        pos = (len(inputs) % 10) / 10
+        return 200, [[{"label": "POSITIVE", "score": pos}, {"label": "NEGATIVE", "score": round(1 - pos, 6)}]]
+    return 200, [{"summary_text": inputs[:32]}]
+
+
 class FakeProvider:
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.config = config if config is not None else FakeConfig()
@@ -227,7 +238,7 @@ class FakeProvider:
         for path, builder in (("/v1/chat/completions", _chat), ("/v1/responses", _responses),
                               ("/v1/embeddings", _embeddings), ("/v1/completions", _completions),
                               ("/hf-inference/models/{org}/{name}/pipeline/feature-extraction",
-                               _feature_extraction)):
+                               _feature_extraction), ("/hf-inference/models/{org}/{name}", _hf_task)):
             add("POST", path, self._route(builder, hf=path.startswith("/hf-")))
         add("GET", "/v1/models", self._models)
         for path in ("{name}", "{org}/{name}", "{org}/{name}/revision/{rev}"):
@@ -396,6 +407,9 @@ class FakeProvider:
             return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         chat = "chat" in name
         tag, task = ("text-generation", "conversational") if chat else ("feature-extraction",) * 2
+        if "classif" in name or "summar" in name:
+            tag = task = "text-classification" if "classif" in name else "summarization"
+            chat = True  # a single pipeline tag
         return self._json(200, {
             "_id": hashlib.sha1(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
             "pipeline_tag": tag, "tags": [tag] if chat else [tag, "sentence-similarity"], "private": False,

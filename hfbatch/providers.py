@@ -23,6 +23,9 @@ DEFAULT_ROUTER = "https://router.huggingface.co"
 _HF_ROUTER_HOST = "https://router.huggingface.co"
 ROUTER_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/responses"})
 POLICY_SUFFIXES = frozenset({"fastest", "cheapest", "preferred"})
+# Handed to huggingface_hub's helpers instead of the token: they only use it to pick the router URL;
+# the real token is sent by the transport and never given to another library.
+_PLACEHOLDER_KEY = "hf_hfbatch_placeholder"
 
 
 def router_root() -> str:
@@ -81,9 +84,12 @@ class Router:
         self.estimate = estimate
         self.capped = 0  # bodies whose output cap --max-tokens lowered or set
         self._emb: dict[str, _EmbeddingTarget | Unroutable] = {}
+        self._helpers: dict[str, Any] = {}
         self._emb_locks: dict[str, asyncio.Lock] = {}
 
     async def route(self, req: Request) -> Route | Unroutable:
+        if req.url.startswith("/hf/"):
+            return await self._hf_task(req)
         body = self._rewrite(req)
         est = self.estimate(body, req.url) if self.estimate is not None else 0
         if self.base_url is not None:
@@ -111,6 +117,59 @@ class Router:
             "/v1/responses and, through provider routes, /v1/embeddings); run this line with "
             "--base-url pointing at an OpenAI-compatible server that has it",
         )
+
+    async def _hf_task(self, req: Request) -> Route | Unroutable:
+        """`/hf/<task>` lines (our extension): {"model", "inputs", "parameters"} sent as the task's native
+        request, through the provider helper's route (router) or to the server's root (--base-url, e.g.
+        an Inference Endpoint). The answer is written unchanged."""
+        task = req.url[4:]
+        body = {k: v for k, v in req.body.items() if k != "model"}
+        if self.base_url is not None:
+            root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+            return Route(root, orjson.dumps(body), model=req.model, body=body)
+        helper = await self._helper(task, req.model)
+        if isinstance(helper, Unroutable):
+            return helper
+        base = split_model(req.model)[0]
+        try:
+            params = helper.prepare_request(  # its Hub lookups are cached by now: no network here
+                inputs=body.get("inputs"), parameters=body.get("parameters") or {}, headers={}, model=base,
+                api_key=_PLACEHOLDER_KEY,
+            )
+        except Exception as e:  # noqa: BLE001 - the helper's refusal is this line's error
+            return Unroutable("invalid_request", f"{task} request for {req.model!r}: {_first_line(e)}")
+        data = orjson.dumps(params.json) if params.json is not None else bytes(params.data or b"")
+        return Route(self._to_root(params.url), data, model=req.model, body=body)
+
+    async def _helper(self, task: str, model: str) -> Any:
+        """huggingface_hub's provider helper for (task, model), its Hub lookups done once in a thread."""
+        key = f"{task}\x00{model}"
+        hit = self._helpers.get(key)
+        if hit is not None:
+            return hit
+        lock = self._emb_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            hit = self._helpers.get(key)
+            if hit is None:
+                hit = await asyncio.to_thread(self._resolve_helper, task, model)
+                self._helpers[key] = hit
+        return hit
+
+    def _resolve_helper(self, task: str, model: str) -> Any:
+        base, provider = split_model(model)
+        try:
+            from huggingface_hub.inference._providers import get_provider_helper
+
+            helper = get_provider_helper(provider or "auto", task, base)  # type: ignore[arg-type]
+            helper.prepare_request(inputs="warm-up", parameters={}, headers={}, model=base,
+                                   api_key=_PLACEHOLDER_KEY)  # runs (and caches) the Hub lookups
+        except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
+            return Unroutable("model_not_found", f"no {task} route for model {model!r}: {_first_line(e)}; "
+                              "check the model id, its task and providers, or use --base-url")
+        return helper
+
+    def _to_root(self, url: str) -> str:
+        return self.root + url[len(_HF_ROUTER_HOST):] if url.startswith(_HF_ROUTER_HOST) else url
 
     def _rewrite(self, req: Request) -> dict[str, Any]:
         """Apply --route and --max-tokens (copying the body only when something changes)."""
@@ -152,15 +211,13 @@ class Router:
 
             helper = get_provider_helper(provider or "auto", "feature-extraction", base)  # type: ignore[arg-type]
             sentinel = "\x00hfbatch-input\x00"
-            # A placeholder key: the helper only uses it to pick the router URL; our real token
-            # is sent by the transport, and never handed to another library.
             params = helper.prepare_request(
-                inputs=sentinel, parameters={}, headers={}, model=base, api_key="hf_hfbatch_placeholder"
+                inputs=sentinel, parameters={}, headers={}, model=base, api_key=_PLACEHOLDER_KEY
             )
         except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
             return Unroutable(
                 "model_not_found",
-                f"no embeddings route for model {model!r}: {str(e).splitlines()[0][:200] if str(e) else e!r}; "
+                f"no embeddings route for model {model!r}: {_first_line(e)}; "
                 "check the model id and its providers, or use --base-url with a server that serves it",
             )
         payload = dict(params.json) if isinstance(params.json, dict) else {}
@@ -168,10 +225,7 @@ class Router:
         if key is None:
             return Unroutable("unsupported_endpoint", f"cannot build an embeddings request for {model!r}")
         del payload[key]
-        url = params.url
-        if url.startswith(_HF_ROUTER_HOST):
-            url = self.root + url[len(_HF_ROUTER_HOST):]
-        return _EmbeddingTarget(url, payload, key, openai_shaped=(key == "input"))
+        return _EmbeddingTarget(self._to_root(params.url), payload, key, openai_shaped=(key == "input"))
 
 
 def hf_features_to_openai(parsed: Any, req: Request) -> Any:
@@ -190,3 +244,8 @@ def hf_features_to_openai(parsed: Any, req: Request) -> Any:
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
     }
 
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0][:200] if text else repr(e)

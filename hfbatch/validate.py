@@ -27,6 +27,8 @@ OPENAI_ENDPOINTS = frozenset(
 )
 # With --base-url any relative path is passed through (vLLM's /v1/score, /rerank, ...).
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+# Our extension: Hugging Face tasks beyond OpenAI's endpoints, e.g. /hf/text-classification.
+HF_TASK_RE = re.compile(r"^/hf/[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 class IdSet:
@@ -157,11 +159,11 @@ def validate_line(
                 line_no, cid, "invalid_request",
                 f"url {_show(url)} is not a relative path such as /v1/chat/completions", "url",
             )
-    elif url not in OPENAI_ENDPOINTS:
+    elif url not in OPENAI_ENDPOINTS and not HF_TASK_RE.match(url):
         return LineError(
             line_no, cid, "invalid_request",
-            f"url {_show(url)} is not a batch endpoint; use one of {', '.join(sorted(OPENAI_ENDPOINTS))}"
-            " (or --base-url to pass other paths to your own server)",
+            f"url {_show(url)} is not a batch endpoint; use one of {', '.join(sorted(OPENAI_ENDPOINTS))},"
+            " /hf/<task> for a Hugging Face task (or --base-url to pass other paths to your own server)",
             "url",
         )
     if endpoint is not None and url != endpoint:
