@@ -106,6 +106,8 @@ def submit(
     prices: PricesOpt = None,
     dry_run: Annotated[bool, typer.Option(
         help="Validate and estimate the cost (like `hfbatch estimate`); send nothing.")] = False,
+    metadata: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE stored in the Batch object's metadata (repeatable; up to 16, as OpenAI).")] = None,
     quiet: QuietOpt = False,
     token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
@@ -149,7 +151,7 @@ def submit(
         completion_window=completion_window, grace=grace, overwrite=overwrite,
         retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),
         rpm=rpm, tpm=tpm, adapt=adapt, route=route, max_tokens=max_tokens, dedupe=dedupe, cache=cache,
-        coalesce=coalesce,
+        coalesce=coalesce, metadata=_metadata(metadata),
         budget=budget, prices=prices,
         fallback=tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else (),
     )
@@ -194,6 +196,23 @@ def resume(
         token=resolve_token(token, opts.get("base_url")), **opts,
     )
     _run_and_print(cfg)
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
+    """--metadata KEY=VALUE ... -> OpenAI's metadata map (16 keys, key <= 64 chars, value <= 512)."""
+    from .errors import UsageError
+
+    if not pairs:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or len(key) > 64 or len(value) > 512:
+            raise UsageError(f"--metadata {pair!r}: use KEY=VALUE (key up to 64 characters, value up to 512)")
+        out[key] = value
+    if len(out) > 16:
+        raise UsageError("--metadata: at most 16 keys, as OpenAI allows")
+    return out
 
 
 def _options(meta: dict[str, Any]) -> dict[str, Any]:

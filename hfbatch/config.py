@@ -47,6 +47,8 @@ class RunConfig:
     budget: float | None = None
     prices: str | None = None
     dry_run: bool = False
+    handle_signals: bool = True  # False inside `hfbatch serve`, whose process owns SIGINT/SIGTERM
+    metadata: dict[str, str] | None = None  # OpenAI's batch metadata (hfbatch serve)
     token: str | None = field(default=None, repr=False)
 
     def options(self) -> dict[str, object]:

@@ -60,7 +60,8 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
         signals_seen.append(signum)
         stop.stop("signal", f"stopped by {signal.Signals(signum).name}", hard=len(signals_seen) > 1)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM) if cfg.handle_signals else ()
+    for s in signals:
         loop.add_signal_handler(s, on_signal, s)
     pass_through = cfg.base_url is not None
 
@@ -124,7 +125,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
             err.flush()
             _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through)
     finally:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in signals:
             loop.remove_signal_handler(s)
         out.close()
         err.close()

@@ -164,7 +164,7 @@ class Router:
             helper.prepare_request(inputs="warm-up", parameters={}, headers={}, model=base,
                                    api_key=_PLACEHOLDER_KEY)  # runs (and caches) the Hub lookups
         except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
-            return Unroutable("model_not_found", f"no {task} route for model {model!r}: {_first_line(e)}; "
+            return Unroutable(_lookup_code(e), f"no {task} route for model {model!r}: {_first_line(e)}; "
                               "check the model id, its task and providers, or use --base-url")
         return helper
 
@@ -216,7 +216,7 @@ class Router:
             )
         except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
             return Unroutable(
-                "model_not_found",
+                _lookup_code(e),
                 f"no embeddings route for model {model!r}: {_first_line(e)}; "
                 "check the model id and its providers, or use --base-url with a server that serves it",
             )
@@ -249,3 +249,11 @@ def hf_features_to_openai(parsed: Any, req: Request) -> Any:
 def _first_line(e: BaseException) -> str:
     text = str(e)
     return text.splitlines()[0][:200] if text else repr(e)
+
+
+def _lookup_code(e: BaseException) -> str:
+    """A Hub lookup that failed for the network is retryable (--retry-failed); anything else is the model's."""
+    name = type(e).__name__
+    if isinstance(e, OSError | TimeoutError) or "Connect" in name or "Timeout" in name or "Network" in name:
+        return "connection_error"
+    return "model_not_found"

@@ -26,10 +26,11 @@ from .summary import BatchInfo, Stats, batch_object
 
 def submit(cfg: RunConfig) -> RunResult:
     """Run (or resume, or replay) one batch and return its Batch object."""
-    return asyncio.run(_submit(cfg))
+    return asyncio.run(submit_async(cfg))
 
 
-async def _submit(cfg: RunConfig) -> RunResult:
+async def submit_async(cfg: RunConfig) -> RunResult:
+    """The same as submit(), inside a running event loop (hfbatch serve)."""
     window = parse_window(cfg.completion_window)
     reg = Registry()
     input_file, digest = _materialize_input(cfg.input_path, reg)
@@ -45,7 +46,8 @@ async def _submit(cfg: RunConfig) -> RunResult:
             fd = found.lock()
         else:
             _refuse_foreign_outputs(cfg, reg)
-            info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window)
+            info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window,
+                             metadata=cfg.metadata)
             b = reg.create(info.id)
             if cfg.input_path == "-":
                 shutil.move(input_file, b.path / "input.jsonl")
