@@ -49,6 +49,7 @@ class RunConfig:
     dry_run: bool = False
     handle_signals: bool = True  # False inside `hfbatch serve`, whose process owns SIGINT/SIGTERM
     metadata: dict[str, str] | None = None  # OpenAI's batch metadata (hfbatch serve)
+    new_batch_id: str | None = None  # the id a new batch gets (hfbatch serve answers with it at once)
     token: str | None = field(default=None, repr=False)
 
     def options(self) -> dict[str, object]:

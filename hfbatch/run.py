@@ -48,6 +48,8 @@ async def submit_async(cfg: RunConfig) -> RunResult:
             _refuse_foreign_outputs(cfg, reg)
             info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window,
                              metadata=cfg.metadata)
+            if cfg.new_batch_id:
+                info.id = cfg.new_batch_id
             b = reg.create(info.id)
             if cfg.input_path == "-":
                 shutil.move(input_file, b.path / "input.jsonl")
