@@ -7,7 +7,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .config import RunConfig
@@ -16,7 +15,7 @@ from .errors import AuthError, EndedEarly, ExitCode, HfbatchError, Interrupted, 
 from .estimate import DEFAULT_MAX_OUTPUT
 from .executor import Executor, Limits, StopControl
 from .ledger import Ledger, scan
-from .models import LineError, Request
+from .models import LineError, Request, RunResult
 from .plan import InputPlan, RunHooks
 from .providers import Router
 from .reader import iter_lines
@@ -31,13 +30,6 @@ from .writer import JsonlSink, error_line
 SAVE_EVERY = 2.0  # seconds between live batch.json updates
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
-
-
-@dataclass
-class RunResult:
-    batch: dict[str, Any]
-    error: HfbatchError | None  # raised by the CLI after the summary is printed
-    replayed: bool = False
 
 
 async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import HfbatchError
 
 
 @dataclass(slots=True)
@@ -45,3 +48,10 @@ class Outcome:
     latency: float = 0.0
     error_code: str | None = None
     error_message: str | None = None
+
+
+@dataclass
+class RunResult:
+    batch: dict[str, Any]
+    error: HfbatchError | None  # raised by the CLI after the summary is printed
+    replayed: bool = False

@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 from .config import RunConfig, parse_window
-from .engine import RunResult, execute, finish
 from .errors import AlreadyRunning, InputError, UsageError, error_for_code
 from .ledger import Ledger, scan
+from .models import RunResult
 from .plan import scan_input
 from .state import TERMINAL_STATUSES, BatchDir, Registry, unlock
 from .summary import BatchInfo, Stats, batch_object
@@ -65,7 +65,7 @@ async def submit_async(cfg: RunConfig) -> RunResult:
             # nothing half-registered.
             b.save_batch(batch_object(info, Stats(), window))
             b.save_meta(meta)
-            fd = b.lock()
+            fd = b.lock(wait=True)  # new: only an instant's probe (list/status) can hold it
     finally:
         unlock(registry_fd)
     if found is not None:
@@ -176,6 +176,8 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
             info.set_status("failed")
             info.state = "failed"
             stats.total = plan.total
+            from .engine import finish
+
             return finish(b, meta, info, stats, window, InputError(_invalid_message(cfg, info)))
         meta["total"] = plan.total
         b.save_meta(meta)
@@ -193,6 +195,8 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
         info.set_status("cancelling")
     b.save_batch(batch_object(info, stats, window))
     stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
+    from .engine import execute  # aiohttp and friends: only when something will be sent
+
     return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, stored_cost)
 
 

@@ -103,19 +103,28 @@ class BatchDir:
     def save_meta(self, meta: dict[str, Any]) -> None:
         write_json(self.meta_file, meta)
 
-    def lock(self, wait: bool = False) -> int | None:
-        """Take the run lock; returns its fd, or None if another process holds it (wait=False)."""
+    def lock(self, wait: bool = False, tries: int = 5) -> int | None:
+        """Take the run lock; returns its fd, or None if another process holds it (wait=False).
+
+        `running()` probes by taking the lock for an instant, so a busy lock is tried a few times
+        over ~50 ms before it counts as held by a run."""
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        if wait:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        for attempt in range(tries):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if attempt + 1 < tries:
+                    time.sleep(0.01)
+        os.close(fd)
+        return None
 
     def running(self) -> bool:
         """Is a process running this batch right now? (Asks the lock, not a pid file.)"""
-        fd = self.lock()
+        fd = self.lock(tries=1)
         if fd is None:
             return True
         os.close(fd)
