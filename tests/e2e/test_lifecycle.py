@@ -329,7 +329,7 @@ def test_list_is_newest_first(tmp_path: Path, make_fake, cli: Cli) -> None:
 
 def test_kill9_then_rerun_resends_at_most_the_in_flight(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.2)
-    n, c = 40, 4
+    n, c = 28, 4
     all_ids = chat_file(tmp_path / "in.jsonl", n)
     proc = cli.start("submit", "in.jsonl", "-q", "-c", str(c))
     poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 8, "8 output lines", proc=proc)
@@ -361,7 +361,7 @@ def test_kill9_then_rerun_resends_at_most_the_in_flight(tmp_path: Path, make_fak
 
 def test_sigint_then_rerun_finishes_once_and_repairs_a_torn_line(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.1)
-    n = 60
+    n = 40
     all_ids = chat_file(tmp_path / "in.jsonl", n)
     proc = cli.start("submit", "in.jsonl", "-q", "-c", "4")
     poll(lambda: fake.stats()["ok"] >= 8, "8 answers", proc=proc)
@@ -402,7 +402,7 @@ def test_sigint_then_rerun_finishes_once_and_repairs_a_torn_line(tmp_path: Path,
 
 
 def test_sigterm_then_hfbatch_resume(tmp_path: Path, make_fake, cli: Cli) -> None:
-    fake = make_fake(latency=0.2)
+    fake = make_fake(latency=0.1)
     n = 20
     all_ids = chat_file(tmp_path / "in.jsonl", n)
     proc = cli.start("submit", "in.jsonl", "-q", "-c", "2")
@@ -514,7 +514,7 @@ def test_foreign_output_files_are_refused_unless_overwrite(tmp_path: Path, make_
 def test_second_submit_exits_5_or_waits_and_replays(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.05)
     n = 30
-    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:4]] "})  # the first run lasts >= 4 s
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:3]] "})  # the first run lasts >= 3 s
     args = ["submit", "in.jsonl", "-q", "-c", "4"]
     first = cli.start(*args)
     poll(lambda: fake.stats()["ok"] >= 4, "the first run under way", proc=first)
@@ -662,9 +662,9 @@ def test_cancel_after_kill9_closes_the_batch_out(tmp_path: Path, make_fake, cli:
 def test_detach_status_wait_results(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.05)
     n = 40
-    # Line 0 takes 4.5 s: the run outlives a live refresh of batch.json (every ~2 s) by enough to
+    # Line 0 takes 4 s: the run outlives a live refresh of batch.json (every ~2 s) by enough to
     # ask `hfbatch status` about it.
-    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:4.5]] ", 3: "[[fault:400]] "})
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:4]] ", 3: "[[fault:400]] "})
     p = cli.run("submit", "in.jsonl", "-q", "-c", "2", "--detach")
     assert p.returncode == 0, p.stderr
     assert p.elapsed < 5, f"--detach took {p.elapsed:.1f} s"  # type: ignore[attr-defined]
