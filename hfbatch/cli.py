@@ -408,3 +408,26 @@ def fake_provider(
 
     serve(port, config=FakeConfig(latency=latency, fail_429=fail_429, fail_500=fail_500, hang=hang,
                                   reset=reset, garbage=garbage))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; anything but loopback requires --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        min=0, max=65535, help="Port (0 picks a free one; the URL is printed on stderr).")] = 8787,
+    base_url: BaseUrlOpt = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Key clients must send; batches then run on the server's token. Without it the client's key "
+        "is its Hugging Face token, passed through.", envvar="HFBATCH_API_KEY", show_default=False)] = None,
+    max_upload: Annotated[str, typer.Option(help="Largest file upload (KB, MB, GB or bytes).")] = "200MB",
+    concurrency: ConcurrencyOpt = 32,
+    token: TokenOpt = None,
+) -> None:
+    """Serve OpenAI's Files and Batches API: code written for OpenAI's Batch API runs here by changing
+    only base_url. Unfinished batches resume when the server restarts."""
+    from .server import ServeOptions
+    from .server import serve as run_server
+
+    run_server(ServeOptions(host=host, port=port, base_url=base_url, api_key=api_key, token=token,
+                            max_upload=max_upload, concurrency=concurrency))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from .errors import UsageError
@@ -50,6 +51,7 @@ class RunConfig:
     handle_signals: bool = True  # False inside `hfbatch serve`, whose process owns SIGINT/SIGTERM
     metadata: dict[str, str] | None = None  # OpenAI's batch metadata (hfbatch serve)
     new_batch_id: str | None = None  # the id a new batch gets (hfbatch serve answers with it at once)
+    shutdown: Any = None  # an asyncio.Event: set = stop like SIGTERM (grace for in-flight requests)
     token: str | None = field(default=None, repr=False)
 
     def options(self) -> dict[str, object]:

@@ -96,7 +96,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
             )
             progress.concurrency = executor.concurrency_now
             work = asyncio.create_task(executor.run(requests()))
-            ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save))
+            ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save, cfg.shutdown))
             guard = asyncio.create_task(_guard(stop, work, cfg.grace))
             progress.start()
             try:
@@ -169,6 +169,8 @@ def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo
             error = AuthError(message)
         elif stop.reason == "signal":
             error = Interrupted(signals_seen[0], message)
+        elif stop.reason == "shutdown":
+            error = StoppedEarly(message)
         elif stop.reason == "budget":
             error = StoppedEarly(f"{stop.message} ({info.unsent} requests not sent)")
         else:
@@ -191,7 +193,7 @@ def finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, win
 
 
 async def _tick(out: JsonlSink, err: JsonlSink, progress: Progress, b: BatchDir, stop: StopControl,
-                info: BatchInfo, expires_at: int, save: Any) -> None:
+                info: BatchInfo, expires_at: int, save: Any, shutdown: Any) -> None:
     """Every 100 ms: hand finished lines to the OS and refresh the progress bar. Every 0.5 s: look
     for a cancel request and the completion window. Every 2 s: publish live counts."""
     last_save = last_check = time.monotonic()
@@ -203,7 +205,9 @@ async def _tick(out: JsonlSink, err: JsonlSink, progress: Progress, b: BatchDir,
         now = time.monotonic()
         if now - last_check >= 0.5:
             last_check = now
-            if stop.reason is None and b.cancel_requested():
+            if stop.reason is None and shutdown is not None and shutdown.is_set():
+                stop.stop("shutdown", "the server is stopping")
+            elif stop.reason is None and b.cancel_requested():
                 stop.stop("cancelled", "cancelled")
                 info.set_status("cancelling")
                 save()

@@ -33,7 +33,8 @@ async def submit_async(cfg: RunConfig) -> RunResult:
     """The same as submit(), inside a running event loop (hfbatch serve)."""
     window = parse_window(cfg.completion_window)
     reg = Registry()
-    input_file, digest = _materialize_input(cfg.input_path, reg)
+    # Hashing (and the scan below) read the whole file: in a thread, so a server's loop stays responsive.
+    input_file, digest = await asyncio.to_thread(_materialize_input, cfg.input_path, reg)
     key = f"{digest}|{_abs(cfg.output_path)}|{_abs(cfg.errors_path)}"
     if cfg.output_path == "-":
         key += f"|stdout:{os.urandom(8).hex()}"  # no durable ledger for stdout: never resumed
@@ -168,8 +169,8 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     b.save_meta(meta)
     input_file, pass_through = meta["input_file"], cfg.base_url is not None
     validating = info.status == "validating"
-    plan = scan_input(input_file, strict=validating and not cfg.skip_invalid, dedupe=cfg.dedupe,
-                      pass_through=pass_through, endpoint=cfg.endpoint)
+    plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
+                                   dedupe=cfg.dedupe, pass_through=pass_through, endpoint=cfg.endpoint)
     if validating:
         info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
         if info.errors:

@@ -1,0 +1,373 @@
+"""End to end: `hfbatch serve`, driven by the official openai SDK, unchanged, as the client.
+
+The server runs as a real subprocess (`python -m hfbatch serve --port 0`, its URL read from the
+startup line on stderr) against the fake provider. Files -> batches -> poll -> results, pagination,
+cancel, metadata, bad uploads, OpenAI's error envelopes, a restart mid-batch, and the refusal to
+bind a public address without a key. Every server's stderr and files are checked for tracebacks and
+token leaks (the client's pass-through key included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from conftest import (
+    TOKEN,
+    assert_clean,
+    assert_each_once,
+    chat_line,
+    check_batch,
+    check_error_envelope,
+    check_error_line,
+    check_output_line,
+    cli_env,
+    parse_jsonl_text,
+)
+
+from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
+
+CLIENT_KEY = "hf_client_passthrough_key_456"  # the client's API key = its HF token (pass-through)
+LOCAL_KEY = "local-serve-api-key-789"  # --api-key (via $HFBATCH_API_KEY)
+SECRETS = {TOKEN, CLIENT_KEY, LOCAL_KEY}
+URL = "/v1/chat/completions"
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+class Server:
+    """`hfbatch serve --port 0 ...` as a subprocess; its stderr is collected by a thread."""
+
+    def __init__(self, tmp: Path, fake: ThreadedFakeProvider, args: list[str],
+                 env_extra: dict[str, str | None] | None = None) -> None:
+        self.tmp, self.home = tmp, tmp / "_home" / "hfbatch"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hfbatch", "serve", "--port", "0", *args], cwd=tmp,
+            env=cli_env(tmp, fake, env_extra), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if "listening on" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(30) or self.proc.poll() is not None:
+            self.proc.kill()
+            pytest.fail(f"hfbatch serve did not start: {''.join(self.lines)[-2000:]}")
+        m = re.search(r"listening on (http://\S+/v1)", "".join(self.lines))
+        assert m, self.lines
+        self.url = m.group(1)
+        self.startup = self.lines[-1]
+
+    def client(self, key: str = CLIENT_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=20)
+
+    def raw(self, method: str, path: str, key: str | None = CLIENT_KEY, body: bytes | None = None,
+            content_type: str = "application/json") -> tuple[int, Any]:
+        """(status, parsed JSON body) of one plain HTTP request (no SDK in the way)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=20) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail("hfbatch serve did not stop within 20 s of SIGTERM")
+        time.sleep(0.05)  # the pump thread reads the last lines
+        err = "".join(self.lines)
+        assert_clean(self.tmp, "", err, SECRETS)
+        return err
+
+
+def chat_jsonl(n: int, prefix: str = "r", text: str = "", bad: set[int] | None = None) -> tuple[bytes, list[str]]:
+    lines = [chat_line(f"{prefix}{i:03d}", f"{text}[[id:{prefix}{i:03d}]] message {i}",
+                       model="NonExistent-org/model" if i in (bad or set()) else "test-org/tiny-chat")
+             for i in range(n)]
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines), [x["custom_id"] for x in lines]
+
+
+def multipart(fields: dict[str, bytes], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "hfbatch-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v + b"\r\n"
+             for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+              f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+              for k, (name, data) in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def upload(c: openai.OpenAI, data: bytes, name: str = "input.jsonl") -> str:
+    f = c.files.create(file=(name, data), purpose="batch")
+    assert f.purpose == "batch" and f.bytes == len(data) and f.filename == name and f.id.startswith("file-")
+    return f.id
+
+
+def wait_for(c: openai.OpenAI, batch_id: str, status: set[str] = TERMINAL, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        b = c.batches.retrieve(batch_id)
+        if b.status in status:
+            return b
+        if time.monotonic() > deadline:
+            pytest.fail(f"batch {batch_id} still {b.status} after {timeout} s: {b.request_counts}")
+        time.sleep(0.05)
+
+
+def content(c: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    return parse_jsonl_text(c.files.content(file_id).text) if file_id else []
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One pass-through server for the module: no token of its own, so every request the fake
+    (which requires a token) answers proves the client's key was passed through."""
+    tmp = tmp_path_factory.mktemp("serve")
+    fake = ThreadedFakeProvider(FakeConfig(require_token=True)).start()
+    srv = Server(tmp, fake, ["--max-upload", "64KB", "--concurrency", "4"], {"HF_TOKEN": None})
+    yield srv
+    srv.stop()
+    fake.stop()
+
+
+# --------------------------------------------------------------------------- the OpenAI flow
+
+
+def test_files_batches_results_round_trip(server: Server) -> None:
+    c = server.client()
+    data, expected = chat_jsonl(8, bad={3})
+    fid = upload(c, data)
+    batch = c.batches.create(input_file_id=fid, endpoint=URL, completion_window="24h",
+                             metadata={"project": "serve-test", "run": "1"})
+    assert batch.status == "validating" and re.match(r"^batch_[0-9a-f]{24}$", batch.id)
+    assert batch.input_file_id == fid and batch.endpoint == URL
+    done = wait_for(c, batch.id)
+    check_batch(done.model_dump())
+    assert done.status == "completed", done
+    assert done.input_file_id == fid and done.metadata == {"project": "serve-test", "run": "1"}
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 7, 1)
+    assert done.output_file_id and done.error_file_id and done.output_file_id != done.error_file_id
+    for file_id, kind in ((done.output_file_id, "output"), (done.error_file_id, "error")):
+        f = c.files.retrieve(file_id)
+        assert f.purpose == "batch_output" and f.filename == f"{batch.id}_{kind}.jsonl" and f.bytes > 0
+    out, err = content(c, done.output_file_id), content(c, done.error_file_id)
+    for line in out:
+        check_output_line(line, URL)
+    for line in err:
+        check_error_line(line)
+    assert [e["custom_id"] for e in err] == ["r003"]
+    assert_each_once(expected, out, err)
+    listed = {f.id: f.purpose for f in c.files.list()}
+    assert listed[fid] == "batch" and listed[done.output_file_id] == "batch_output"
+    # The batch is in the registry: `hfbatch list` shows it (with the same HFBATCH_HOME).
+    p = subprocess.run([sys.executable, "-m", "hfbatch", "list", "--json"], env=cli_env(server.tmp, None),
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and batch.id in p.stdout, p.stderr
+    with pytest.raises(openai.ConflictError):
+        c.batches.cancel(batch.id)  # it has ended
+    bad = []
+    for path in [server.home, *server.home.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode != (0o700 if path.is_dir() else 0o600):
+            bad.append(f"{path.name}: {oct(mode)}")
+    assert not bad, bad
+
+
+def test_batches_list_pagination(server: Server) -> None:
+    c = server.client()
+    fid = upload(c, chat_jsonl(1, prefix="p")[0])
+    ids = [c.batches.create(input_file_id=fid, endpoint=URL, completion_window="24h").id for _ in range(3)]
+    for bid in ids:
+        wait_for(c, bid)
+    page = c.batches.with_raw_response.list(limit=2).http_response.json()
+    assert page["object"] == "list" and [b["id"] for b in page["data"]] == ids[::-1][:2]
+    assert page["has_more"] is True and page["first_id"] == ids[2] and page["last_id"] == ids[1]
+    nxt = c.batches.list(limit=2, after=page["last_id"])
+    assert nxt.data[0].id == ids[0]
+    everything = [b.id for b in c.batches.list(limit=1)]  # the SDK's auto-pagination, one per page
+    assert len(everything) == len(set(everything)) >= 3
+    assert [i for i in everything if i in ids] == ids[::-1]
+    last = c.batches.with_raw_response.list(limit=100, after=everything[-1]).http_response.json()
+    assert last == {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+    for limit in (0, 101):
+        status, body = server.raw("GET", f"/batches?limit={limit}")
+        assert status == 400 and check_error_envelope(body)["param"] == "limit"
+
+
+def test_cancel(server: Server) -> None:
+    c = server.client()
+    data, expected = chat_jsonl(20, prefix="c", text="[[sleep:0.4]] ")
+    fid = upload(c, data)
+    batch = c.batches.create(input_file_id=fid, endpoint=URL, completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        c.files.delete(fid)  # the input of a batch that has not ended
+    cancelling = c.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = wait_for(c, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at and done.cancelling_at, done
+    out, err = content(c, done.output_file_id), content(c, done.error_file_id)
+    assert_each_once(expected, out, err)
+    cancelled = [e for e in err if e["error"] and e["error"]["code"] == "batch_cancelled"]
+    assert len(cancelled) >= 12 and len(cancelled) == len(err)  # 4 in flight at most finish
+    assert c.batches.cancel(batch.id).status == "cancelled"  # cancelling again is harmless
+    assert c.files.delete(fid).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(fid)
+
+
+@pytest.mark.parametrize("data, errors", [
+    (b"this is not json\n{\"custom_id\": \"x\"}\n", [(1, "invalid_json_line"), (2, "invalid_request")]),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", [(i, "invalid_json_line") for i in (1, 2, 3)]),
+    (b"", [(None, "empty_file")]),
+    (json.dumps(chat_line("a")).encode() + b"\n"
+     + json.dumps({**chat_line("b"), "url": "/v1/embeddings"}).encode() + b"\n", [(2, "url_mismatch")]),
+], ids=["text", "binary", "empty", "endpoint-mismatch"])
+def test_bad_upload_fails_the_batch(server: Server, data: bytes, errors: list[tuple[int | None, str]]) -> None:
+    c = server.client()
+    fid = upload(c, data, name="bad.jsonl")
+    done = wait_for(c, c.batches.create(input_file_id=fid, endpoint=URL, completion_window="24h").id)
+    check_batch(done.model_dump())
+    assert done.status == "failed" and done.failed_at and done.errors and done.errors.data, done
+    got = [(e.line or None, e.code) for e in done.errors.data]
+    assert got == errors, got
+    assert done.output_file_id is None and done.error_file_id is None
+
+
+def test_openai_error_envelopes(server: Server) -> None:
+    c = server.client()
+
+    def envelope(r: tuple[int, Any], status: int, type_: str) -> dict[str, Any]:
+        assert r[0] == status, r
+        err = check_error_envelope(r[1])
+        assert err["type"] == type_, err
+        return err
+
+    for key in (None, ""):
+        err = envelope(server.raw("GET", "/files", key=key), 401, "authentication_error")
+        assert err["code"] == "invalid_api_key"
+    for path in ("/files/file-nope", "/files/..%2F..%2Fserve/content", "/files/file-a%2F..%2Fx/content",
+                 "/batches/batch_nothex", "/batches/batch_0123abcd", "/batches/..%2Fbatch_01", "/models"):
+        envelope(server.raw("GET", path), 404, "not_found_error")
+    with pytest.raises(openai.NotFoundError) as nf:
+        c.batches.retrieve("batch_ffffffffffffffffffffffff")
+    assert nf.value.status_code == 404
+
+    fid = upload(c, chat_jsonl(1, prefix="e")[0])
+    for body, param in [
+        ({"input_file_id": "file-missing", "endpoint": URL, "completion_window": "24h"}, "input_file_id"),
+        ({"input_file_id": "../../etc/passwd", "endpoint": URL, "completion_window": "24h"}, "input_file_id"),
+        ({"input_file_id": fid, "endpoint": "/v1/nope", "completion_window": "24h"}, "endpoint"),
+        ({"input_file_id": fid, "endpoint": URL, "completion_window": "soon"}, "completion_window"),
+        ({"input_file_id": fid, "endpoint": URL, "completion_window": "24h",
+          "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ]:
+        err = envelope(server.raw("POST", "/batches", body=json.dumps(body).encode()), 400, "invalid_request_error")
+        assert err["param"] == param, err
+    envelope(server.raw("POST", "/batches", body=b"{not json"), 400, "invalid_request_error")
+
+    before = {f.id for f in c.files.list()}
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.files.create(file=("x.jsonl", b"{}\n"), purpose="assistants")
+    assert bad.value.body["param"] == "purpose"  # type: ignore[index]
+    envelope(server.raw("POST", "/files", body=b'{"purpose": "batch"}'), 400, "invalid_request_error")
+    no_file = multipart({"purpose": b"batch"}, {})
+    err = envelope(server.raw("POST", "/files", CLIENT_KEY, *no_file), 400, "invalid_request_error")
+    assert err["param"] == "file"
+    # Over --max-upload (64 KB) by less than the early Content-Length check allows: refused while streaming.
+    with pytest.raises(openai.APIStatusError) as big:
+        c.files.create(file=("big.jsonl", b"x" * 100_000), purpose="batch")
+    assert big.value.status_code == 413 and big.value.body["code"] == "file_too_large"  # type: ignore[index]
+    huge = multipart({"purpose": b"batch"}, {"file": ("h.jsonl", b"y" * 300_000)})
+    envelope(server.raw("POST", "/files", CLIENT_KEY, *huge), 413, "invalid_request_error")
+    assert {f.id for f in c.files.list()} == before
+    assert not list((server.home / "files").glob(".*.part")), "a refused upload left a partial file"
+
+
+# --------------------------------------------------------------------------- restart, --api-key, binding
+
+
+def test_restart_mid_batch_resumes(tmp_path: Path, make_fake: Any) -> None:
+    """Two pass-through batches; the server (no token of its own) is killed mid-batch. Restarted
+    without a token, it cannot resume them (the client's token was only in memory), but one can be
+    cancelled. Restarted with --api-key and a token, the other resumes on the server's token and
+    every line is answered exactly once."""
+    fake = make_fake(require_token=True)
+    no_token = {"HF_TOKEN": None}
+    first = Server(tmp_path, fake, ["--concurrency", "2"], no_token)
+    c = first.client()
+    data, expected = chat_jsonl(24, prefix="k", text="[[sleep:0.15]] ")
+    fid = upload(c, data)
+    batch, other = (c.batches.create(input_file_id=fid, endpoint=URL, completion_window="24h", metadata={"k": k})
+                    for k in ("resumed", "cancelled"))
+    link = json.loads((first.home / "serve" / f"{batch.id}.json").read_bytes())
+    out_path = first.home / "files" / f"{link['output_file_id']}.jsonl"
+    deadline = time.monotonic() + 15
+    while not out_path.exists() or out_path.read_bytes().count(b"\n") < 6:
+        assert time.monotonic() < deadline, "no output lines after 15 s"
+        time.sleep(0.02)
+    first.stop(signal.SIGKILL)
+    assert out_path.read_bytes().count(b"\n") < 24, "the batch ended before the kill: nothing to resume"
+
+    second = Server(tmp_path, fake, [], no_token)
+    assert "0 batches resumed; 2 unfinished batches wait for a server token" in second.startup, second.startup
+    c = second.client()
+    stuck = c.batches.retrieve(batch.id)
+    assert stuck.status == "in_progress" and stuck.hfbatch["state"] == "interrupted", stuck  # type: ignore[attr-defined]
+    assert c.batches.cancel(other.id).status == "cancelling"
+    cancelled = wait_for(c, other.id)
+    assert cancelled.status == "cancelled", cancelled
+    assert_each_once(expected, content(c, cancelled.output_file_id), content(c, cancelled.error_file_id))
+    second.stop()
+
+    third = Server(tmp_path, fake, ["--concurrency", "4"], {"HFBATCH_API_KEY": LOCAL_KEY})
+    assert "1 batches resumed" in third.startup, third.startup
+    with pytest.raises(openai.AuthenticationError) as denied:
+        third.client(CLIENT_KEY).batches.retrieve(batch.id)
+    assert denied.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+    c = third.client(LOCAL_KEY)
+    done = wait_for(c, batch.id)
+    assert done.status == "completed" and done.metadata == {"k": "resumed"}, done
+    assert (done.request_counts.completed, done.request_counts.failed) == (24, 0)
+    out = content(c, done.output_file_id)
+    assert_each_once(expected, out)
+    for line in out:
+        check_output_line(line, URL)
+    assert fake.stats()["auth_missing"] == 0
+    third.stop()
+
+
+def test_refuses_public_bind_without_key(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "hfbatch", "serve", "--host", "0.0.0.0", "--port", "0"],
+                       env=cli_env(tmp_path, None), capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "--api-key" in p.stderr and "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "_home" / "hfbatch" / "files")
