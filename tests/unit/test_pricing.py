@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from hfbatch.errors import UsageError
 from hfbatch.cost import Budget, CostLedger
+from hfbatch.errors import UsageError
 from hfbatch.pricing import (
     Catalog,
     Price,

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from conftest import LINE_ID_RE, check_error_envelope, check_error_line, check_output_line
 
-from hfbatch.outcomes import error_body
 from hfbatch.models import Outcome
+from hfbatch.outcomes import error_body
 from hfbatch.writer import JsonlSink, error_line, new_line_id, success_line
 
 CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "m",
