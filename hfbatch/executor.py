@@ -410,6 +410,11 @@ class Executor:
             base, pinned = split_model(model)
             if pinned is None and self.learned.get(base) != outcome.provider:
                 self.learned[base] = outcome.provider
+                # One provider, one controller: requests that queued on the placeholder before the
+                # router told us who serves this model share the provider's gate and AIMD.
+                auto = self.providers.get("auto:" + base)
+                if auto is not None and outcome.provider not in self.providers:
+                    self.providers[outcome.provider] = auto
         aimd = provider.aimd
         if aimd is None or outcome.status is None:
             return
@@ -418,7 +423,7 @@ class Executor:
                 provider.gate.set_limit(aimd.value)
         elif 200 <= outcome.status < 300:
             before = aimd.value
-            aimd.on_success()
+            aimd.on_success(outcome.latency)
             if aimd.value != before:
                 provider.gate.set_limit(aimd.value)
 
@@ -485,4 +490,8 @@ class Executor:
 
     def concurrency_now(self) -> dict[str, int]:
         """The live limit per provider (what AIMD allows right now)."""
-        return {k: p.gate.limit for k, p in self.providers.items()}
+        named: dict[int, str] = {}
+        for k, p in self.providers.items():  # a placeholder shared with a provider shows as the provider
+            if id(p) not in named or named[id(p)].startswith("auto:"):
+                named[id(p)] = k
+        return {k: self.providers[k].gate.limit for k in named.values()}

@@ -44,8 +44,10 @@ class AIMD:
 
     Starts at min(maximum, `initial`) and doubles per round trip while nothing throttles (slow
     start); the first 429/503 ends slow start. A throttle multiplies the limit by `beta`, at most
-    once per round trip: throttles of requests started before the last decrease are ignored.
-    After that, each success adds 1/limit (about +1 per round trip)."""
+    once per round trip: throttles of requests started before the last decrease, or arriving within
+    one smoothed round-trip time of it (a 429 comes back at once, while the requests that caused it
+    are still in flight), are ignored. After that, each success adds 1/limit (about +1 per round
+    trip)."""
 
     def __init__(self, maximum: int, initial: int = 64, beta: float = 0.7,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -54,6 +56,7 @@ class AIMD:
         self.beta = beta
         self.slow_start = self.limit < maximum
         self.decreases = 0
+        self.srtt = 0.0  # smoothed latency of successful requests (seconds)
         self._clock = clock
         self._last_decrease = float("-inf")
 
@@ -61,7 +64,9 @@ class AIMD:
     def value(self) -> int:
         return max(1, int(self.limit))
 
-    def on_success(self) -> None:
+    def on_success(self, latency: float | None = None) -> None:
+        if latency is not None:
+            self.srtt = latency if self.srtt == 0.0 else 0.8 * self.srtt + 0.2 * latency
         if self.limit >= self.maximum:
             return
         self.limit = min(float(self.maximum), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
@@ -69,7 +74,7 @@ class AIMD:
     def on_throttle(self, started_at: float) -> bool:
         """A request started at `started_at` was throttled; True if the limit went down."""
         self.slow_start = False
-        if started_at < self._last_decrease:
+        if started_at < self._last_decrease or self._clock() - self._last_decrease < self.srtt:
             return False  # this window already paid for its overload
         self.limit = max(1.0, self.limit * self.beta)
         self._last_decrease = self._clock()

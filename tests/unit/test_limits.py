@@ -6,6 +6,7 @@ Pure and clock-injected: no test here sleeps; time is a number the test advances
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_200_reservations_at_3000_per_minute_spread_over_4_seconds_without_burst
     assert waits[0] == 0.0
     assert waits == sorted(waits), "served in booking order"
     assert waits[-1] == pytest.approx(199 / 50)  # ~4 s for 200 at 50/s
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) == pytest.approx(0.02) and max(gaps) == pytest.approx(0.02)  # evenly spread
     # No window of one second holds more than the rate (+1 for the window's edge).
     for s in starts:
@@ -228,3 +229,19 @@ def test_gate_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
         assert third.cancelled() and fourth.done() and gate.active == 1
 
     asyncio.run(scenario())
+
+
+def test_aimd_ignores_throttles_within_one_round_trip_of_a_decrease() -> None:
+    # A 429 comes back at once while the requests that caused it are still in flight: requests
+    # started just after a decrease must not cut the limit again within one smoothed round trip.
+    clock = Clock(100.0)
+    a = AIMD(200, initial=64, clock=clock)
+    for _ in range(5):
+        a.on_success(latency=0.2)
+    assert a.srtt == pytest.approx(0.2)
+    assert a.on_throttle(started_at=99.9)
+    clock.t = 100.05
+    assert not a.on_throttle(started_at=100.01)  # started after the cut, but within 0.2 s of it
+    clock.t = 100.3
+    assert a.on_throttle(started_at=100.25)  # a round trip later: a new window of overload
+    assert a.decreases == 2
