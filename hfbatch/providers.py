@@ -83,9 +83,8 @@ class Router:
         self.default_max_tokens = default_max_tokens  # set where no cap is given (--budget's bound)
         self.estimate = estimate
         self.capped = 0  # bodies whose output cap --max-tokens lowered or set
-        self._emb: dict[str, _EmbeddingTarget | Unroutable] = {}
-        self._helpers: dict[str, Any] = {}
-        self._emb_locks: dict[str, asyncio.Lock] = {}
+        self._resolved: dict[str, Any] = {}  # Hub lookups done, per (task, model)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def route(self, req: Request) -> Route | Unroutable:
         if req.url.startswith("/hf/"):
@@ -141,19 +140,21 @@ class Router:
         data = orjson.dumps(params.json) if params.json is not None else bytes(params.data or b"")
         return Route(self._to_root(params.url), data, model=req.model, body=body)
 
-    async def _helper(self, task: str, model: str) -> Any:
-        """huggingface_hub's provider helper for (task, model), its Hub lookups done once in a thread."""
-        key = f"{task}\x00{model}"
-        hit = self._helpers.get(key)
+    async def _once(self, key: str, resolve: Callable[[], Any]) -> Any:
+        """`resolve()` (synchronous Hub lookups) run once per key in a thread; concurrent callers wait
+        for the first one instead of fanning out lookups."""
+        hit = self._resolved.get(key)
         if hit is not None:
             return hit
-        lock = self._emb_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            hit = self._helpers.get(key)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            hit = self._resolved.get(key)
             if hit is None:
-                hit = await asyncio.to_thread(self._resolve_helper, task, model)
-                self._helpers[key] = hit
+                hit = self._resolved[key] = await asyncio.to_thread(resolve)
         return hit
+
+    async def _helper(self, task: str, model: str) -> Any:
+        """huggingface_hub's provider helper for (task, model)."""
+        return await self._once(f"{task}\x00{model}", lambda: self._resolve_helper(task, model))
 
     def _resolve_helper(self, task: str, model: str) -> Any:
         base, provider = split_model(model)
@@ -192,16 +193,9 @@ class Router:
         return body
 
     async def _embedding_target(self, model: str) -> _EmbeddingTarget | Unroutable:
-        hit = self._emb.get(model)
-        if hit is not None:
-            return hit
-        lock = self._emb_locks.setdefault(model, asyncio.Lock())
-        async with lock:
-            hit = self._emb.get(model)
-            if hit is None:
-                hit = await asyncio.to_thread(self._resolve_embedding, model)
-                self._emb[model] = hit
-        return hit
+        target: _EmbeddingTarget | Unroutable = await self._once(
+            f"embeddings\x00{model}", lambda: self._resolve_embedding(model))
+        return target
 
     def _resolve_embedding(self, model: str) -> _EmbeddingTarget | Unroutable:
         """Ask huggingface_hub's provider helper for the feature-extraction route of `model`."""
