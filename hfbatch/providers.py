@@ -246,7 +246,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _lookup_code(e: BaseException) -> str:
-    """A Hub lookup that failed for the network is retryable (--retry-failed); anything else is the model's."""
+    """A Hub lookup that failed for the network (or a Hub 5xx/429) is retryable (--retry-failed); an HTTP
+    answer such as 404, or a task mismatch, is the model's."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return "connection_error" if status >= 500 or status == 429 else "model_not_found"
     name = type(e).__name__
     if isinstance(e, OSError | TimeoutError) or "Connect" in name or "Timeout" in name or "Network" in name:
         return "connection_error"

@@ -193,3 +193,30 @@ def test_concurrency_is_bounded(tmp_path: Path, make_fake, run_cli) -> None:
     batch = batch_from(p.stdout)
     assert Counter(batch["hfbatch"]["providers"]) == Counter({"fake-b": 24})
     assert batch["hfbatch"]["latency_ms"]["p50"] >= 100  # the fake's 150 ms latency is measured
+
+
+def test_hf_task_lines_and_metadata(tmp_path: Path, fake, run_cli) -> None:
+    """`/hf/<task>` lines (our extension) go through huggingface_hub's provider helper to the task's
+    hf-inference route and their answers are written unchanged; --metadata lands in the Batch."""
+    lines = [
+        {"custom_id": "cls-1", "method": "POST", "url": "/hf/text-classification",
+         "body": {"model": "test-org/tiny-classifier", "inputs": "I love it", "parameters": {"top_k": 2}}},
+        {"custom_id": "sum-1", "method": "POST", "url": "/hf/summarization",
+         "body": {"model": "test-org/tiny-summarizer", "inputs": "A long text to summarize."}},
+        {"custom_id": "bad-task", "method": "POST", "url": "/hf/text-classification",
+         "body": {"model": "test-org/NonExistClassifier", "inputs": "x"}},
+    ]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    p = run_cli(["in.jsonl", "-q", "--metadata", "team=ml", "--metadata", "run=7"])
+    assert p.returncode == 3, p.stderr  # the unknown model fails its line only
+    batch = batch_from(p.stdout)
+    assert batch["metadata"] == {"team": "ml", "run": "7"}
+    out = {o["custom_id"]: o for o in read_jsonl(tmp_path / "in.output.jsonl")}
+    assert out["cls-1"]["response"]["body"] == [[{"label": "POSITIVE", "score": 0.9},
+                                                 {"label": "NEGATIVE", "score": 0.1}]]
+    assert out["sum-1"]["response"]["body"] == [{"summary_text": "A long text to summarize."}]
+    (err,) = read_jsonl(tmp_path / "in.errors.jsonl")
+    assert err["custom_id"] == "bad-task" and err["error"]["code"] == "model_not_found"
+    paths = fake.stats()["paths"]
+    assert paths["/hf-inference/models/test-org/tiny-classifier"] == 1
+    assert paths["/hf-inference/models/test-org/tiny-summarizer"] == 1
