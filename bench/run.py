@@ -93,6 +93,8 @@ def one_run(client: str, referee: Path, mock: Mock, inp: Path, n: int, conc: int
     rec = run_measured(cmd, env, timeout=120 + n * 0.01, stdout=rundir / "stdout", stderr=rundir / "stderr",
                        mock_pid=mock.proc.pid if mock.proc else None)
     rec["foreign_share_before"] = before
+    if client == "hfbatch":
+        rec["hfbatch_source"] = source_fingerprint()["sha256"]  # the tree may change between runs
     st = mock.stats()
     rec.update(n=n, concurrency=conc, latency_ms=mock.latency_ms, client=client,
                out_lines=count_lines(out), err_lines=count_lines(err),

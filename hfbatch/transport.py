@@ -27,14 +27,18 @@ class Transport:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, str | None] = {}
 
     async def __aenter__(self) -> Transport:
         connector = aiohttp.TCPConnector(
             limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
         )
+        # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a thread)
+        # for every request, which cost more than the request itself here. Proxies are resolved
+        # once per origin instead (_proxy_for).
         self._session = aiohttp.ClientSession(
             connector=connector, headers=self._headers, timeout=self._timeout,
-            skip_auto_headers=("user-agent",), trust_env=True,
+            skip_auto_headers=("user-agent",), trust_env=False,
         )
         return self
 
@@ -46,7 +50,7 @@ class Transport:
         assert self._session is not None
         t0 = time.perf_counter()
         try:
-            async with self._session.post(url, data=data) as resp:
+            async with self._session.post(url, data=data, proxy=self._proxy_for(url)) as resp:
                 body = await resp.read()
                 status = resp.status
                 h = resp.headers
@@ -72,12 +76,35 @@ class Transport:
                 parsed = None
         return Outcome(status, body, parsed, request_id, provider, retry_after, latency)
 
+    def _proxy_for(self, url: str) -> str | None:
+        origin = _origin(url)
+        if origin not in self._proxies:
+            self._proxies[origin] = _env_proxy(origin)
+        return self._proxies[origin]
+
     async def get_json(self, url: str) -> Any:
         """GET a JSON document (catalogs, prices); raises aiohttp.ClientError on failure."""
         assert self._session is not None
-        async with self._session.get(url) as resp:
+        async with self._session.get(url, proxy=self._proxy_for(url)) as resp:
             resp.raise_for_status()
             return orjson.loads(await resp.read())
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return scheme + "://" + rest.split("/", 1)[0]
+
+
+def _env_proxy(origin: str) -> str | None:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and ALL_PROXY), as curl and requests read them."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    parsed = urlparse(origin)
+    if urllib.request.proxy_bypass_environment(parsed.hostname or ""):  # type: ignore[attr-defined]
+        return None
+    proxies = urllib.request.getproxies_environment()
+    return proxies.get(parsed.scheme) or proxies.get("all")
 
 
 def _describe(e: BaseException) -> str:

@@ -9,6 +9,7 @@ close, so a machine crash loses at most the last few seconds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from typing import Any, BinaryIO
@@ -18,8 +19,12 @@ import orjson
 _FLUSH_BYTES = 1 << 20
 
 
+_ID_PREFIX = "batch_req_" + os.urandom(6).hex()  # random per process ...
+_ID_COUNTER = itertools.count()  # ... + a counter: unique, and far cheaper than 12 random bytes a line
+
+
 def new_line_id() -> str:
-    return "batch_req_" + os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 class JsonlSink:
