@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,12 +40,15 @@ class StopControl:
     message: str | None = None
     hard: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    wakeups: list[Callable[[], None]] = field(default_factory=list)  # called once a stop is asked
 
     def stop(self, reason: str, message: str | None = None, hard: bool = False) -> None:
         if self.reason is None:
             self.reason, self.message = reason, message
         self.hard = self.hard or hard
         self.event.set()
+        for wake in list(self.wakeups):
+            wake()
 
     async def sleep(self, delay: float) -> bool:
         """Sleep `delay` seconds; True if the run was stopped meanwhile."""
@@ -134,29 +137,41 @@ class Executor:
 
     async def run(self, requests: Iterable[Request] | AsyncIterator[Request]) -> None:
         """Start a task per request, at most a read-ahead window of them alive, until done or stopped."""
-        window = asyncio.Semaphore(max(64, 4 * self.limits.concurrency))
+        window = max(64, 4 * self.limits.concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        stop_wait = asyncio.ensure_future(self.stop.event.wait())
+        loop = asyncio.get_running_loop()
+        room: list[asyncio.Future[None]] = []  # the feeder waiting for a task to end (or a stop)
+
+        def wake() -> None:
+            if room and not room[0].done():
+                room[0].set_result(None)
 
         def finished(t: asyncio.Task[None]) -> None:
             tasks.discard(t)
-            window.release()
+            wake()
 
+        async def admit() -> bool:
+            while len(tasks) >= window and self.stop.reason is None:
+                room[:] = [loop.create_future()]
+                await room[0]
+            return self.stop.reason is None
+
+        self.stop.wakeups.append(wake)
         try:
             if isinstance(requests, AsyncIterator):
                 async for req in requests:
-                    if not await self._admit(window, stop_wait):
+                    if not await admit():
                         break
                     self._spawn(req, tasks, finished)
             else:
                 for req in requests:
-                    if not await self._admit(window, stop_wait):
+                    if not await admit():
                         break
                     self._spawn(req, tasks, finished)
             while tasks:
                 await asyncio.wait(tuple(tasks))
         finally:
-            stop_wait.cancel()
+            self.stop.wakeups.remove(wake)
             for t in tasks:
                 t.cancel()
             if tasks:
@@ -166,22 +181,6 @@ class Executor:
         t = asyncio.create_task(self._task(req))
         tasks.add(t)
         t.add_done_callback(finished)
-
-    async def _admit(self, window: asyncio.Semaphore, stop_wait: asyncio.Future[Any]) -> bool:
-        if self.stop.reason is not None:
-            return False
-        if not window.locked():
-            await window.acquire()
-            return True
-        acq = asyncio.ensure_future(window.acquire())
-        await asyncio.wait((acq, stop_wait), return_when=asyncio.FIRST_COMPLETED)
-        if acq.done():
-            if self.stop.reason is None:
-                return True
-            window.release()
-            return False
-        acq.cancel()
-        return False
 
     async def _task(self, req: Request) -> None:
         try:
@@ -345,7 +344,9 @@ class Executor:
                 booked = route.token_estimate
                 if await stop.sleep(self.tpm.reserve(booked)):
                     return None
-            reserved = await self.hooks.reserve(req, route) if self.hooks is not None else 0.0
+            reserved: float | None = 0.0
+            if self.hooks is not None and self.hooks.budget is not None:
+                reserved = await self.hooks.reserve(req, route)
             if reserved is None:
                 return None  # the budget said no: the hook stopped the run
             provider = self._provider(self._provider_key(model))

@@ -26,10 +26,11 @@ class InputPlan:
 def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, endpoint: str | None) -> InputPlan:
     """One streaming pass over the input. Strict: collect every invalid line (OpenAI validates the
     whole file before running anything). Dedupe: find requests (endpoint + body) that occur more
-    than once; memory holds 16 bytes per line plus one entry per duplicated request."""
+    than once. Memory: 16 bytes per line for the custom_ids, 8 for the request fingerprints, plus
+    one entry per duplicated request."""
     plan = InputPlan()
     ids = IdSet()
-    seen_keys = IdSet() if dedupe else None
+    seen_keys = IdSet(bits=32) if dedupe else None
     if dedupe:
         from .cache import request_key
     with open(path, "rb") as f:

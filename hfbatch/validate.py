@@ -36,19 +36,22 @@ class IdSet:
 
     It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
     table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
-    lines), the price of memory that stays small however large the batch.
+    lines), the price of memory that stays small however large the batch. `bits=32` halves the
+    memory again where a false match only costs a little (dedupe candidates: the executor then
+    compares full request keys).
     """
 
-    __slots__ = ("_table", "_mask", "_count")
+    __slots__ = ("_table", "_mask", "_count", "_bits")
 
-    def __init__(self) -> None:
-        self._table = array("Q", bytes(8 * 1024))
+    def __init__(self, bits: int = 64) -> None:
+        self._bits = (1 << bits) - 1
+        self._table = array("Q" if bits == 64 else "I", bytes((bits // 8) * 1024))
         self._mask = 1023
         self._count = 0
 
     def add(self, custom_id: str | bytes) -> bool:
         """Record `custom_id`; False if it was already there."""
-        h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1  # 0 marks an empty slot
+        h = (hash(custom_id) & self._bits) | 1  # 0 marks an empty slot
         table, mask = self._table, self._mask
         i = h & mask
         while True:
@@ -64,7 +67,7 @@ class IdSet:
             i = (i + 1) & mask
 
     def __contains__(self, custom_id: object) -> bool:
-        h = (hash(custom_id) & 0xFFFFFFFFFFFFFFFF) | 1
+        h = (hash(custom_id) & self._bits) | 1
         table, mask = self._table, self._mask
         i = h & mask
         while True:
@@ -80,7 +83,7 @@ class IdSet:
 
     def _grow(self) -> None:
         old = self._table
-        self._table = table = array("Q", bytes(16 * len(old)))
+        self._table = table = array(old.typecode, bytes(2 * old.itemsize * len(old)))
         self._mask = mask = len(table) - 1
         for h in old:
             if h:
