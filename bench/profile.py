@@ -107,29 +107,38 @@ def category(file: str) -> str:
 
 
 def phase(thread: str, frames: list[tuple[str, str, str]]) -> str:
+    """Which part of the run a sample belongs to. With uvloop the loop is C code: coroutine steps
+    then appear as stacks of their own (rooted at the coroutine, not at <module>), and time spent
+    in uvloop itself shows as Runner.run being the leaf frame."""
     funcs = [(f.rpartition(".")[2] if "<" not in f else f, file) for f, file, _ in frames]
     files = [file for _, file in funcs]
     if not thread.startswith("MainThread"):
-        what = {f for f, _ in funcs} & {"_get_netrc_auth", "get_env_proxy_for_url", "getaddrinfo",
-                                        "_resolve_embedding"}
-        return f"worker threads ({thread.rstrip('0123456789')}*): " + (", ".join(sorted(what)) or "idle/pool machinery")
+        pool = f"worker threads ({thread.rstrip('0123456789')}*)"
+        own = next((f"{f} ({file})" for f, file, _ in frames if file.startswith("hfbatch/")), None)
+        if own:  # hfbatch work handed to a thread (e.g. the input scan)
+            return f"{pool}: {own}"
+        what = {f for f, _ in funcs} & {"_get_netrc_auth", "get_env_proxy_for_url", "getaddrinfo"}
+        return f"{pool}: " + (", ".join(sorted(what)) or "idle/pool machinery")
     if not frames:
         return "no Python frame (native: interpreter start/exit, GC, C code)"
-    if any(f == "_find_and_load" for f, _ in funcs):
+    names = {f for f, _ in funcs}
+    if "_find_and_load" in names:
         return "imports (start-up and lazy)"
-    if any(f == "_materialize_input" for f, _ in funcs):
+    if "_materialize_input" in names:
         return "input hash (_materialize_input)"
-    if any(f == "_validate_file" for f, _ in funcs):
+    if "_validate_file" in names:
         return "validation pass (_validate_file)"
-    if any(f in ("_run_once", "run_forever") for f, _ in funcs):
-        if any(f == "_tick" for f, _ in funcs):
+    rooted = frames[0][0] in ("<module>", "_run_module_as_main")
+    in_loop = (not rooted or names & {"_run_once", "run_forever", "run_until_complete"}
+               or any(f == "Runner.run" for f, _, _ in frames))
+    if in_loop:
+        if "_tick" in names:
             return "event loop: _tick (flush, progress, batch.json)"
-        return "event loop: request pipeline"
-    if any(fl.startswith(("typer/", "click/")) for fl in files) and not any(
-            fl.startswith("hfbatch/run.py") for fl in files):
+        if frames[-1][0] == "Runner.run":
+            return "event loop: uvloop's own C code (epoll, sockets, callbacks)"
+        return "event loop: request pipeline (Python)"
+    if any(fl.startswith(("typer/", "click/")) for fl in files) and "_run_and_print" not in names:
         return "CLI parsing (typer/click), printing"
-    if any(fl.startswith("asyncio/") for fl in files):
-        return "asyncio.run set-up/tear-down"
     return "other (before/after the loop)"
 
 
@@ -147,7 +156,7 @@ def summarize(stacks: list[Stack], us_per_req: float | None,
             func, file, line = frames[-1]
             lines[f"{func} ({file}:{line})"] += c
             if ph.startswith("event loop"):
-                loop_cat[category(file)] += c
+                loop_cat["uvloop (C)" if func == "Runner.run" else category(file)] += c
         seen = set()
         for func, file, _ in frames:
             key = f"{func} ({file})"
@@ -202,7 +211,23 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--clients", default="hfbatch,naive_aiohttp")
     ap.add_argument("--no-graphs", action="store_true", help="skip the flame graph and speedscope runs")
+    ap.add_argument("--from-raw", action="store_true",
+                    help="only re-summarize the last raw profiles (bench/out/profile-*.txt, profile-summary.json)")
     args = ap.parse_args()
+    if args.from_raw:
+        prev = json.loads((OUT / "profile-summary.json").read_text())
+        parts = [prev.get("_header", "")]
+        for client, old in prev.items():
+            if client.startswith("_"):
+                continue
+            s = summarize(parse_raw(OUT / f"profile-{client}.txt"), old["cpu_us_per_req"], old["cpu_s"])
+            s["unprofiled"] = old.get("unprofiled")
+            prev[client] = s
+            parts.append(render(client, s))
+        (OUT / "profile-summary.txt").write_text("\n\n".join(parts) + "\n")
+        (OUT / "profile-summary.json").write_text(json.dumps(prev, indent=1, default=str))
+        print("\n\n".join(parts))
+        return 0
     pyspy = shutil.which("py-spy", path=str(REPO / ".venv" / "bin")) or shutil.which("py-spy")
     if not pyspy:
         sys.exit("py-spy not found: .venv/bin/pip install py-spy")
@@ -250,6 +275,7 @@ def main() -> int:
     report = "\n\n".join(text)
     print(report)
     (OUT / "profile-summary.txt").write_text(report + "\n")
+    summaries["_header"] = text[0]
     (OUT / "profile-summary.json").write_text(json.dumps(summaries, indent=1, default=str))
     print(f"\nsummary: {OUT / 'profile-summary.txt'}")
     return 0

@@ -124,6 +124,8 @@ def one_run(client: str, referee: Path, mock: Mock, inp: Path, n: int, conc: int
 
 def show_run(tag: str, i: int, k: int, r: dict[str, Any]) -> None:
     check = "ok" if r["ok"] else "FAIL: " + ", ".join(r["problems"])
+    if r.get("hfbatch_source"):
+        check += f"  (src {r['hfbatch_source'][:8]})"
     log(f"  [{tag}] {r['client']:<14} run {i}/{k}: wall {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s "
         f"({1e6 * r['cpu_s'] / max(r['n'], 1):6.0f} us/req)  rss {r['maxrss_kb'] / 1024:7.1f} MB  "
         f"lines {r['out_lines']}/{r['n']}  ok {r['mock']['distinct_ok']} dup_ok {r['mock']['dup_ok']}  "
@@ -179,6 +181,8 @@ def fmt(v: float | None, spec: str, runs: list[dict[str, Any]] | None = None) ->
     if v is None:
         return "-"
     s = format(v, spec)
+    if runs is not None and len({r["hfbatch_source"] for r in runs if r.get("hfbatch_source")}) > 1:
+        s += "~"  # hfbatch's source changed between these runs
     return s + ("!" if runs is not None and not all_ok(runs) else "")
 
 
@@ -281,8 +285,8 @@ def print_table(rows: list[dict[str, Any]], clients: list[str], mach: dict[str, 
     log("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
         log("| " + " | ".join(str(x).ljust(w) for x, w in zip(b, widths, strict=True)) + " |")
-    log("(medians; '!' = at least one run failed its correctness check; ideal for (c) = RSS of a python "
-        "that only imports asyncio+aiohttp+orjson)")
+    log("(medians; '!' = at least one run failed its correctness check; '~' = hfbatch/*.py changed between "
+        "these runs; ideal for (c) = RSS of a python that only imports asyncio+aiohttp+orjson)")
 
 
 # ---------------------------------------------------------------------------------------------- main
