@@ -35,8 +35,10 @@ def _loop_factory() -> Any:
     (BENCHMARKS.md); HFBATCH_UVLOOP=0 turns it off."""
     if os.environ.get("HFBATCH_UVLOOP", "1") == "0":
         return None
+    import importlib
+
     try:
-        import uvloop
+        uvloop = importlib.import_module("uvloop")  # optional: not a static import
     except ImportError:
         return None
     return uvloop.new_event_loop
