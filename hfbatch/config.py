@@ -135,3 +135,14 @@ def parse_window(text: str) -> int:
     if seconds <= 0:
         raise UsageError(f"--completion-window {text!r}: use a duration such as 30s, 30m, 2h or 24h")
     return int(seconds)
+
+
+def options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The options a batch was submitted with (its meta.json), as RunConfig fields."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(RunConfig)}
+    opts = {k: v for k, v in (meta.get("options") or {}).items() if k in known}
+    if isinstance(opts.get("fallback"), list):
+        opts["fallback"] = tuple(opts["fallback"])
+    return opts

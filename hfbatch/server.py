@@ -271,12 +271,12 @@ class BatchServer:
         )
 
     def _resume_config(self, b: BatchDir, token: str | None) -> RunConfig:
-        from .cli import _options
+        from .config import options_from_meta
 
         meta = b.meta()
         return RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
                          errors_path=meta["errors_path"], quiet=True, handle_signals=False, batch_id=b.id,
-                         token=token, shutdown=self.shutdown, **_options(meta))
+                         token=token, shutdown=self.shutdown, **options_from_meta(meta))
 
     def _start(self, bid: str, cfg: RunConfig) -> None:
         self.failures.pop(bid, None)
