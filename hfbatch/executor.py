@@ -23,6 +23,7 @@ import orjson
 from .limits import AIMD, Gate, RateBucket
 from .models import Outcome, Request
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
+from .packing import SOLO, Packs
 from .providers import Route, Router, Unroutable, split_model
 from .retry import Retry, RetryPolicy
 from .summary import Stats, usage_tokens
@@ -100,19 +101,6 @@ class _Group:
         self.remaining = copies
 
 
-_SOLO = ("solo",)  # a pack member told to go on alone
-
-
-class _Pack:
-    """Single-input embeddings requests waiting to be sent as one (--coalesce)."""
-
-    __slots__ = ("members", "timer")
-
-    def __init__(self) -> None:
-        self.members: list[tuple[Request, asyncio.Future[Result | None]]] = []
-        self.timer: asyncio.TimerHandle | None = None
-
-
 class Executor:
     def __init__(
         self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
@@ -130,8 +118,7 @@ class Executor:
         self.dedupe_keys = dedupe_keys
         self.groups: dict[bytes, _Group] = {}
         self.hooks = hooks  # cost ledger / budget / cache (optional)
-        self.packs: dict[Any, _Pack] = {}
-        self.pack_wait = 0.05  # seconds a partial pack waits for more members
+        self.packs = Packs(self) if limits.coalesce else None
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -223,9 +210,9 @@ class Executor:
                 result = cached
                 self._write(req.custom_id, result, copy=True, cache=True, req=req)
                 return
-            if self.limits.coalesce and req.url == "/v1/embeddings":
-                packed = await self._coalesced(req)
-                if packed is not _SOLO:
+            if self.packs is not None and req.url == "/v1/embeddings":
+                packed = await self.packs.join(req)
+                if packed is not SOLO:
                     result = packed
                     if result is not None:
                         self._write(req.custom_id, result)
@@ -241,83 +228,6 @@ class Executor:
                 group.done.set()
                 if result is None:
                     self.groups.pop(key, None)  # stopped before an answer: copies stay unsent too
-
-    # -- coalescing (--coalesce N) --------------------------------------------------------------
-
-    async def _coalesced(self, req: Request) -> Result | None:
-        """Join a pack of identical-parameter embeddings requests; returns this member's result, None
-        (stopped: no line), or _SOLO (send it alone)."""
-        from .coalesce import coalesce_key
-
-        key = coalesce_key(req.body)
-        if key is None:
-            return _SOLO
-        fut: asyncio.Future[Result | None] = asyncio.get_running_loop().create_future()
-        pack = self.packs.get(key)
-        if pack is None:
-            pack = self.packs[key] = _Pack()
-            pack.timer = asyncio.get_running_loop().call_later(self.pack_wait, self._flush_pack, key)
-        pack.members.append((req, fut))
-        if len(pack.members) >= (self.limits.coalesce or 1):
-            self._flush_pack(key)
-        return await fut
-
-    def _flush_pack(self, key: Any) -> None:
-        pack = self.packs.pop(key, None)
-        if pack is None:
-            return
-        if pack.timer is not None:
-            pack.timer.cancel()
-        if len(pack.members) == 1:
-            pack.members[0][1].set_result(_SOLO)
-            return
-        task = asyncio.ensure_future(self._send_pack(pack.members))
-        task.add_done_callback(lambda t: None if t.cancelled() else t.exception())
-
-    async def _send_pack(self, members: list[tuple[Request, asyncio.Future[Result | None]]]) -> None:
-        from .coalesce import input_weight, pack, split
-
-        reqs = [r for r, _ in members]
-        results: list[Any] = [_SOLO] * len(members)
-        try:
-            lead = reqs[0]
-            body = pack([r.body for r in reqs])
-            route = await self.router.route(replace(lead, body=body))
-            if isinstance(route, Unroutable):
-                results = [("error", route.code, route.message)] * len(reqs)
-                return
-            outcome = await self._send(lead, route)
-            if outcome is None:
-                results = [None] * len(reqs)
-                return
-            status = outcome.status
-            if status is not None and 200 <= status < 300 and outcome.parsed is not None:
-                answer = route.adapt(outcome.parsed, lead) if route.adapt is not None else outcome.parsed
-                try:
-                    parts = split(answer, len(reqs), weights=[input_weight(r.body) for r in reqs])
-                except ValueError:
-                    return  # an answer we cannot split: every member goes alone
-                self.stats.latency.add(outcome.latency)
-                request_id = outcome.request_id or "req_" + os.urandom(12).hex()
-                results = []
-                for r, part in zip(reqs, parts, strict=True):
-                    tokens = usage_tokens(part)
-                    results.append(("ok", status, request_id, part, tokens))
-                    self.stats.add_usage(part)
-                    self.stats.providers[outcome.provider or "unknown"] += 1
-                    if self.hooks is not None:
-                        self.hooks.answered(r, route, outcome, part)
-                self.stats.coalesced += len(reqs) - 1
-                return
-            if status is not None and 400 <= status < 500 and status != 429:
-                return  # one bad input fails a pack: let each member get its own answer
-            self.stats.latency.add(outcome.latency)
-            result = self._result_of(lead, route, outcome)
-            results = [result] * len(reqs)
-        finally:
-            for (_, fut), res in zip(members, results, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
 
     def _provider_key(self, model: str) -> str:
         base, pinned = split_model(model)

@@ -220,3 +220,25 @@ def test_hf_task_lines_and_metadata(tmp_path: Path, fake, run_cli) -> None:
     paths = fake.stats()["paths"]
     assert paths["/hf-inference/models/test-org/tiny-classifier"] == 1
     assert paths["/hf-inference/models/test-org/tiny-summarizer"] == 1
+
+
+def test_coalesce_packs_single_input_embeddings(tmp_path: Path, fake, run_cli) -> None:
+    """--coalesce 16: 100 single-input embeddings lines send 7 requests; every line still gets its
+    own OpenAI CreateEmbeddingResponse (one embedding, index 0) and the usage adds up."""
+    import openai
+
+    lines = [embeddings_line(f"e{i}", f"text {i} " * (1 + i % 3)) for i in range(100)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    p = run_cli(["in.jsonl", "-q", "--coalesce", "16", "--base-url", fake.url + "/v1"])
+    assert p.returncode == 0, p.stderr
+    batch = batch_from(p.stdout)
+    assert fake.stats()["paths"]["/v1/embeddings"] == 7
+    assert batch["hfbatch"]["savings"]["coalesced_requests"] == 93
+    out = read_jsonl(tmp_path / "in.output.jsonl")
+    assert sorted(o["custom_id"] for o in out) == sorted(f"e{i}" for i in range(100))
+    total = 0
+    for o in out:
+        body = openai.types.CreateEmbeddingResponse.model_validate(o["response"]["body"])
+        assert len(body.data) == 1 and body.data[0].index == 0
+        total += body.usage.prompt_tokens
+    assert total == batch["usage"]["input_tokens"] == 5 * 100  # the fake bills 5 tokens per input
