@@ -30,8 +30,11 @@ demo: install
 	@$(BIN)/hfbatch fake-provider --port $(PORT) --latency 0.2 & echo $$! > .demo.pid; \
 	trap 'kill $$(cat .demo.pid) 2>/dev/null; rm -f .demo.pid' EXIT; \
 	$(BIN)/python -c "import socket,time;[time.sleep(0.1) for _ in range(50) if socket.socket().connect_ex(('127.0.0.1',$(PORT)))]"; \
-	HF_TOKEN=hf_demo_not_a_real_token HFBATCH_ROUTER_URL=http://127.0.0.1:$(PORT) \
-	  $(BIN)/hfbatch submit samples/chat.jsonl -o samples/chat.output.jsonl -e samples/chat.errors.jsonl -c 8; \
+	demo_home=$$(mktemp -d); \
+	HF_TOKEN=hf_demo_not_a_real_token HFBATCH_ROUTER_URL=http://127.0.0.1:$(PORT) HFBATCH_HOME=$$demo_home \
+	  $(BIN)/hfbatch submit samples/chat.jsonl -o samples/chat.output.jsonl -e samples/chat.errors.jsonl -c 8 \
+	  --overwrite; \
+	rm -rf $$demo_home; \
 	echo "demo: output in samples/chat.output.jsonl" >&2
 
 bench: install

@@ -84,6 +84,17 @@ def final_table(batch: dict[str, Any], enabled: bool = True) -> None:
         t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s · "
                   f"p50 {lat['p50']} ms · p95 {lat['p95']} ms")
         t.add_row("http", f"{hb['http_requests']} requests · {hb['retries']} retries")
+    cost = hb.get("cost") or {}
+    if cost:
+        usd = cost.get("estimated_cost_usd")
+        unpriced = cost.get("unpriced_requests") or 0
+        t.add_row("cost", ("unknown (no prices for these models)" if usd is None else f"~${usd:.6f} (estimate)")
+                  + (f" · {unpriced} requests unpriced" if unpriced and usd is not None else ""))
+    saved = hb.get("savings") or {}
+    saved_requests = (saved.get("deduped_requests") or 0) + (saved.get("cache_hits") or 0) + (
+        saved.get("coalesced_requests") or 0)
+    if saved_requests:
+        t.add_row("saved", f"{saved_requests} requests not sent · ~${saved.get('estimated_saved_usd') or 0:.6f}")
     if hb.get("providers"):
         t.add_row("providers", ", ".join(f"{k} {v}" for k, v in hb["providers"].items()))
     t.add_row("output", str(batch["output_file_id"] or "—"))
