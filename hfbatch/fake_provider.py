@@ -36,7 +36,10 @@ _CATALOG = {"object": "list", "data": [
     {"id": "test-org/tiny-chat", "object": "model", "created": 1700000000, "owned_by": "test-org",
      "providers": _CHAT_PROVIDERS},
     {"id": "test-org/tiny-embed", "object": "model", "created": 1700000000, "owned_by": "test-org",
-     "providers": [{"provider": "hf-inference", "status": "live"}]}]}
+     "providers": [{"provider": "hf-inference", "status": "live"}]},
+    # The models of samples/chat.jsonl, so that `make demo` shows a cost (made-up prices).
+    *({"id": m, "object": "model", "created": 1700000000, "owned_by": m.split("/")[0],
+       "providers": _CHAT_PROVIDERS} for m in ("meta-llama/Llama-3.1-8B-Instruct", "openai/gpt-oss-120b"))]}
 _STAT_KEYS = ("requests", "ok", "s400", "s401", "s402", "s403", "s404", "s429", "s500", "s502", "s503",
               "s504", "hang", "reset", "garbage", "dup_ok", "distinct_ok", "auth_missing")
 _JSON = "application/json"
