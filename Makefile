@@ -18,7 +18,7 @@ test: install
 	$(BIN)/python -m pytest -n 2 -q
 
 check: install
-	$(BIN)/ruff check hfbatch tests
+	$(BIN)/ruff check hfbatch tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/python scripts/gen_cli_docs.py --check
 
