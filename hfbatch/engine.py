@@ -13,8 +13,9 @@ from .config import RunConfig
 from .cost import Budget, CostLedger
 from .errors import AuthError, EndedEarly, ExitCode, HfbatchError, Interrupted, SomeFailed, StoppedEarly
 from .estimate import DEFAULT_MAX_OUTPUT
-from .executor import Executor, Limits, StopControl
+from .executor import Executor, Limits
 from .ledger import Ledger, scan
+from .limits import StopControl
 from .models import LineError, Request, RunResult
 from .plan import InputPlan, RunHooks
 from .providers import Router

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from .limits import AIMD, Gate, RateBucket
+from .limits import AIMD, Gate, RateBucket, StopControl
 from .models import Outcome, Request
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
 from .packing import SOLO, Packs
@@ -31,35 +31,6 @@ from .transport import Transport
 from .writer import JsonlSink, error_line, success_line
 
 THROTTLE_STATUSES = frozenset({429, 503})
-
-
-@dataclass
-class StopControl:
-    """Why and how the run stops early. `reason` set = dispatch no more; `hard` = cancel in-flight."""
-
-    reason: str | None = None
-    message: str | None = None
-    hard: bool = False
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    wakeups: list[Callable[[], None]] = field(default_factory=list)  # called once a stop is asked
-
-    def stop(self, reason: str, message: str | None = None, hard: bool = False) -> None:
-        if self.reason is None:
-            self.reason, self.message = reason, message
-        self.hard = self.hard or hard
-        self.event.set()
-        for wake in list(self.wakeups):
-            wake()
-
-    async def sleep(self, delay: float) -> bool:
-        """Sleep `delay` seconds; True if the run was stopped meanwhile."""
-        if self.reason is not None:
-            return True
-        try:
-            await asyncio.wait_for(self.event.wait(), delay)
-        except TimeoutError:
-            return False
-        return True
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""Limits (pure, clock injected): smooth rate buckets (RPM/TPM), AIMD concurrency per provider, slot gates.
+"""Limits (pure, clock injected): smooth rate buckets (RPM/TPM), AIMD concurrency per provider, slot gates,
+and the run's stop control (why and how dispatching stops).
 
 Nothing here sleeps: buckets return how long a caller must wait, AIMD returns the new limit, and
 Gate is the only awaitable (a counting semaphore whose limit can change while it is in use).
@@ -10,6 +11,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 class RateBucket:
@@ -124,3 +126,32 @@ class Gate:
             if not fut.done():
                 self.active += 1
                 fut.set_result(None)
+
+
+@dataclass
+class StopControl:
+    """Why and how the run stops early. `reason` set = dispatch no more; `hard` = cancel in-flight."""
+
+    reason: str | None = None
+    message: str | None = None
+    hard: bool = False
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    wakeups: list[Callable[[], None]] = field(default_factory=list)  # called once a stop is asked
+
+    def stop(self, reason: str, message: str | None = None, hard: bool = False) -> None:
+        if self.reason is None:
+            self.reason, self.message = reason, message
+        self.hard = self.hard or hard
+        self.event.set()
+        for wake in list(self.wakeups):
+            wake()
+
+    async def sleep(self, delay: float) -> bool:
+        """Sleep `delay` seconds; True if the run was stopped meanwhile."""
+        if self.reason is not None:
+            return True
+        try:
+            await asyncio.wait_for(self.event.wait(), delay)
+        except TimeoutError:
+            return False
+        return True
