@@ -31,7 +31,7 @@ def submit(cfg: RunConfig) -> RunResult:
 
 
 def _loop_factory() -> Any:
-    """uvloop when installed (pip install 'hfbatch[fast]'): measured less client CPU per request
+    """uvloop when installed (pip install "hfbatch[fast]"); no measurable CPU gain yet here
     (BENCHMARKS.md); HFBATCH_UVLOOP=0 turns it off."""
     if os.environ.get("HFBATCH_UVLOOP", "1") == "0":
         return None
