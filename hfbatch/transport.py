@@ -1,20 +1,34 @@
-"""Transport: one POST -> Outcome (status, raw body, parsed JSON, ids, latency). No policy, no retries."""
+"""Transport: one POST -> Outcome (status, raw body, parsed JSON, ids, latency). No policy, no retries.
+
+Plain http(s) origins go through the lean keep-alive client in http1.py; an origin behind a proxy
+(HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, minus NO_PROXY) or with credentials in its URL goes through
+aiohttp, as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. aiohttp is imported
+only when it is used.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
 from . import __version__
 from .models import Outcome
 from .retry import parse_retry_after
 
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .http1 import Pool
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+
 
 class Transport:
-    """One aiohttp session per run, its connector sized to the concurrency, keep-alive on."""
+    """One connection pool per run, sized by the callers' concurrency, keep-alive on."""
 
     def __init__(
         self, concurrency: int, timeout: float, token: str | None, extra_headers: dict[str, str] | None = None
@@ -24,45 +38,48 @@ class Transport:
             headers["authorization"] = f"Bearer {token}"
         headers.update(extra_headers or {})
         self._headers = headers
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._proxies: dict[str, str | None] = {}
+        self._lean: dict[str, bool] = {}  # origin -> the lean client serves it
 
     async def __aenter__(self) -> Transport:
-        connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-        )
-        # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a thread)
-        # for every request, which cost more than the request itself here. Proxies are resolved
-        # once per origin instead (_proxy_for).
-        self._session = aiohttp.ClientSession(
-            connector=connector, headers=self._headers, timeout=self._timeout,
-            skip_auto_headers=("user-agent",), trust_env=False,
-        )
+        if os.environ.get("HFBATCH_HTTP", "").lower() != "aiohttp":
+            try:
+                from .http1 import Pool
+            except ImportError:  # httptools missing (an unusual platform): aiohttp does everything
+                pass
+            else:
+                self._pool = Pool(self._headers, self._timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def connections_opened(self) -> int:
+        return self._pool.connections_opened if self._pool is not None else 0
+
     async def post(self, url: str, data: bytes) -> Outcome:
-        assert self._session is not None
         t0 = time.perf_counter()
         try:
-            async with self._session.post(url, data=data, proxy=self._proxy_for(url)) as resp:
-                body = await resp.read()
-                status = resp.status
-                h = resp.headers
-                request_id = h.get("x-request-id")
-                provider = h.get("x-inference-provider")
-                retry_after = parse_retry_after(h.get("retry-after")) if status >= 400 else None
+            if self._pool is not None and self._uses_lean(url):
+                status, h, body = await self._lean_request("POST", url, data)
+            else:
+                status, h, body = await self._aiohttp_request("POST", url, data)
         except TimeoutError:
             return Outcome(
                 None, latency=time.perf_counter() - t0, error_code="request_timeout",
                 error_message="The underlying call to the model timed out.",
             )
-        except (aiohttp.ClientError, OSError) as e:
+        except Exception as e:
+            if not _is_connection_error(e):
+                raise
             return Outcome(
                 None, latency=time.perf_counter() - t0, error_code="connection_error",
                 error_message=_describe(e),
@@ -74,7 +91,66 @@ class Transport:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
                 parsed = None
-        return Outcome(status, body, parsed, request_id, provider, retry_after, latency)
+        retry_after = parse_retry_after(h.get("retry-after")) if status >= 400 else None
+        return Outcome(status, body, parsed, h.get("x-request-id"), h.get("x-inference-provider"), retry_after,
+                       latency)
+
+    async def get_json(self, url: str) -> Any:
+        """GET a JSON document (catalogs, prices); raises on a failure or a non-2xx answer."""
+        if self._pool is not None and self._uses_lean(url):
+            status, _, body = await self._lean_request("GET", url, b"")
+        else:
+            status, _, body = await self._aiohttp_request("GET", url, b"")
+        if not 200 <= status < 300:
+            raise OSError(f"HTTP {status} from {url}")
+        return orjson.loads(body)
+
+    # -- the two clients -----------------------------------------------------------------------
+
+    async def _lean_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
+        assert self._pool is not None
+        for _ in range(MAX_REDIRECTS + 1):
+            r = await self._pool.request(method, url, data)
+            location = r.headers.get("location")
+            # Follow a redirect only where the method and body survive it (307/308; any for a GET),
+            # as aiohttp would not turn a POST into a GET for us either.
+            if r.status not in REDIRECTS or not location or (method == "POST" and r.status not in (307, 308)):
+                return r.status, r.headers, r.body
+            from urllib.parse import urljoin
+
+            url = urljoin(url, location)
+            if not self._uses_lean(url):
+                return await self._aiohttp_request(method, url, data)
+        return r.status, r.headers, r.body
+
+    async def _aiohttp_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
+        session = await self._aiohttp()
+        async with session.request(method, url, data=data or None, proxy=self._proxy_for(url)) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def _aiohttp(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(
+                limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
+            )
+            # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a
+            # thread) for every request. Proxies are resolved once per origin instead (_proxy_for).
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=self._timeout),
+                skip_auto_headers=("user-agent",), trust_env=False,
+            )
+        return self._session
+
+    def _uses_lean(self, url: str) -> bool:
+        origin = _origin(url)
+        lean = self._lean.get(origin)
+        if lean is None:
+            lean = self._lean[origin] = (
+                "@" not in origin and origin.startswith(("http://", "https://")) and self._proxy_for(url) is None
+            )
+        return lean
 
     def _proxy_for(self, url: str) -> str | None:
         origin = _origin(url)
@@ -82,12 +158,18 @@ class Transport:
             self._proxies[origin] = _env_proxy(origin)
         return self._proxies[origin]
 
-    async def get_json(self, url: str) -> Any:
-        """GET a JSON document (catalogs, prices); raises aiohttp.ClientError on failure."""
-        assert self._session is not None
-        async with self._session.get(url, proxy=self._proxy_for(url)) as resp:
-            resp.raise_for_status()
-            return orjson.loads(await resp.read())
+
+def _is_connection_error(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return True
+    from .http1 import ProtocolError
+
+    if isinstance(e, ProtocolError):
+        return True
+    import sys
+
+    aiohttp = sys.modules.get("aiohttp")  # only loaded if it was used
+    return aiohttp is not None and isinstance(e, aiohttp.ClientError)
 
 
 def _origin(url: str) -> str:
@@ -110,4 +192,3 @@ def _env_proxy(origin: str) -> str | None:
 def _describe(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     return f"{type(e).__name__}: {text}"[:300]
-

@@ -1,0 +1,333 @@
+"""A lean keep-alive HTTP/1.1 client for the hot path: one request at a time per connection, no pipelining.
+
+Why not aiohttp here: its ClientSession costs ~160 µs of Python per request on this path (request
+objects, header multidicts, a timer per request), more than all of hfbatch's own work; this client
+writes one pre-rendered header block and parses the answer with llhttp (httptools, C). See
+BENCHMARKS.md. What it does not do (proxies, credentials in the URL) stays with aiohttp
+(transport.py decides per origin).
+
+- Connections are kept per origin (LIFO, so a few warm ones serve a slow trickle), closed after
+  60 s idle, after `Connection: close`, or after any error.
+- DNS is resolved once per host and reused for 5 minutes; TLS uses the system trust store (plus
+  certifi's bundle when installed), SNI and hostname checks on.
+- Timeouts: one watchdog per pool (not a timer per request) aborts requests past their deadline.
+- Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import zlib
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+# Response headers the callers read (lower-case); everything else is skipped.
+WANTED = frozenset({b"x-request-id", b"x-inference-provider", b"retry-after", b"content-encoding",
+                    b"location", b"content-length", b"transfer-encoding"})
+IDLE_SECONDS = 60.0
+DNS_TTL = 300.0
+
+
+class ProtocolError(Exception):
+    """The server's bytes are not a valid HTTP/1.1 answer, or the connection ended mid-answer."""
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+class Target:
+    """A URL, pre-rendered: the connection key and the request head up to the Content-Length value."""
+
+    __slots__ = ("key", "host", "port", "tls", "heads")
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+            raise ValueError(f"not a plain http(s) URL: {url}")
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.tls else 80)
+        self.key = (self.tls, self.host, self.port)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        lines = [f"host: {parts.netloc}"] + [f"{k}: {v}" for k, v in headers.items()]
+        fixed = "\r\n".join(lines)
+        self.heads = {m: f"{m} {target} HTTP/1.1\r\n{fixed}\r\ncontent-length: ".encode("latin-1")
+                      for m in ("GET", "POST")}
+
+
+class _Conn(asyncio.Protocol):
+    """One connection; `send` starts a request and returns the future of its Response."""
+
+    def __init__(self, key: tuple[bool, str, int], loop: asyncio.AbstractEventLoop) -> None:
+        self.key = key
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.fut: asyncio.Future[Response] | None = None
+        self.closed = False
+        self.keep = False
+        self.deadline = 0.0
+        self.idle_since = 0.0
+        self.headers: dict[str, str] = {}
+        self.chunks: list[bytes] = []
+        self.headers_done = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(ProtocolError(f"invalid HTTP answer: {e}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        fut = self.fut
+        if fut is None or fut.done():
+            return
+        h = self.headers
+        if self.headers_done and "content-length" not in h and "transfer-encoding" not in h:
+            self._complete()  # a body delimited by the end of the connection
+        elif exc is not None:
+            self._fail(exc)
+        else:
+            self._fail(ProtocolError("the server closed the connection before answering"
+                                     if not self.headers_done else "the server closed the connection mid-answer"))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in WANTED:
+            self.headers[name.decode()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # an interim answer (100 Continue): the real one follows
+            self.headers, self.chunks, self.headers_done = {}, [], False
+            return
+        self.keep = self.parser.should_keep_alive()
+        self._complete()
+
+    # own
+    def send(self, payload: bytes, deadline: float) -> asyncio.Future[Response]:
+        assert self.transport is not None
+        self.headers, self.chunks, self.headers_done, self.keep = {}, [], False, False
+        self.deadline = deadline
+        self.fut = fut = self.loop.create_future()
+        self.transport.write(payload)
+        return fut
+
+    def _complete(self) -> None:
+        fut = self.fut
+        if fut is None or fut.done():
+            return
+        body = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+        enc = self.headers.get("content-encoding")
+        if enc and body:
+            try:
+                body = _decode(enc, body)
+            except (zlib.error, ValueError) as e:
+                self.keep = False
+                fut.set_exception(ProtocolError(f"could not decode a {enc} body: {e}"))
+                return
+        try:
+            status = self.parser.get_status_code()
+        except httptools.HttpParserError:  # pragma: no cover - headers_done implies a status
+            status = 0
+        fut.set_result(Response(status, self.headers, body))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.keep = False
+        if self.fut is not None and not self.fut.done():
+            self.fut.set_exception(exc)
+
+    def time_out(self) -> None:
+        self._fail(TimeoutError())
+        self.close(abort=True)
+
+    def close(self, abort: bool = False) -> None:
+        self.closed = True
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+def _decode(encoding: str, body: bytes) -> bytes:
+    enc = encoding.strip().lower()
+    if enc in ("gzip", "x-gzip"):
+        return zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header
+    if enc == "deflate":
+        try:
+            return zlib.decompress(body)
+        except zlib.error:
+            return zlib.decompress(body, -15)  # raw deflate, as some servers send it
+    if enc == "identity":
+        return body
+    raise ValueError(f"unsupported content-encoding {encoding!r}")
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    try:
+        import certifi  # httpx (huggingface_hub) brings it; aiohttp's defaults are the system store
+
+        ctx.load_verify_locations(certifi.where())
+    except (ImportError, OSError):
+        pass
+    return ctx
+
+
+class Pool:
+    """Keep-alive connections per origin, a DNS cache, and one timeout watchdog."""
+
+    def __init__(self, headers: dict[str, str], timeout: float, connect_timeout: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._headers = {"accept-encoding": "gzip, deflate", **{k.lower(): v for k, v in headers.items()}}
+        self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
+        self._ssl = ssl_context
+        self._targets: dict[str, Target] = {}
+        self._idle: dict[tuple[bool, str, int], list[_Conn]] = {}
+        self._busy: set[_Conn] = set()
+        self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.connections_opened = 0
+
+    def target(self, url: str) -> Target:
+        t = self._targets.get(url)
+        if t is None:
+            if len(self._targets) > 1024:
+                self._targets.clear()
+            t = self._targets[url] = Target(url, self._headers)
+        return t
+
+    async def request(self, method: str, url: str, body: bytes = b"") -> Response:
+        """Send one request; raises TimeoutError, OSError or ProtocolError when there is no answer."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        t = self.target(url)
+        payload = b"%b%d\r\n\r\n%b" % (t.heads[method], len(body), body)
+        deadline = loop.time() + self.timeout
+        conn = self._take(t.key)
+        if conn is None:
+            conn = await self._connect(t, loop, deadline)
+        self._busy.add(conn)
+        if self._watchdog is None:
+            self._arm()
+        try:
+            resp = await conn.send(payload, deadline)
+        except BaseException:
+            conn.close(abort=True)
+            raise
+        finally:
+            self._busy.discard(conn)
+        if conn.keep and not conn.closed:
+            conn.idle_since = loop.time()
+            self._idle.setdefault(t.key, []).append(conn)
+        else:
+            conn.close()
+        return resp
+
+    def _take(self, key: tuple[bool, str, int]) -> _Conn | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self, t: Target, loop: asyncio.AbstractEventLoop, deadline: float) -> _Conn:
+        ssl_ctx: ssl.SSLContext | None = None
+        if t.tls:
+            if self._ssl is None:
+                self._ssl = default_ssl_context()
+            ssl_ctx = self._ssl
+        factory: Callable[[], _Conn] = lambda: _Conn(t.key, loop)  # noqa: E731
+        budget = max(0.001, min(self.connect_timeout, deadline - loop.time()))
+        async with asyncio.timeout(budget):
+            last: OSError | None = None
+            for family, _, proto, _, addr in await self._resolve(t.host, t.port, loop):
+                try:
+                    _, conn = await loop.create_connection(
+                        factory, addr[0], addr[1], family=family, proto=proto, ssl=ssl_ctx,
+                        server_hostname=t.host if ssl_ctx is not None else None)
+                except OSError as e:
+                    last = e
+                    continue
+                self.connections_opened += 1
+                return conn
+            raise last or OSError(f"cannot resolve {t.host}")
+
+    async def _resolve(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> list[Any]:
+        now = loop.time()
+        hit = self._dns.get((host, port))
+        if hit is not None and now - hit[0] < DNS_TTL:
+            return hit[1]
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"cannot resolve {host}")
+        self._dns[(host, port)] = (now, infos)
+        return infos
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        self._watchdog = self._loop.call_later(min(1.0, max(0.05, self.timeout / 4)), self._watch)
+
+    def _watch(self) -> None:
+        """Abort requests past their deadline; close connections idle for too long."""
+        assert self._loop is not None
+        now = self._loop.time()
+        for conn in [c for c in self._busy if c.deadline <= now]:
+            conn.time_out()
+        for key, conns in list(self._idle.items()):
+            fresh = []
+            for c in conns:
+                if c.closed:
+                    continue
+                if now - c.idle_since > IDLE_SECONDS:
+                    c.close()
+                else:
+                    fresh.append(c)
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
+        self._watchdog = None
+        if self._busy or self._idle:
+            self._arm()
+
+    async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        conns = [c for cs in self._idle.values() for c in cs] + list(self._busy)
+        self._idle.clear()
+        for c in conns:
+            c.close()
+        if conns:
+            await asyncio.sleep(0)  # let the transports run their close callbacks
