@@ -8,8 +8,8 @@ BENCHMARKS.md. What it does not do (proxies, credentials in the URL) stays with 
 
 - Connections are kept per origin (LIFO, so a few warm ones serve a slow trickle), closed after
   60 s idle, after `Connection: close`, or after any error.
-- DNS is resolved once per host and reused for 5 minutes; TLS uses the system trust store (plus
-  certifi's bundle when installed), SNI and hostname checks on.
+- DNS is resolved once per host and reused for 5 minutes; TLS uses the system trust store, with
+  SNI and hostname checks on.
 - Timeouts: one watchdog per pool (not a timer per request) aborts requests past their deadline.
 - Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded.
 """
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httptools
+
+if TYPE_CHECKING:
+    import ssl
 
 # Response headers the callers read (lower-case); everything else is skipped.
 WANTED = frozenset({b"x-request-id", b"x-inference-provider", b"retry-after", b"content-encoding",
@@ -190,14 +192,10 @@ def _decode(encoding: str, body: bytes) -> bytes:
 
 
 def default_ssl_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    try:
-        import certifi  # httpx (huggingface_hub) brings it; aiohttp's defaults are the system store
+    """The system trust store (SSL_CERT_FILE / SSL_CERT_DIR honored by OpenSSL), as aiohttp uses."""
+    import ssl
 
-        ctx.load_verify_locations(certifi.where())
-    except (ImportError, OSError):
-        pass
-    return ctx
+    return ssl.create_default_context()
 
 
 class Pool:

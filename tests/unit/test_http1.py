@@ -1,0 +1,296 @@
+"""The lean HTTP/1.1 client (hfbatch/http1.py) and the Transport around it, against real sockets on
+127.0.0.1: a scripted raw server that answers with exact bytes, so framing, keep-alive, errors and
+timeouts are checked as a server would really produce them."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from hfbatch.http1 import Pool, ProtocolError
+from hfbatch.transport import Transport
+
+Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open
+
+
+class RawServer:
+    """Reads one request at a time (head + Content-Length body) and lets `handler` answer it."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length) if length else b""
+                self.requests.append(head + body)
+                if not await self.handler(head + body, writer):
+                    return
+        finally:
+            writer.close()
+
+
+def answer(status: int, body: bytes, *extra: str, length: bool = True) -> bytes:
+    lines = [f"HTTP/1.1 {status} X"] + list(extra)
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def ok(payload: Any = None, *extra: str) -> Handler:
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, orjson.dumps(payload if payload is not None else {"ok": True}), *extra))
+        await w.drain()
+        return True
+    return handle
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_keep_alive_reuses_one_connection_and_sends_exact_requests() -> None:
+    async def main() -> None:
+        async with RawServer(ok({"n": 1}, "x-request-id: r-1", "X-Inference-Provider: fake-a")) as srv:
+            pool = Pool({"authorization": "Bearer hf_x", "content-type": "application/json"}, timeout=5)
+            for i in range(3):
+                r = await pool.request("POST", srv.url + "/v1/chat/completions?q=1", b'{"i":%d}' % i)
+                assert r.status == 200 and orjson.loads(r.body) == {"n": 1}
+                assert r.headers["x-request-id"] == "r-1" and r.headers["x-inference-provider"] == "fake-a"
+            await pool.close()
+            assert srv.connections == 1 and pool.connections_opened == 1
+            head, _, body = srv.requests[2].partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            assert lines[0] == b"POST /v1/chat/completions?q=1 HTTP/1.1"
+            fields = dict(line.lower().split(b": ", 1) for line in lines[1:])
+            assert fields[b"host"] == f"127.0.0.1:{srv.port}".encode()
+            assert fields[b"authorization"] == b"bearer hf_x" and fields[b"content-length"] == b"7"
+            assert body == b'{"i":2}'
+    run(main())
+
+
+def test_chunked_gzip_deflate_and_close_delimited_bodies() -> None:
+    payload = orjson.dumps({"text": "x" * 5000})
+
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        kind = req.split(b" ")[1]
+        if kind == b"/chunked":
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, len(payload), 700):
+                part = payload[i:i + 700]
+                w.write(b"%x\r\n%b\r\n" % (len(part), part))
+                await w.drain()
+                await asyncio.sleep(0.001)
+            w.write(b"0\r\n\r\n")
+        elif kind == b"/gzip":
+            w.write(answer(200, gzip.compress(payload), "Content-Encoding: gzip"))
+        elif kind == b"/deflate":
+            w.write(answer(200, zlib.compress(payload), "Content-Encoding: deflate"))
+        elif kind == b"/close":
+            w.write(answer(200, payload, "Connection: close", length=False))
+            await w.drain()
+            return False
+        await w.drain()
+        return True
+
+    async def main() -> None:
+        async with RawServer(handle) as srv:
+            pool = Pool({}, timeout=5)
+            for path in ("/chunked", "/gzip", "/deflate", "/close", "/chunked"):
+                r = await pool.request("POST", srv.url + path, b"{}")
+                assert (r.status, r.body) == (200, payload), path
+            await pool.close()
+            assert srv.connections == 2  # the close-delimited answer ended the first connection
+    run(main())
+
+
+def test_connection_close_interim_100_and_server_idle_close() -> None:
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        path = req.split(b" ")[1]
+        if path == b"/interim":
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b'{"a":1}'))
+        elif path == b"/bye":
+            w.write(answer(200, b"{}", "Connection: close"))
+        else:  # answer, then close the idle connection a moment later (a server's keep-alive timeout)
+            w.write(answer(200, b"{}"))
+            await w.drain()
+            await asyncio.sleep(0.05)
+            return False
+        await w.drain()
+        return path != b"/bye"
+
+    async def main() -> None:
+        async with RawServer(handle) as srv:
+            pool = Pool({}, timeout=5)
+            r = await pool.request("POST", srv.url + "/interim", b"{}")
+            assert (r.status, r.body) == (201, b'{"a":1}')
+            assert (await pool.request("POST", srv.url + "/bye", b"{}")).status == 200
+            assert (await pool.request("POST", srv.url + "/idle", b"{}")).status == 200
+            await asyncio.sleep(0.3)  # the server closed that connection meanwhile
+            assert (await pool.request("POST", srv.url + "/idle", b"{}")).status == 200
+            await pool.close()
+            assert srv.connections == 3
+    run(main())
+
+
+def test_broken_answers_raise_and_do_not_poison_the_pool() -> None:
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        path = req.split(b" ")[1]
+        if path == b"/truncated":
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"par")
+        elif path == b"/garbage":
+            w.write(b"SMTP ready\r\n\r\n")
+        elif path == b"/silent-close":
+            return False
+        else:
+            w.write(answer(200, b"{}"))
+            await w.drain()
+            return True
+        await w.drain()
+        return False
+
+    async def main() -> None:
+        async with RawServer(handle) as srv:
+            pool = Pool({}, timeout=5)
+            for path, pattern in (("/truncated", "mid-answer"), ("/garbage", "invalid HTTP"),
+                                  ("/silent-close", "before answering")):
+                with pytest.raises(ProtocolError, match=pattern):
+                    await pool.request("POST", srv.url + path, b"{}")
+                assert (await pool.request("POST", srv.url + "/fine", b"{}")).status == 200
+            await pool.close()
+    run(main())
+
+
+def test_transport_maps_timeouts_refusals_and_redirects() -> None:
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        path = req.split(b" ")[1]
+        if path == b"/hang":
+            await asyncio.sleep(30)
+        elif path == b"/moved":
+            w.write(answer(307, b"", "Location: /v1/here"))
+        elif path == b"/found":
+            w.write(answer(302, b"", "Location: /v1/here"))
+        else:
+            w.write(answer(200, b'{"path":"%b","body":%b}' % (path, req.partition(b"\r\n\r\n")[2])))
+        await w.drain()
+        return True
+
+    async def main() -> None:
+        async with RawServer(handle) as srv:
+            async with Transport(4, 0.4, "hf_secret") as t:
+                o = await t.post(srv.url + "/hang", b"{}")
+                assert o.status is None and o.error_code == "request_timeout"
+                assert 0.3 < o.latency < 2.0
+                o = await t.post(srv.url + "/moved", b'{"k":1}')  # 307 keeps the method and body
+                assert o.status == 200 and o.parsed == {"path": "/v1/here", "body": {"k": 1}}
+                o = await t.post(srv.url + "/found", b"{}")  # a 302 would turn a POST into a GET: not followed
+                assert o.status == 302
+                # a port nobody listens on
+                import socket
+
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                dead = s.getsockname()[1]
+                s.close()
+                o = await t.post(f"http://127.0.0.1:{dead}/v1/x", b"{}")
+                assert o.status is None and o.error_code == "connection_error"
+                assert "hf_secret" not in (o.error_message or "")
+    run(main())
+
+
+def test_an_origin_behind_a_proxy_goes_through_aiohttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def proxy(req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, b'{"via":"proxy"}'))
+        await w.drain()
+        return True
+
+    async def main() -> None:
+        async with RawServer(proxy) as px:
+            monkeypatch.setenv("HTTP_PROXY", px.url)
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            async with Transport(2, 5, None) as t:
+                o = await t.post("http://api.example.invalid/v1/chat/completions", b"{}")
+            assert o.status == 200 and o.parsed == {"via": "proxy"}
+            # the proxy got an absolute-form request line: the proxy path was taken
+            assert px.requests[0].startswith(b"POST http://api.example.invalid/v1/chat/completions HTTP/1.1")
+    run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_with_a_trusted_certificate_and_sni(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        srv = RawServer(ok({"tls": True}))
+        server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            pool = Pool({}, timeout=5, ssl_context=client_ctx)
+            for _ in range(2):
+                r = await pool.request("POST", f"https://localhost:{port}/v1/x", b"{}")
+                assert orjson.loads(r.body) == {"tls": True}
+            assert pool.connections_opened == 1
+            await pool.close()
+            # the system store does not trust this certificate: the handshake fails, as it should
+            with pytest.raises(ssl.SSLError):
+                await Pool({}, timeout=5).request("POST", f"https://localhost:{port}/v1/x", b"{}")
+        finally:
+            server.close()
+    run(main())
+
+
+def test_hfbatch_http_aiohttp_forces_the_aiohttp_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HFBATCH_HTTP", "aiohttp")
+
+    async def main() -> None:
+        async with RawServer(ok({"x": 1})) as srv:
+            async with Transport(2, 5, None) as t:
+                assert t.connections_opened == 0
+                o = await t.post(srv.url + "/v1/x", b"{}")
+                assert o.status == 200 and o.parsed == {"x": 1}
+                assert t._pool is None and t._session is not None
+    run(main())
+
