@@ -25,7 +25,7 @@ from .state import BatchDir
 from .summary import BatchInfo, Stats, batch_object
 from .transport import Transport
 from .ui import Progress
-from .validate import IdSet, validate_line
+from .validate import validate_line
 from .writer import JsonlSink, error_line
 
 SAVE_EVERY = 2.0  # seconds between live batch.json updates
@@ -59,7 +59,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
     pass_through = cfg.base_url is not None
 
     def requests() -> Iterator[Request]:
-        seen = IdSet() if cfg.skip_invalid else None
+        seen = plan.unique_ids() if cfg.skip_invalid else None
         done, rejected = ledger.done, ledger.rejected
         with open(meta["input_file"], "rb") as f:
             for line_no, raw in iter_lines(f):
@@ -116,7 +116,7 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
         if stop.reason in ("expired", "cancelled"):
             out.flush()
             err.flush()
-            _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through)
+            _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through, plan)
     finally:
         for s in signals:
             loop.remove_signal_handler(s)
@@ -126,12 +126,12 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
 
 
 def _close_unanswered(cfg: RunConfig, meta: dict[str, Any], err: JsonlSink, stats: Stats, reason: str,
-                      pass_through: bool) -> None:
+                      pass_through: bool, plan: InputPlan) -> None:
     """Expiry or cancel: every valid request with no line yet gets batch_expired / batch_cancelled."""
     code, message = (("batch_expired", EXPIRED_MESSAGE) if reason == "expired"
                      else ("batch_cancelled", CANCELLED_MESSAGE))
     done = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, Stats()).done
-    seen = IdSet()
+    seen = plan.unique_ids()
     with open(meta["input_file"], "rb") as f:
         for line_no, raw in iter_lines(f):
             r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=cfg.endpoint)

@@ -76,7 +76,7 @@ class Executor:
     def __init__(
         self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
         err: JsonlSink, stats: Stats, stop: StopControl, limits: Limits,
-        dedupe_keys: dict[bytes, int] | None = None, hooks: Any = None,
+        dedupe_keys: dict[int, int] | None = None, hooks: Any = None,
     ) -> None:
         self.transport, self.router, self.policy = transport, router, policy
         self.out, self.err, self.stats, self.stop = out, err, stats, stop
@@ -158,9 +158,10 @@ class Executor:
         key = None
         if self.dedupe_keys:
             from .cache import request_key
+            from .repeats import key_fingerprint
 
             key = request_key(req.url, req.body)
-            occurrences = self.dedupe_keys.get(key)
+            occurrences = self.dedupe_keys.get(key_fingerprint(key))
             if occurrences is not None:
                 group = self.groups.get(key)
                 if group is not None:  # a copy: wait for the first one's answer

@@ -9,10 +9,12 @@ from typing import Any
 
 import orjson
 
+from .cache import request_key
 from .models import LineError, Request
 from .reader import iter_lines
+from .repeats import ExactIds, FingerprintIds, RepeatFinder, key_fingerprint
 from .summary import MAX_REPORTED_ERRORS, usage_tokens
-from .validate import IdSet, validate_line
+from .validate import validate_line
 
 
 @dataclass
@@ -20,42 +22,73 @@ class InputPlan:
     total: int = 0  # non-blank lines
     errors: list[LineError] = field(default_factory=list)
     errors_dropped: int = 0
-    duplicates: dict[bytes, int] = field(default_factory=dict)  # request key -> occurrences (>= 2)
+    duplicates: dict[int, int] = field(default_factory=dict)  # request-key fingerprint -> occurrences (>= 2)
+    repeated_ids: set[int] = field(default_factory=set)  # custom_id fingerprints seen more than once
+
+    def unique_ids(self) -> ExactIds:
+        """The exact custom_id check for another pass over the same file, in this process."""
+        return ExactIds(self.repeated_ids)
 
 
-def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, endpoint: str | None) -> InputPlan:
+def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, endpoint: str | None,
+               ids: bool = False) -> InputPlan:
     """One streaming pass over the input. Strict: collect every invalid line (OpenAI validates the
     whole file before running anything). Dedupe: find requests (endpoint + body) that occur more
-    than once. Memory: 16 bytes per line for the custom_ids, 8 for the request fingerprints, plus
-    one entry per duplicated request."""
+    than once. `ids` (implied by strict): find the custom_ids used more than once, for the run's own
+    check (--skip-invalid).
+
+    Memory does not grow with the file: fingerprints go through an external sort (repeats.py). Only
+    when some custom_id fingerprint repeats (a duplicate, or a 1-in-10^8 collision) does strict mode
+    read the file a second time to name the duplicate lines exactly."""
     plan = InputPlan()
-    ids = IdSet()
-    seen_keys = IdSet(bits=32) if dedupe else None
-    if dedupe:
-        from .cache import request_key
+    seen = FingerprintIds() if (strict or ids) else None
+    keys = RepeatFinder() if dedupe else None
+    parse = strict or dedupe or ids
+    errors = _Errors(plan) if strict else None
     with open(path, "rb") as f:
         for line_no, raw in iter_lines(f):
             plan.total += 1
-            if not (strict or dedupe):
+            if not parse:
                 continue
-            r = validate_line(line_no, raw, ids, pass_through=pass_through, endpoint=endpoint)
+            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=endpoint)
             if isinstance(r, LineError):
-                if strict:
-                    if len(plan.errors) < MAX_REPORTED_ERRORS:
-                        plan.errors.append(r)
-                    else:
-                        plan.errors_dropped += 1
+                if errors is not None:
+                    errors.add(r)
                 continue
-            if seen_keys is not None:
-                key = request_key(r.url, r.body)
-                # The fingerprint set flags candidates; the executor matches full keys, so a rare
-                # fingerprint collision costs a little memory, never a wrong answer.
-                if not seen_keys.add(key):
-                    plan.duplicates[key] = plan.duplicates.get(key, 1) + 1
+            if keys is not None:
+                keys.add(key_fingerprint(request_key(r.url, r.body)))
+    if seen is not None:
+        plan.repeated_ids = seen.repeats()
+    if keys is not None:
+        plan.duplicates = keys.repeats()
+    if errors is not None and plan.repeated_ids:
+        # Name the duplicates exactly: a second pass that checks ids in file order (an invalid line
+        # still claims its id, and a line's duplicate id is its error, as in OpenAI).
+        plan.errors, plan.errors_dropped = [], 0
+        errors = _Errors(plan)
+        exact = plan.unique_ids()
+        with open(path, "rb") as f:
+            for line_no, raw in iter_lines(f):
+                r = validate_line(line_no, raw, exact, pass_through=pass_through, endpoint=endpoint)
+                if isinstance(r, LineError):
+                    errors.add(r)
     if plan.total == 0:
         plan.errors.append(LineError(0, None, "empty_file", "The input file is empty. Please ensure "
                                      "that the batch contains at least one request."))
     return plan
+
+
+class _Errors:
+    """Strict mode's error list: the first MAX_REPORTED_ERRORS, then a count."""
+
+    def __init__(self, plan: InputPlan) -> None:
+        self.plan = plan
+
+    def add(self, e: LineError) -> None:
+        if len(self.plan.errors) < MAX_REPORTED_ERRORS:
+            self.plan.errors.append(e)
+        else:
+            self.plan.errors_dropped += 1
 
 
 class RunHooks:

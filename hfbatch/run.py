@@ -185,7 +185,8 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     input_file, pass_through = meta["input_file"], cfg.base_url is not None
     validating = info.status == "validating"
     plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
-                                   dedupe=cfg.dedupe, pass_through=pass_through, endpoint=cfg.endpoint)
+                                   dedupe=cfg.dedupe, pass_through=pass_through, endpoint=cfg.endpoint,
+                                   ids=cfg.skip_invalid)
     if validating:
         info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
         if info.errors:

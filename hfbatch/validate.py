@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -29,6 +29,12 @@ OPENAI_ENDPOINTS = frozenset(
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 # Our extension: Hugging Face tasks beyond OpenAI's endpoints, e.g. /hf/text-classification.
 HF_TASK_RE = re.compile(r"^/hf/[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class SeenIds(Protocol):
+    def add(self, custom_id: str) -> bool:
+        """Record `custom_id`; False if it was already there."""
+        ...
 
 
 class IdSet:
@@ -103,7 +109,7 @@ def normalize_url(url: str) -> str:
 def validate_line(
     line_no: int,
     raw: bytes | LineTooLong,
-    seen: IdSet | None,
+    seen: SeenIds | None,
     *,
     pass_through: bool = False,
     endpoint: str | None = None,

@@ -1,0 +1,129 @@
+"""Which 64-bit fingerprints occur more than once in a stream of millions, in memory that does not grow
+with the stream: an external sort (sorted runs of RUN values spilled to an unnamed temp file, then
+merged).
+
+The input pre-scan feeds it the custom_id fingerprints (duplicate custom_ids) and the request-key
+fingerprints (dedupe). A repeat is only a candidate: callers confirm with the exact value (ExactIds
+keeps the ids whose fingerprint repeats; the executor matches full request keys), so a fingerprint
+collision costs a little memory, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import tempfile
+from array import array
+from collections.abc import Iterator
+from typing import IO
+
+MASK64 = (1 << 64) - 1
+RUN = 1 << 17  # values per sorted run: 1 MB of array, ~5 MB while sorting
+_BLOCK = 1 << 13  # values read per run at a time while merging
+
+
+def key_fingerprint(key: bytes) -> int:
+    """A request key's (a blake2b digest) first 64 bits."""
+    return int.from_bytes(key[:8], "little")
+
+
+class RepeatFinder:
+    """add() values; repeats() -> {value: count} for the values added at least twice."""
+
+    def __init__(self, run: int = RUN) -> None:
+        self._run = run
+        self._buf = array("Q")
+        self._file: IO[bytes] | None = None
+        self._runs: list[tuple[int, int]] = []  # (offset in values, length) of each spilled run
+
+    def add(self, value: int) -> None:
+        self._buf.append(value)
+        if len(self._buf) >= self._run:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="hfbatch-scan-")
+        start = sum(n for _, n in self._runs)
+        array("Q", sorted(self._buf)).tofile(self._file)
+        self._runs.append((start, len(self._buf)))
+        self._buf = array("Q")
+
+    def repeats(self) -> dict[int, int]:
+        tail = sorted(self._buf)
+        self._buf = array("Q")
+        if self._file is None:
+            merged: Iterator[int] = iter(tail)
+        else:
+            self._file.flush()
+            merged = heapq.merge(*(self._read_run(o, n) for o, n in self._runs), tail)
+        found: dict[int, int] = {}
+        try:
+            prev = next(merged)
+        except StopIteration:
+            return found
+        count = 1
+        for v in merged:
+            if v == prev:
+                count += 1
+                continue
+            if count > 1:
+                found[prev] = count
+            prev, count = v, 1
+        if count > 1:
+            found[prev] = count
+        self.close()
+        return found
+
+    def _read_run(self, offset: int, length: int) -> Iterator[int]:
+        f = self._file
+        assert f is not None
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(_BLOCK, end - pos)
+            f.seek(pos * 8)
+            block = array("Q")
+            block.frombytes(f.read(n * 8))
+            yield from block
+            pos += n
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._runs = []
+
+
+class FingerprintIds:
+    """The scan's custom_id check: records every id's fingerprint (the process's randomized SipHash of
+    the string, 64 bits) and defers the verdict to repeats()."""
+
+    __slots__ = ("finder",)
+
+    def __init__(self, run: int = RUN) -> None:
+        self.finder = RepeatFinder(run)
+
+    def add(self, custom_id: str) -> bool:
+        self.finder.add(hash(custom_id) & MASK64)
+        return True
+
+    def repeats(self) -> set[int]:
+        return set(self.finder.repeats())
+
+
+class ExactIds:
+    """custom_id uniqueness in file order, exactly, remembering only the ids whose fingerprint repeats."""
+
+    __slots__ = ("repeated", "seen")
+
+    def __init__(self, repeated: set[int]) -> None:
+        self.repeated = repeated
+        self.seen: set[str] = set()
+
+    def add(self, custom_id: str) -> bool:
+        if not self.repeated or (hash(custom_id) & MASK64) not in self.repeated:
+            return True
+        if custom_id in self.seen:
+            return False
+        self.seen.add(custom_id)
+        return True
+
