@@ -86,8 +86,12 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
             spend = await _cost_ledger(cfg, transport, stored_cost)
             stats.cost = spend
             budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
+            # The router's providers are shared and their limits unknown: start at 64 and double per
+            # round trip. A --base-url server is yours and -c is your number for it: start there
+            # (a 429/503 still shrinks it).
             limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
-                            fallback=cfg.fallback, coalesce=cfg.coalesce)
+                            fallback=cfg.fallback, coalesce=cfg.coalesce,
+                            start=cfg.concurrency if cfg.base_url else 64)
             hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
                              ledger=spend, budget=budget, stop=stop)
             executor = Executor(

@@ -43,6 +43,7 @@ class Limits:
     adapt: bool = True
     fallback: tuple[str, ...] = ()
     coalesce: int | None = None  # pack up to N single-input embeddings requests into one
+    start: int = 64  # where AIMD starts (then doubles per round trip up to `concurrency`)
 
 
 class _Provider:
@@ -50,8 +51,8 @@ class _Provider:
 
     __slots__ = ("gate", "aimd")
 
-    def __init__(self, concurrency: int, adapt: bool) -> None:
-        self.aimd = AIMD(concurrency) if adapt else None
+    def __init__(self, concurrency: int, adapt: bool, start: int) -> None:
+        self.aimd = AIMD(concurrency, initial=start) if adapt else None
         self.gate = Gate(self.aimd.value if self.aimd else concurrency)
 
 
@@ -208,7 +209,7 @@ class Executor:
     def _provider(self, key: str) -> _Provider:
         p = self.providers.get(key)
         if p is None:
-            p = self.providers[key] = _Provider(self.limits.concurrency, self.limits.adapt)
+            p = self.providers[key] = _Provider(self.limits.concurrency, self.limits.adapt, self.limits.start)
         return p
 
     async def _send(self, req: Request, route: Route) -> Outcome | None:

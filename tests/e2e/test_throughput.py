@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import stat
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -321,3 +322,35 @@ def test_a_throttled_provider_does_not_slow_the_others(tmp_path: Path, make_fake
     st = fake.stats()
     assert st["providers"]["fake-a"] == 40 * 4 and st["providers"]["fake-b"] == 80
     assert st["dup_ok"] == 0
+
+
+def _first_wave_peak(fake: ThreadedFakeProvider, proc: Any, latency: float) -> int:
+    """The most requests in flight before the first answer could have come back."""
+    deadline = time.monotonic() + 30
+    while fake.stats()["requests"] == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    first = time.monotonic()
+    peak = 0
+    while time.monotonic() < first + latency * 0.8:
+        peak = max(peak, fake.stats()["inflight"])
+        time.sleep(0.01)
+    return peak
+
+
+def test_slow_start_on_the_router_full_concurrency_on_your_own_server(tmp_path: Path, make_fake,
+                                                                      popen_cli) -> None:
+    # Router: shared providers with unknown limits, AIMD starts at 64. --base-url: the user's server,
+    # -c is their number for it, so the first wave is all of -c (a 429/503 would still shrink it).
+    latency = 1.5
+    fake = make_fake(latency=latency)
+    lines = [chat_line(f"w{i:03d}", f"[[id:w{i}]] n {i}") for i in range(100)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    router = popen_cli(["in.jsonl", "-q", "-c", "100"])
+    assert _first_wave_peak(fake, router, latency) == 64
+    assert router.wait(timeout=60) == 0
+    fake.reset_stats()
+    own = popen_cli(["in.jsonl", "-q", "-c", "100", "--base-url", fake.url + "/v1", "-o", "own.jsonl",
+                     "-e", "own.errors.jsonl"])
+    assert _first_wave_peak(fake, own, latency) == 100
+    assert own.wait(timeout=60) == 0
+    assert len(read_jsonl(tmp_path / "own.jsonl")) == 100
