@@ -18,7 +18,7 @@ from .ledger import Ledger, scan
 from .limits import StopControl
 from .models import LineError, Request, RunResult
 from .plan import InputPlan, RunHooks
-from .providers import Router
+from .providers import Router, router_root
 from .reader import iter_lines
 from .retry import RetryPolicy
 from .state import BatchDir
@@ -33,9 +33,52 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
+def first_limit(cfg: RunConfig) -> int:
+    """Where each provider's AIMD limit starts. The router's providers are shared and their limits
+    unknown: 64, doubling per round trip. A --base-url server is yours and -c is your number for it:
+    start there (a 429/503 still shrinks it)."""
+    return cfg.concurrency if cfg.base_url else min(cfg.concurrency, 64)
+
+
+class Warmup:
+    """What a run can do while its input is being scanned: open the connection pool, load the prices
+    (a GET of the router's catalog) and open the first connections (TLS handshakes included), as many
+    as the first wave will use. Closed (connections and all) when the run ends or fails validation."""
+
+    def __init__(self, cfg: RunConfig, stored_cost: dict[str, Any] | None, input_size: int, *,
+                 enabled: bool = True) -> None:
+        self.cfg, self.stored_cost, self.enabled = cfg, stored_cost, enabled
+        # A batch line is at least ~100 bytes: never more connections than the file can use.
+        self.connections = max(1, min(first_limit(cfg), input_size // 100))
+        self.transport = Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg))
+        self._prices: asyncio.Task[CostLedger] | None = None
+        self._connect: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Warmup:
+        await self.transport.__aenter__()
+        if self.enabled:
+            self._prices = asyncio.create_task(_cost_ledger(self.cfg, self.transport, self.stored_cost))
+            url = self.cfg.base_url or router_root()
+            self._connect = asyncio.create_task(self.transport.prewarm(url, self.connections))
+        return self
+
+    async def prices(self) -> CostLedger:
+        if self._prices is None:
+            self._prices = asyncio.create_task(_cost_ledger(self.cfg, self.transport, self.stored_cost))
+        return await self._prices
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in (self._prices, self._connect):
+            if t is not None and not t.done():
+                t.cancel()
+        for t in (self._prices, self._connect):
+            if t is not None:
+                await asyncio.gather(t, return_exceptions=True)
+        await self.transport.__aexit__(*exc)
+
+
 async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
-                  ledger: Ledger, window: int, resume: bool, plan: InputPlan,
-                  stored_cost: dict[str, Any] | None) -> RunResult:
+                  ledger: Ledger, window: int, resume: bool, plan: InputPlan, warm: Warmup) -> RunResult:
     if cfg.output_path == "-":
         out = JsonlSink(None, sys.stdout.buffer)
     else:
@@ -79,44 +122,40 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
         b.save_batch(batch_object(info, stats, window))
 
     try:
-        async with Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg)) as transport:
-            router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
-                            estimate=_token_estimator() if cfg.tpm else None,
-                            default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
-            spend = await _cost_ledger(cfg, transport, stored_cost)
-            stats.cost = spend
-            budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
-            # The router's providers are shared and their limits unknown: start at 64 and double per
-            # round trip. A --base-url server is yours and -c is your number for it: start there
-            # (a 429/503 still shrinks it).
-            limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
-                            fallback=cfg.fallback, coalesce=cfg.coalesce,
-                            start=cfg.concurrency if cfg.base_url else 64)
-            hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
-                             ledger=spend, budget=budget, stop=stop)
-            executor = Executor(
-                transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
-                limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
-                dedupe_keys=plan.duplicates or None, hooks=hooks,
-            )
-            progress.concurrency = executor.concurrency_now
-            work = asyncio.create_task(executor.run(requests()))
-            ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save, cfg.shutdown))
-            guard = asyncio.create_task(_guard(stop, work, cfg.grace))
-            progress.start()
-            try:
-                await asyncio.shield(work)
-            except asyncio.CancelledError:
-                if not work.cancelled():
-                    raise
-            finally:
-                guard.cancel()
-                ticker.cancel()
-                progress.stop()
-                hooks.close()
-                stats.saved_usd = hooks.saved_usd
-                stats.capped = router.capped
-                stats.concurrency = executor.concurrency_now()
+        transport = warm.transport
+        router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
+                        estimate=_token_estimator() if cfg.tpm else None,
+                        default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
+        spend = await warm.prices()
+        stats.cost = spend
+        budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
+        limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
+                        fallback=cfg.fallback, coalesce=cfg.coalesce, start=first_limit(cfg))
+        hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
+                         ledger=spend, budget=budget, stop=stop)
+        executor = Executor(
+            transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
+            limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
+            dedupe_keys=plan.duplicates or None, hooks=hooks,
+        )
+        progress.concurrency = executor.concurrency_now
+        work = asyncio.create_task(executor.run(requests()))
+        ticker = asyncio.create_task(_tick(out, err, progress, b, stop, info, expires_at, save, cfg.shutdown))
+        guard = asyncio.create_task(_guard(stop, work, cfg.grace))
+        progress.start()
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.cancelled():
+                raise
+        finally:
+            guard.cancel()
+            ticker.cancel()
+            progress.stop()
+            hooks.close()
+            stats.saved_usd = hooks.saved_usd
+            stats.capped = router.capped
+            stats.concurrency = executor.concurrency_now()
         if stop.reason in ("expired", "cancelled"):
             out.flush()
             err.flush()

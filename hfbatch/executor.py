@@ -109,7 +109,15 @@ class Executor:
             tasks.discard(t)
             wake()
 
+        spawned = 0
+
         async def admit() -> bool:
+            nonlocal spawned
+            spawned += 1
+            if spawned % 16 == 0:
+                # Let the new tasks send before reading further ahead: without this the first
+                # read-ahead window (4 x -c lines) is parsed before the first request leaves.
+                await asyncio.sleep(0)
             while len(tasks) >= window and self.stop.reason is None:
                 room[:] = [loop.create_future()]
                 await room[0]

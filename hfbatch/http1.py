@@ -251,6 +251,24 @@ class Pool:
             conn.close()
         return resp
 
+    async def prewarm(self, url: str, n: int) -> None:
+        """Open connections to `url`'s origin until `n` are idle there; errors are ignored (the
+        requests that follow meet them)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        t = self.target(url)
+
+        async def one() -> None:
+            conn = await self._connect(t, loop, loop.time() + self.connect_timeout)
+            conn.idle_since = loop.time()
+            self._idle.setdefault(t.key, []).append(conn)
+            if self._watchdog is None:
+                self._arm()
+
+        missing = n - len(self._idle.get(t.key, ()))
+        await asyncio.gather(*(one() for _ in range(missing)), return_exceptions=True)
+
     def _take(self, key: tuple[bool, str, int]) -> _Conn | None:
         idle = self._idle.get(key)
         while idle:

@@ -182,6 +182,16 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     stats = Stats()
     meta["pid"] = os.getpid()
     b.save_meta(meta)
+    stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
+    from .engine import Warmup
+
+    # While the input is scanned (a thread), the prices load and the first connections open.
+    async with Warmup(cfg, stored_cost, os.path.getsize(meta["input_file"]), enabled=not cfg.detach) as warm:
+        return await _scan_and_execute(cfg, b, meta, window, info, stats, warm, resume=resume)
+
+
+async def _scan_and_execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, info: BatchInfo,
+                            stats: Stats, warm: Any, *, resume: bool) -> RunResult:
     input_file, pass_through = meta["input_file"], cfg.base_url is not None
     validating = info.status == "validating"
     plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
@@ -211,10 +221,9 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     if b.cancel_requested():
         info.set_status("cancelling")
     b.save_batch(batch_object(info, stats, window))
-    stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
-    from .engine import execute  # aiohttp and friends: only when something will be sent
+    from .engine import execute
 
-    return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, stored_cost)
+    return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, warm)
 
 
 def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:

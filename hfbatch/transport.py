@@ -65,6 +65,12 @@ class Transport:
     def connections_opened(self) -> int:
         return self._pool.connections_opened if self._pool is not None else 0
 
+    async def prewarm(self, url: str, n: int) -> None:
+        """Open up to `n` keep-alive connections to `url`'s origin ahead of the first requests (the
+        lean client only; failures are left for the requests to report)."""
+        if self._pool is not None and self._uses_lean(url):
+            await self._pool.prewarm(url, n)
+
     async def post(self, url: str, data: bytes) -> Outcome:
         t0 = time.perf_counter()
         try:

@@ -294,3 +294,18 @@ def test_hfbatch_http_aiohttp_forces_the_aiohttp_client(monkeypatch: pytest.Monk
                 assert t._pool is None and t._session is not None
     run(main())
 
+
+
+def test_prewarm_opens_the_first_waves_connections_ahead() -> None:
+    async def main() -> None:
+        async with RawServer(ok({"w": 1})) as srv:
+            pool = Pool({}, timeout=5)
+            await pool.prewarm(srv.url + "/v1/x", 5)
+            await asyncio.sleep(0.05)
+            assert srv.connections == 5 and not srv.requests  # connected, nothing sent yet
+            await pool.prewarm(srv.url + "/v1/x", 5)  # already there: nothing more opened
+            rs = await asyncio.gather(*(pool.request("POST", srv.url + "/v1/x", b"{}") for _ in range(5)))
+            assert [r.status for r in rs] == [200] * 5
+            assert srv.connections == 5 and pool.connections_opened == 5
+            await pool.close()
+    run(main())
