@@ -7,7 +7,6 @@ request, so a 500 is retried once only. A 2xx whose body is not JSON is a broken
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
 from collections.abc import Callable
@@ -79,6 +78,8 @@ def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -
     except ValueError:
         pass
     try:
+        import email.utils  # an HTTP-date Retry-After only: not imported by every run
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
