@@ -3,7 +3,10 @@
 (fake provider, 200 ms latency), 1,000 requests at -c 200. Prints requests sent (<= 1.3x) and the
 throughput as a fraction of what the cap allows (40 / 0.2 s = 200 req/s; target >= 0.7).
 
-    .venv/bin/python bench/hidden_cap.py
+    .venv/bin/python bench/hidden_cap.py [--base-url]
+
+With --base-url the fake is addressed as "your server": adaptive concurrency then starts at -c
+(not 64), so the first wave overshoots the cap once before AIMD brings the limit down.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(REFEREE / "gen_input.py"), str(n), str(inp)], check=True)
         env = dict(os.environ, HF_TOKEN="hf_bench", HFBATCH_HOME=str(Path(tmp) / "home"),
                    HFBATCH_ROUTER_URL=fake.url)
-        r = subprocess.run([sys.executable, "-m", "hfbatch", "submit", str(inp), "-c", "200", "-q"],
+        own = ["--base-url", fake.url + "/v1"] if "--base-url" in sys.argv[1:] else []
+        r = subprocess.run([sys.executable, "-m", "hfbatch", "submit", str(inp), "-c", "200", "-q", *own],
                            env=env, capture_output=True, text=True)
         batch = json.loads(r.stdout)
         st = fake.stats()

@@ -262,13 +262,15 @@ class Executor:
                     outcome = await self.transport.post(route.url, route.data)
                 finally:
                     stats.in_flight -= 1
+                # Adapt while this request still holds its slot: a throttle lowers the limit before
+                # the slot is handed to a waiting request (which would meet the same 429).
+                self._adapt(provider, model, outcome, started)
             finally:
                 self.gate.release()
                 provider.gate.release()
                 if self.hooks is not None:
                     self.hooks.release(reserved)
             status = outcome.status
-            self._adapt(provider, model, outcome, started)
             if self.tpm is not None and status is not None and 200 <= status < 300:
                 self.tpm.refund(booked - tokens_used(outcome.parsed, booked))
             if status in (401, 403):
@@ -311,7 +313,8 @@ class Executor:
         if aimd is None or outcome.status is None:
             return
         if outcome.status in THROTTLE_STATUSES:
-            if aimd.on_throttle(started):
+            cut = aimd.on_throttle(started)
+            if aimd.clamp(provider.gate.active - 1) or cut:  # the others still out (not this one)
                 provider.gate.set_limit(aimd.value)
         elif 200 <= outcome.status < 300:
             before = aimd.value

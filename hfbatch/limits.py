@@ -73,6 +73,17 @@ class AIMD:
             return
         self.limit = min(float(self.maximum), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
 
+    def clamp(self, in_flight: int) -> bool:
+        """A throttle arrived while `in_flight` other requests were still out: the provider is not
+        taking more than those, so the limit need not exceed them. A concurrency cap shows this way:
+        the rejections come back at once and the accepted requests stay, so after a burst of 429s
+        the limit sits at the cap instead of at beta^k of the first wave. True if the limit went down."""
+        self.slow_start = False
+        if in_flight >= self.limit:
+            return False
+        self.limit = max(1.0, float(in_flight))
+        return True
+
     def on_throttle(self, started_at: float) -> bool:
         """A request started at `started_at` was throttled; True if the limit went down."""
         self.slow_start = False

@@ -105,6 +105,23 @@ def test_hidden_cap_adapts_and_keeps_throughput(tmp_path: Path, make_fake, run_c
         f"knows the cap: {baseline:.0f}/s); {st['s429']} 429s, final limits {hb['concurrency']}")
 
 
+def test_hidden_cap_on_your_own_server_costs_one_overshoot(tmp_path: Path, make_fake, run_cli) -> None:
+    # With --base-url adaptive concurrency starts at -c (200), so the first wave overshoots a cap of 40
+    # once; throttles lower the limit before their slots are handed on and clamp it to what the server
+    # kept, so the whole batch still costs at most 1.3x the requests.
+    n, cap = 1000, 40
+    fake = make_fake(latency=0.05, max_inflight=cap, retry_after="0")
+    lines = [chat_line(f"own-{i:04d}", f"[[id:own-{i:04d}]] q {i}") for i in range(n)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    p = run_cli(["in.jsonl", "-q", "-c", "200", "--base-url", fake.url + "/v1"], timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert_each_once(ids(lines), read_jsonl(tmp_path / "in.output.jsonl"))
+    st = fake.stats()
+    assert st["dup_ok"] == 0 and st["distinct_ok"] == n
+    assert st["requests"] <= 1.3 * n, f"{st['requests']} HTTP requests for {n} lines ({st['s429']} were 429)"
+    assert max(batch_from(p.stdout)["hfbatch"]["concurrency"].values()) <= 1.5 * cap
+
+
 def test_an_auto_routed_model_shares_its_providers_limit(tmp_path: Path, make_fake, run_cli) -> None:
     """Requests of a model without suffix are limited by the provider that serves it (learned from
     x-inference-provider): one AIMD limit per provider, reported under the provider's name."""

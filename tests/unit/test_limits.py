@@ -245,3 +245,16 @@ def test_aimd_ignores_throttles_within_one_round_trip_of_a_decrease() -> None:
     clock.t = 100.3
     assert a.on_throttle(started_at=100.25)  # a round trip later: a new window of overload
     assert a.decreases == 2
+
+
+def test_aimd_clamp_brings_the_limit_to_what_the_provider_kept() -> None:
+    a = AIMD(200, initial=200)
+    assert a.on_throttle(started_at=-1.0)  # the first 429 of a burst: x0.7
+    assert a.value == 140
+    # the other rejections stream back while the accepted requests stay out
+    for still_out in range(150, 39, -1):
+        a.clamp(still_out)
+    assert a.value == 40 and not a.slow_start
+    assert not a.clamp(45)  # never raises the limit
+    a.clamp(0)
+    assert a.value == 1  # never below 1
