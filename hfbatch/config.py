@@ -54,6 +54,13 @@ class RunConfig:
     shutdown: Any = None  # an asyncio.Event: set = stop like SIGTERM (grace for in-flight requests)
     token: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # Both become HTTP header values: a line break would end the header (and smuggle others).
+        for what, value in (("the token", self.token), ("--bill-to", self.bill_to)):
+            if value and any(c in value for c in "\r\n\0"):
+                raise UsageError(f"{what} contains a line break or NUL character; check how it was set "
+                                 "(a token file or variable with a trailing newline inside quotes?)")
+
     def options(self) -> dict[str, object]:
         """What `hfbatch resume` needs to run the batch again (never the token)."""
         return {

@@ -95,6 +95,7 @@ class _Conn(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
+        self.closed = True  # never handed out again, even before connection_lost runs
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -204,6 +205,8 @@ class Pool:
     def __init__(self, headers: dict[str, str], timeout: float, connect_timeout: float = 30.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self._headers = {"accept-encoding": "gzip, deflate", **{k.lower(): v for k, v in headers.items()}}
+        if any(c in text for kv in self._headers.items() for text in kv for c in "\r\n\0"):
+            raise ValueError("a header name or value contains a line break")  # (RunConfig refuses these first)
         self.timeout = timeout
         self.connect_timeout = min(connect_timeout, timeout)
         self._ssl = ssl_context

@@ -131,6 +131,15 @@ def test_token_is_sent_but_never_printed_or_written(tmp_path: Path, make_fake, r
     assert token not in (tmp_path / "s.json").read_text()
 
 
+def test_a_token_with_a_line_break_is_refused_before_any_request(tmp_path: Path, fake, run_cli) -> None:
+    # It becomes an HTTP header value: a line break inside would end the header and smuggle others.
+    chat_file(tmp_path, 2)
+    p = run_cli(["in.jsonl", "-q"], env_extra={"HF_TOKEN": "hf_Distinct7\r\nx-smuggled: 1"})
+    assert p.returncode == 2, p.stderr
+    assert "line break" in p.stderr and "Distinct7" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert fake.stats()["requests"] == 0
+
+
 # ------------------------------------------------------------------ usage errors
 
 
