@@ -42,9 +42,9 @@ class IdSet:
 
     It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
     table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
-    lines), the price of memory that stays small however large the batch. `bits=32` halves the
-    memory again where a false match only costs a little (dedupe candidates: the executor then
-    compares full request keys).
+    lines). Used where a set of ids must be kept (the ids already answered, on resume; `estimate`);
+    a run's own uniqueness check needs no such table (repeats.py). `bits=32` halves the memory where
+    a false match only costs a little.
     """
 
     __slots__ = ("_table", "_mask", "_count", "_bits")
