@@ -387,6 +387,8 @@ class Executor:
         """The live limit per provider (what AIMD allows right now)."""
         named: dict[int, str] = {}
         for k, p in self.providers.items():  # a placeholder shared with a provider shows as the provider
+            if k.startswith("auto:") and k[5:] in self.learned and self.learned[k[5:]] in self.providers:
+                continue  # the model's provider is known (and listed): its placeholder only held early requests
             if id(p) not in named or named[id(p)].startswith("auto:"):
                 named[id(p)] = k
         return {k: self.providers[k].gate.limit for k in named.values()}

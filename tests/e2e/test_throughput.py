@@ -138,6 +138,20 @@ def test_an_auto_routed_model_shares_its_providers_limit(tmp_path: Path, make_fa
         "known keep a limit of their own)")
 
 
+def test_two_auto_routed_models_on_one_provider_report_one_limit(tmp_path: Path, make_fake, run_cli) -> None:
+    # The second model learns a provider the first one already made known: its placeholder held only
+    # the requests read before that and is not reported as a provider of its own (as `make demo` showed).
+    make_fake(latency=0.05)
+    lines = [chat_line(f"m{i % 2}-{i:03d}", f"[[id:m-{i:03d}]] q {i}",
+                       model=CHAT_MODEL if i % 2 else "meta-llama/Llama-3.1-8B-Instruct") for i in range(60)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    p = run_cli(["in.jsonl", "-q", "-c", "8"])
+    assert p.returncode == 0, p.stderr
+    hb = batch_from(p.stdout)["hfbatch"]
+    assert hb["providers"] == {"fake-b": 60}
+    assert hb["concurrency"] == {"fake-b": 8}, hb["concurrency"]
+
+
 # --------------------------------------------------------------------------- RPM
 
 
