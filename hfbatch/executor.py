@@ -88,7 +88,7 @@ class Executor:
         self.rpm = RateBucket(limits.rpm / 60.0) if limits.rpm else None
         self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0) if limits.tpm else None
         self.dedupe_keys = dedupe_keys
-        self.groups: dict[bytes, _Group] = {}
+        self.groups: dict[tuple[str, bytes], _Group] = {}
         self.hooks = hooks  # cost ledger / budget / cache (optional)
         self.packs = Packs(self) if limits.coalesce else None
 
@@ -166,11 +166,10 @@ class Executor:
             return
         key = None
         if self.dedupe_keys:
-            from .cache import request_key
-            from .repeats import key_fingerprint
+            from .repeats import canonical_request, request_fingerprint
 
-            key = request_key(req.url, req.body)
-            occurrences = self.dedupe_keys.get(key_fingerprint(key))
+            key = canonical_request(req.url, req.body)  # groups match on it exactly
+            occurrences = self.dedupe_keys.get(request_fingerprint(key))
             if occurrences is not None:
                 group = self.groups.get(key)
                 if group is not None:  # a copy: wait for the first one's answer

@@ -9,10 +9,9 @@ from typing import Any
 
 import orjson
 
-from .cache import request_key
 from .models import LineError, Request
 from .reader import iter_lines
-from .repeats import ExactIds, FingerprintIds, RepeatFinder, key_fingerprint
+from .repeats import ExactIds, FingerprintIds, RepeatFinder, canonical_request, request_fingerprint
 from .summary import MAX_REPORTED_ERRORS, usage_tokens
 from .validate import validate_line
 
@@ -22,7 +21,7 @@ class InputPlan:
     total: int = 0  # non-blank lines
     errors: list[LineError] = field(default_factory=list)
     errors_dropped: int = 0
-    duplicates: dict[int, int] = field(default_factory=dict)  # request-key fingerprint -> occurrences (>= 2)
+    duplicates: dict[int, int] = field(default_factory=dict)  # request fingerprint -> occurrences (>= 2)
     repeated_ids: set[int] = field(default_factory=set)  # custom_id fingerprints seen more than once
 
     def unique_ids(self) -> ExactIds:
@@ -56,7 +55,7 @@ def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, end
                     errors.add(r)
                 continue
             if keys is not None:
-                keys.add(key_fingerprint(request_key(r.url, r.body)))
+                keys.add(request_fingerprint(canonical_request(r.url, r.body)))
     if seen is not None:
         plan.repeated_ids = seen.repeats()
     if keys is not None:

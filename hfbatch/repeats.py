@@ -14,16 +14,25 @@ import heapq
 import tempfile
 from array import array
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
+
+import orjson
 
 MASK64 = (1 << 64) - 1
 RUN = 1 << 16  # values per sorted run: 0.5 MB of array, ~2.6 MB while sorting
 _BLOCK = 1 << 13  # values read per run at a time while merging
 
 
-def key_fingerprint(key: bytes) -> int:
-    """A request key's (a blake2b digest) first 64 bits."""
-    return int.from_bytes(key[:8], "little")
+def canonical_request(url: str, body: dict[str, Any]) -> tuple[str, bytes]:
+    """What makes two requests the same for dedupe: the endpoint and the body's JSON with sorted keys
+    (the model, with its :provider suffix, is in the body)."""
+    return url, orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def request_fingerprint(canonical: tuple[str, bytes]) -> int:
+    """64 bits of the process's SipHash of a canonical request (2.5x cheaper than a blake2b key; only
+    compared within this process)."""
+    return hash(canonical) & MASK64
 
 
 class RepeatFinder:

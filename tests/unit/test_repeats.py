@@ -48,3 +48,14 @@ def test_ids_fingerprints_then_exact_check_in_file_order() -> None:
 def test_a_fingerprint_collision_is_not_a_duplicate() -> None:
     exact = ExactIds({hash("a") & MASK64, hash("b") & MASK64})  # pretend both collided with something
     assert exact.add("a") and exact.add("b") and not exact.add("a")
+
+
+def test_canonical_requests_ignore_key_order_but_not_values() -> None:
+    from hfbatch.repeats import canonical_request, request_fingerprint
+
+    a = canonical_request("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    b = canonical_request("/v1/chat/completions", {"messages": [{"content": "hi", "role": "user"}], "model": "m"})
+    c = canonical_request("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi!"}]})
+    d = canonical_request("/v1/embeddings", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert a == b and request_fingerprint(a) == request_fingerprint(b)
+    assert len({a, c, d}) == 3 and len({request_fingerprint(x) for x in (a, c, d)}) == 3
