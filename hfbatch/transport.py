@@ -115,18 +115,21 @@ class Transport:
 
     async def _lean_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
         assert self._pool is not None
+        origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             r = await self._pool.request(method, url, data)
             location = r.headers.get("location")
-            # Follow a redirect only where the method and body survive it (307/308; any for a GET),
-            # as aiohttp would not turn a POST into a GET for us either.
+            # Follow a redirect only where the method and body survive it (307/308; any for a GET: a
+            # 301/302/303 would turn the POST into a bodiless GET), and only within the origin: the
+            # token must not travel to another host. Anything else is returned as it is.
             if r.status not in REDIRECTS or not location or (method == "POST" and r.status not in (307, 308)):
                 return r.status, r.headers, r.body
             from urllib.parse import urljoin
 
-            url = urljoin(url, location)
-            if not self._uses_lean(url):
-                return await self._aiohttp_request(method, url, data)
+            nxt = urljoin(url, location)
+            if _origin(nxt) != origin:
+                return r.status, r.headers, r.body
+            url = nxt
         return r.status, r.headers, r.body
 
     async def _aiohttp_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:

@@ -206,6 +206,8 @@ def test_transport_maps_timeouts_refusals_and_redirects() -> None:
             w.write(answer(307, b"", "Location: /v1/here"))
         elif path == b"/found":
             w.write(answer(302, b"", "Location: /v1/here"))
+        elif path.startswith(b"/away"):
+            w.write(answer(307, b"", f"Location: http://127.0.0.1:{path.split(b'=')[1].decode()}/v1/x"))
         else:
             w.write(answer(200, b'{"path":"%b","body":%b}' % (path, req.partition(b"\r\n\r\n")[2])))
         await w.drain()
@@ -221,6 +223,10 @@ def test_transport_maps_timeouts_refusals_and_redirects() -> None:
                 assert o.status == 200 and o.parsed == {"path": "/v1/here", "body": {"k": 1}}
                 o = await t.post(srv.url + "/found", b"{}")  # a 302 would turn a POST into a GET: not followed
                 assert o.status == 302
+                # another origin (here: another port) never gets the token: not followed either
+                async with RawServer(ok({"elsewhere": True})) as other:
+                    o = await t.post(f"{srv.url}/away?to={other.port}", b"{}")
+                    assert o.status == 307 and other.requests == []
                 # a port nobody listens on
                 import socket
 
