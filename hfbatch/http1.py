@@ -69,8 +69,7 @@ class Target:
 class _Conn(asyncio.Protocol):
     """One connection; `send` starts a request and returns the future of its Response."""
 
-    def __init__(self, key: tuple[bool, str, int], loop: asyncio.AbstractEventLoop) -> None:
-        self.key = key
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -286,7 +285,7 @@ class Pool:
             if self._ssl is None:
                 self._ssl = default_ssl_context()
             ssl_ctx = self._ssl
-        factory: Callable[[], _Conn] = lambda: _Conn(t.key, loop)  # noqa: E731
+        factory: Callable[[], _Conn] = lambda: _Conn(loop)  # noqa: E731
         budget = max(0.001, min(self.connect_timeout, deadline - loop.time()))
         async with asyncio.timeout(budget):
             last: OSError | None = None

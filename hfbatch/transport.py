@@ -43,7 +43,7 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
         self._proxies: dict[str, str | None] = {}
-        self._lean: dict[str, bool] = {}  # origin -> the lean client serves it
+        self._lean: dict[str, bool] = {}  # url -> the lean client serves it
 
     async def __aenter__(self) -> Transport:
         if os.environ.get("HFBATCH_HTTP", "").lower() != "aiohttp":
@@ -115,7 +115,7 @@ class Transport:
 
     async def _lean_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
         assert self._pool is not None
-        origin = _origin(url)
+        first = url
         for _ in range(MAX_REDIRECTS + 1):
             r = await self._pool.request(method, url, data)
             location = r.headers.get("location")
@@ -127,7 +127,7 @@ class Transport:
             from urllib.parse import urljoin
 
             nxt = urljoin(url, location)
-            if _origin(nxt) != origin:
+            if _origin(nxt) != _origin(first):
                 return r.status, r.headers, r.body
             url = nxt
         return r.status, r.headers, r.body
@@ -153,10 +153,10 @@ class Transport:
         return self._session
 
     def _uses_lean(self, url: str) -> bool:
-        origin = _origin(url)
-        lean = self._lean.get(origin)
+        lean = self._lean.get(url)  # per URL (a run has a handful): no string work per request
         if lean is None:
-            lean = self._lean[origin] = (
+            origin = _origin(url)
+            lean = self._lean[url] = (
                 "@" not in origin and origin.startswith(("http://", "https://")) and self._proxy_for(url) is None
             )
         return lean

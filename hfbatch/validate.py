@@ -10,6 +10,7 @@ import orjson
 
 from .models import LineError, Request
 from .reader import MAX_LINE_BYTES, LineTooLong
+from .repeats import MASK64
 
 # OpenAI's batch endpoints (openai SDK batch_create_params). Which of them the router can serve is
 # decided later (providers.py); validation only says whether the line is a well-formed batch line.
@@ -43,21 +44,19 @@ class IdSet:
     It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
     table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
     lines). Used where a set of ids must be kept (the ids already answered, on resume; `estimate`);
-    a run's own uniqueness check needs no such table (repeats.py). `bits=32` halves the memory where
-    a false match only costs a little.
+    a run's own uniqueness check needs no such table (repeats.py).
     """
 
-    __slots__ = ("_table", "_mask", "_count", "_bits")
+    __slots__ = ("_table", "_mask", "_count")
 
-    def __init__(self, bits: int = 64) -> None:
-        self._bits = (1 << bits) - 1
-        self._table = array("Q" if bits == 64 else "I", bytes((bits // 8) * 1024))
+    def __init__(self) -> None:
+        self._table = array("Q", bytes(8 * 1024))
         self._mask = 1023
         self._count = 0
 
     def add(self, custom_id: str | bytes) -> bool:
         """Record `custom_id`; False if it was already there."""
-        h = (hash(custom_id) & self._bits) | 1  # 0 marks an empty slot
+        h = (hash(custom_id) & MASK64) | 1  # 0 marks an empty slot
         table, mask = self._table, self._mask
         i = h & mask
         while True:
@@ -73,7 +72,7 @@ class IdSet:
             i = (i + 1) & mask
 
     def __contains__(self, custom_id: object) -> bool:
-        h = (hash(custom_id) & self._bits) | 1
+        h = (hash(custom_id) & MASK64) | 1
         table, mask = self._table, self._mask
         i = h & mask
         while True:
