@@ -12,234 +12,36 @@ import hashlib
 import json
 import os
 import signal
-import stat
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import (
-    TOKEN,
-    assert_clean,
+    Cli,
     assert_each_once,
+    batch_dirs,
     batch_from,
+    chat_file,
     chat_line,
     check_batch,
+    check_completed,
     check_error_line,
+    check_interrupted,
     check_output_line,
-    cli_env,
+    check_private,
+    check_stamps,
+    count_lines,
     ids,
+    last_json,
+    poll,
     read_jsonl,
+    wait_until_blocked_on_stdin,
     write_jsonl,
 )
-
-from hfbatch.fake_provider import ThreadedFakeProvider
 
 URL = "/v1/chat/completions"
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-UMASK = 0o022  # a permissive umask: hfbatch must still keep its registry private
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def chat_file(path: Path, n: int, prefix: str = "r", extra: dict[int, str] | None = None) -> list[str]:
-    """n chat lines with [[id:...]] markers (the fake counts duplicate answers); extra[i] is
-    prepended to line i's text (scripted faults, sleeps)."""
-    lines = [chat_line(f"{prefix}{i:03d}", f"{(extra or {}).get(i, '')}[[id:{prefix}{i:03d}]] message {i}")
-             for i in range(n)]
-    write_jsonl(path, lines)
-    return ids(lines)  # type: ignore[return-value]
-
-
-def count_lines(path: Path) -> int:
-    """Complete (newline-terminated) lines in a file that another process is appending to."""
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def poll(cond: Callable[[], Any], what: str, timeout: float = 15.0,
-         proc: subprocess.Popen[bytes] | None = None) -> Any:
-    """Poll `cond` every 20 ms until truthy; fail after `timeout` s (or when `proc` has exited)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            value = cond()  # it may have happened just before the process ended
-            if value:
-                return value
-            out, err = proc.communicate()
-            pytest.fail(f"process exited ({proc.returncode}) while waiting for {what}: "
-                        f"{err.decode(errors='replace')[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def check_stamps(batch: dict[str, Any], *keys: str) -> None:
-    """`keys` (status timestamps) are set, and in order after created_at."""
-    missing = [k for k in keys if not isinstance(batch.get(k), int)]
-    assert not missing, f"status {batch['status']!r} but {missing} not set: " + json.dumps(
-        {k: v for k, v in batch.items() if k.endswith("_at")})
-    seq = [batch["created_at"], *(batch[k] for k in keys)]
-    assert seq == sorted(seq), f"timestamps out of order: {list(zip(('created_at', *keys), seq, strict=True))}"
-
-
-def check_completed(batch: dict[str, Any]) -> None:
-    assert batch["status"] == "completed", batch["status"]
-    assert batch["hfbatch"]["state"] == "finished", batch["hfbatch"]
-    check_stamps(batch, "in_progress_at", "finalizing_at", "completed_at")
-
-
-def check_interrupted(batch: dict[str, Any]) -> None:
-    """A resumable batch: still in_progress for OpenAI, interrupted for us."""
-    assert batch["status"] == "in_progress", batch["status"]
-    assert batch["hfbatch"]["state"] == "interrupted", batch["hfbatch"]
-    assert batch["completed_at"] is None and batch["finalizing_at"] is None, batch
-    check_stamps(batch, "in_progress_at")
-
-
-def check_private(home: Path) -> None:
-    """Everything under HFBATCH_HOME: directories 0700, files 0600."""
-    bad = []
-    for p in [home, *sorted(home.rglob("*"))]:
-        st = p.lstat()
-        want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
-        if stat.S_IMODE(st.st_mode) != want:
-            bad.append(f"{p.relative_to(home.parent)}: {oct(stat.S_IMODE(st.st_mode))} (want {oct(want)})")
-    assert not bad, "registry entries not private: " + "; ".join(bad)
-
-
-def batch_dirs(home: Path) -> list[Path]:
-    root = home / "batches"
-    return sorted(p for p in root.iterdir() if (p / "meta.json").exists()) if root.is_dir() else []
-
-
-def last_json(text: str) -> dict[str, Any]:
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert lines, "nothing on stdout"
-    obj: dict[str, Any] = json.loads(lines[-1])
-    return obj
-
-
-class Cli:
-    """`python -m hfbatch ...` as a subprocess: run() waits, start() does not (killed at teardown)."""
-
-    def __init__(self, tmp_path: Path, fakes: list[ThreadedFakeProvider]) -> None:
-        self.tmp_path, self.fakes = tmp_path, fakes
-        self.home = tmp_path / "_home" / "hfbatch"
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _env(self) -> dict[str, str]:
-        return cli_env(self.tmp_path, self.fakes[-1] if self.fakes else None)
-
-    def run(self, *args: str, cwd: Path | None = None, input_bytes: bytes | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        stdin: dict[str, Any] = ({"input": input_bytes} if input_bytes is not None
-                                 else {"stdin": subprocess.DEVNULL})
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run([sys.executable, "-m", "hfbatch", *args], cwd=cwd or self.tmp_path,
-                               env=self._env(), capture_output=True, timeout=timeout,
-                               preexec_fn=lambda: os.umask(UMASK), **stdin)
-        except subprocess.TimeoutExpired as e:
-            err = (e.stderr or b"").decode("utf-8", "replace")
-            pytest.fail(f"`hfbatch {' '.join(args)}` did not exit within {timeout} s: {err[-2000:]!r}")
-        out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-        assert_clean(self.tmp_path, out, err, {TOKEN})
-        result = subprocess.CompletedProcess(p.args, p.returncode, out, err)
-        result.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
-        return result
-
-    def start(self, *args: str, cwd: Path | None = None, stdin_pipe: bool = False) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([sys.executable, "-m", "hfbatch", *args], cwd=cwd or self.tmp_path,
-                             env=self._env(), stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=lambda: os.umask(UMASK))
-        self.procs.append(p)
-        return p
-
-    def finish(self, p: subprocess.Popen[bytes], timeout: float = 20) -> tuple[int, str, str]:
-        if p.stdin is not None and p.stdin.closed:
-            p.stdin = None  # communicate() would flush it
-        try:
-            out_b, err_b = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out_b, err_b = p.communicate()
-            pytest.fail(f"hfbatch did not exit within {timeout} s: {err_b.decode(errors='replace')[-2000:]}")
-        out, err = out_b.decode("utf-8", "replace"), err_b.decode("utf-8", "replace")
-        assert_clean(self.tmp_path, out, err, {TOKEN})
-        return p.returncode, out, err
-
-    def kill9(self, p: subprocess.Popen[bytes]) -> None:
-        p.send_signal(signal.SIGKILL)
-        p.wait(10)  # reaped: no zombie that still looks alive to `kill -0`
-
-    def batch(self, *args: str) -> dict[str, Any]:
-        """Run a command that prints one Batch object (status, cancel, wait) and validate it."""
-        p = self.run(*args)
-        assert p.returncode == 0, (args, p.returncode, p.stderr)
-        return check_batch(last_json(p.stdout))
-
-    def listing(self, *args: str) -> list[dict[str, Any]]:
-        p = self.run("list", *args)
-        assert p.returncode == 0, p.stderr
-        rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
-        for r in rows:
-            check_batch(r)
-        return rows
-
-    def only_batch_id(self) -> str:
-        dirs = batch_dirs(self.home)
-        assert len(dirs) == 1, f"expected one batch in the registry, found {[d.name for d in dirs]}"
-        return dirs[0].name
-
-    def stored(self, batch_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        d = self.home / "batches" / batch_id
-        return json.loads((d / "batch.json").read_bytes()), json.loads((d / "meta.json").read_bytes())
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-
-@pytest.fixture
-def cli(tmp_path: Path, _fakes: list[ThreadedFakeProvider]) -> Iterable[Cli]:
-    c = Cli(tmp_path, _fakes)
-    yield c
-    c.close()
-
-
-def wait_until_blocked_on_stdin(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    """Until every process has imported everything and sits reading its stdin."""
-    def ready() -> bool:
-        for p in procs:
-            try:
-                if "pipe_read" not in Path(f"/proc/{p.pid}/wchan").read_text():
-                    return False
-            except OSError:
-                return False
-        return True
-
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            return  # no /proc/PID/wchan here: go on anyway (only the timing gets looser)
-        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
-        time.sleep(0.02)
-
-
 # --------------------------------------------------------------------------- registry and commands
 
 
