@@ -11,7 +11,16 @@ from typing import Any
 
 from .config import RunConfig
 from .cost import Budget, CostLedger
-from .errors import AuthError, EndedEarly, ExitCode, HfbatchError, Interrupted, SomeFailed, StoppedEarly
+from .errors import (
+    AuthError,
+    EndedEarly,
+    ExitCode,
+    HfbatchError,
+    Interrupted,
+    SomeFailed,
+    StoppedEarly,
+    WriteError,
+)
 from .estimate import DEFAULT_MAX_OUTPUT
 from .executor import Executor, Limits
 from .ledger import Ledger, scan
@@ -79,12 +88,18 @@ class Warmup:
 
 async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
                   ledger: Ledger, window: int, resume: bool, plan: InputPlan, warm: Warmup) -> RunResult:
-    if cfg.output_path == "-":
-        out = JsonlSink(None, sys.stdout.buffer)
-    else:
-        out = JsonlSink(cfg.output_path, append=resume)
-    err = JsonlSink(cfg.errors_path, append=resume)
     stop = StopControl()
+
+    def write_failed(sink: JsonlSink, e: OSError) -> None:
+        # Like an interruption: dispatching stops at once, in-flight answers are kept in memory and
+        # retried to disk until the grace ends; the batch stays resumable.
+        stop.stop("write_error", sink.describe_error())
+
+    if cfg.output_path == "-":
+        out = JsonlSink.stream(sys.stdout.buffer, on_error=write_failed)
+    else:
+        out = JsonlSink.open(cfg.output_path, append=resume, on_error=write_failed)
+    err = JsonlSink.open(cfg.errors_path, append=resume, on_error=write_failed)
     progress = Progress(enabled=not cfg.quiet, stats=stats)
     loop = asyncio.get_running_loop()
     signals_seen: list[int] = []
@@ -119,7 +134,10 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
                 yield r
 
     def save() -> None:
-        b.save_batch(batch_object(info, stats, window))
+        try:
+            b.save_batch(batch_object(info, stats, window))
+        except OSError as e:
+            stop.stop("write_error", f"cannot write {e.filename or b.batch_file}: {e.strerror or e}")
 
     try:
         transport = warm.transport
@@ -159,13 +177,35 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
         if stop.reason in ("expired", "cancelled"):
             out.flush()
             err.flush()
-            _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through, plan)
+            if out.error is None and err.error is None:
+                _close_unanswered(cfg, meta, err, stats, stop.reason, pass_through, plan)
     finally:
         for s in signals:
             loop.remove_signal_handler(s)
         out.close()
         err.close()
+    if out.error is not None or err.error is not None:
+        _recount(cfg, stats, out, err)
     return _conclude(cfg, b, meta, info, stats, window, stop, signals_seen, out, err)
+
+
+def _recount(cfg: RunConfig, stats: Stats, out: JsonlSink, err: JsonlSink) -> None:
+    """After a failed write the files, not the counters, say what is done: count their lines again (a
+    torn last line is cut, as a rerun would), so the summary never claims a line that is not on disk."""
+    try:
+        disk = Stats()
+        scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, disk)
+    except OSError:
+        stats.completed -= out.unwritten_lines()
+        stats.failed -= err.unwritten_lines()
+        return
+    if cfg.output_path == "-":
+        disk.completed = stats.completed - out.unwritten_lines()
+        disk.input_tokens, disk.output_tokens = stats.input_tokens, stats.output_tokens
+        disk.cached_tokens, disk.reasoning_tokens = stats.cached_tokens, stats.reasoning_tokens
+    stats.completed, stats.failed = disk.completed, disk.failed
+    stats.input_tokens, stats.output_tokens = disk.input_tokens, disk.output_tokens
+    stats.cached_tokens, stats.reasoning_tokens = disk.cached_tokens, disk.reasoning_tokens
 
 
 def _close_unanswered(cfg: RunConfig, meta: dict[str, Any], err: JsonlSink, stats: Stats, reason: str,
@@ -188,7 +228,15 @@ def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo
               err: JsonlSink) -> RunResult:
     info.unsent = max(0, stats.total - stats.completed - stats.failed)
     error: HfbatchError | None = None
-    if stop.reason is None:
+    broken = out.error is not None or err.error is not None
+    if broken or stop.reason == "write_error":
+        # Whatever else happened (even expiry or a cancel), lines that did not reach the disk keep the
+        # batch resumable: a rerun with space sends exactly what has no line.
+        info.state, info.stop_reason = "interrupted", "write_error"
+        what = next((s.describe_error() for s in (out, err) if s.error is not None), stop.message)
+        error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
+                           f"the same command (or `hfbatch resume {info.id}`) to send only those")
+    elif stop.reason is None:
         info.set_status("finalizing")
         info.set_status("completed")
         info.state = "finished"
@@ -229,10 +277,15 @@ def finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, win
         info.output_file_id = out_path if (stats.completed or out_lines) else None
         info.error_file_id = err_path if (stats.failed or err_lines) else None
     batch = batch_object(info, stats, window)
-    b.save_batch(batch)
-    meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
-    meta["pid"] = None
-    b.save_meta(meta)
+    try:
+        b.save_batch(batch)
+        meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
+        meta["pid"] = None
+        b.save_meta(meta)
+    except OSError as e:
+        # The registry says the batch still runs: the rerun resumes it from its files.
+        raise WriteError(f"cannot write {e.filename or b.path}: {e.strerror or e}; the batch's lines are "
+                         f"in its files. Fix that, then rerun the same command") from None
     return RunResult(batch, error)
 
 

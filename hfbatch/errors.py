@@ -6,7 +6,8 @@
     ├── InputError               -> 4  the input failed validation (strict mode), nothing sent
     ├── SomeFailed               -> 3  finished, but some requests failed (the summary was printed)
     ├── StoppedEarly             -> 5  credits exhausted (402) or budget reached; resumable
-    │   └── AlreadyRunning       -> 5  another process runs this batch
+    │   ├── AlreadyRunning       -> 5  another process runs this batch
+    │   └── WriteError           -> 5  a file could not be written (full disk, EIO, removed); resumable
     ├── EndedEarly               -> 6  the batch expired or was cancelled
     └── Interrupted              -> the process re-raises SIGINT/SIGTERM after cleanup (130/143)
 """
@@ -67,6 +68,10 @@ class Interrupted(HfbatchError):
 
 class AlreadyRunning(StoppedEarly):
     pass
+
+
+class WriteError(StoppedEarly):
+    """An output, error or registry file could not be written: the batch stopped and stays resumable."""
 
 
 class EndedEarly(HfbatchError):

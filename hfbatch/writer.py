@@ -4,15 +4,24 @@ Inside the event loop, lines written during one loop iteration are handed to the
 at the end of that iteration (call_soon), so a kill -9 loses no answer that was received: a rerun
 re-sends at most what was in flight. Files are fsync'ed every `fsync_interval` seconds and at
 close, so a machine crash loses at most the last few seconds.
+
+A write that fails (a full disk, EIO, a quota, the file removed, moved or truncated under the run)
+never raises into the event loop and never loses a line silently: the sink keeps every byte it
+could not write, retries on each flush, records the first error (`error`) and tells its owner
+(`on_error`), which stops the run. What never reached the file is counted (`unwritten_lines`), so
+a summary never claims it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
+import stat
 import time
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
@@ -27,33 +36,135 @@ def new_line_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
+class Target(Protocol):
+    """Where a sink's bytes go (the seam tests use to inject a failing disk)."""
+
+    name: str  # for messages: the path, or "stdout"
+
+    def write(self, data: memoryview) -> int:
+        """Write some of `data`; the number of bytes written. Raises OSError."""
+        ...
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync). Raises OSError."""
+        ...
+
+    def check(self) -> None:
+        """Raise OSError if the file is no longer the one written to (removed, moved, truncated)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class FileTarget:
+    """A regular file (or a device/FIFO, unchecked), opened by path for appending or truncated."""
+
+    def __init__(self, path: str, *, append: bool) -> None:
+        self.name = path
+        # O_APPEND in both modes: a file truncated under us then shows as shorter than what we wrote.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd: int | None = os.open(path, flags, 0o666)
+        st = os.fstat(self._fd)
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._inode = (st.st_dev, st.st_ino)
+        self.size = st.st_size if append else 0  # what the file must hold: what was there + what we wrote
+
+    def write(self, data: memoryview) -> int:
+        assert self._fd is not None
+        n = os.write(self._fd, data)
+        self.size += n
+        return n
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def check(self) -> None:
+        if self._fd is None or not self._regular:
+            return
+        st = os.fstat(self._fd)
+        try:
+            here = os.stat(self.name)
+        except FileNotFoundError:
+            here = None
+        if st.st_nlink == 0 or here is None or (here.st_dev, here.st_ino) != self._inode:
+            raise OSError(errno.ENOENT, "it was removed or moved away while the batch was running", self.name)
+        if st.st_size < self.size:
+            raise OSError(errno.EIO, "it was truncated while the batch was running", self.name)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+class StreamTarget:
+    """A binary stream (stdout with `-o -`)."""
+
+    def __init__(self, stream: BinaryIO, name: str = "stdout") -> None:
+        self.name, self._stream = name, stream
+
+    def write(self, data: memoryview) -> int:
+        self._stream.write(data)
+        self._stream.flush()
+        return len(data)
+
+    def sync(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class JsonlSink:
-    """An append-only JSONL file (or stdout) with batched writes."""
+    """An append-only JSONL file (or stdout) with batched writes; see the module docstring for failures."""
 
     def __init__(
-        self, path: str | None, stream: BinaryIO | None = None, *, append: bool = False,
-        fsync_interval: float = 2.0,
+        self, target: Target, *, fsync_interval: float = 2.0,
+        on_error: Callable[[JsonlSink, OSError], None] | None = None,
     ) -> None:
-        self.path = path
-        self.lines = 0
+        self.target = target
+        self.lines = 0  # lines written by callers (queued or on disk)
+        self.error: OSError | None = None  # the first failed write, sync or check
+        self.on_error = on_error
         self._buf: list[bytes] = []
         self._size = 0
-        self._stream = stream
-        self._fd: int | None = None
-        if path is not None and stream is None:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-            self._fd = os.open(path, flags, 0o666)
+        self._pending = b""  # bytes a failed write left (a torn line's tail first)
         self._fsync_interval = fsync_interval
         self._last_sync = time.monotonic()
         self._dirty = False
         self._scheduled = False
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, *, append: bool = False, **kw: Any) -> JsonlSink:
+        return cls(FileTarget(path, append=append), **kw)
+
+    @classmethod
+    def stream(cls, stream: BinaryIO, **kw: Any) -> JsonlSink:
+        return cls(StreamTarget(stream), **kw)
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    def unwritten_lines(self) -> int:
+        """Lines written by callers that did not reach the file (a torn last line counts)."""
+        return len(self._buf) + self._pending.count(b"\n")
 
     def write(self, line: bytes) -> None:
         """Queue one serialized line (without its newline); it reaches the OS at the end of this
-        event-loop iteration (or at once outside a loop)."""
+        event-loop iteration (or at once outside a loop). After a failure, lines wait for the next
+        flush (the run's ticker retries them)."""
         self._buf.append(line)
         self._size += len(line) + 1
         self.lines += 1
+        if self.error is not None:
+            return
         if self._size >= _FLUSH_BYTES:
             self.flush()
         elif not self._scheduled:
@@ -68,38 +179,67 @@ class JsonlSink:
         self.flush()
 
     def flush(self) -> None:
-        """Hand buffered lines to the OS; fsync when the interval has passed."""
+        """Hand buffered lines to the OS; fsync (and check the file is still ours) when the interval has
+        passed. Never raises: a failure is recorded and the bytes kept for the next flush."""
         if self._buf:
             data = b"\n".join(self._buf) + b"\n"
             self._buf.clear()
             self._size = 0
-            if self._fd is not None:
-                _write_all(self._fd, data)
-                self._dirty = True
-            elif self._stream is not None:
-                self._stream.write(data)
-                self._stream.flush()
-        if self._dirty and self._fd is not None:
+            self._pending = self._pending + data if self._pending else data
+        if self._pending:
+            view = memoryview(self._pending)
+            try:
+                while view:
+                    n = self.target.write(view)
+                    view = view[n:]
+            except OSError as e:
+                self._pending = bytes(view)
+                self._fail(e)
+                return
+            finally:
+                view.release()
+            self._pending = b""
+            self._dirty = True
+        if self._dirty:
             now = time.monotonic()
             if now - self._last_sync >= self._fsync_interval:
-                os.fsync(self._fd)
+                self._sync()
                 self._last_sync = now
-                self._dirty = False
+
+    def _sync(self) -> None:
+        try:
+            self.target.sync()
+            self.target.check()
+        except OSError as e:
+            self._fail(e)
+            return
+        self._dirty = False
+
+    def _fail(self, e: OSError) -> None:
+        if self.error is None:
+            self.error = e
+            if self.on_error is not None:
+                self.on_error(self, e)
+
+    def describe_error(self) -> str:
+        """One line: which file and what the OS said (or what happened to the file)."""
+        e = self.error
+        if e is None:
+            return ""
+        return f"cannot write {self.name}: {e.strerror or e}"
 
     def close(self) -> None:
+        """Last flush, fsync, close; failures are recorded (never raised)."""
+        if self._closed:
+            return
         self.flush()
-        if self._fd is not None:
-            if self._dirty:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        if self._dirty or self.error is None:
+            self._sync()
+        self._closed = True
+        try:
+            self.target.close()
+        except OSError as e:
+            self._fail(e)
 
 
 def success_line(custom_id: str, status: int, request_id: str, body: Any) -> bytes:

@@ -4,6 +4,7 @@ executor.error_body: every provider error shape becomes OpenAI's error envelope.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, 
 
 def test_sink_writes_newline_terminated_lines(tmp_path: Path) -> None:
     p = tmp_path / "out.jsonl"
-    sink = JsonlSink(str(p))
+    sink = JsonlSink.open(str(p))
     sink.write(b'{"a":1}')
     sink.write(b'{"b":2}')
     assert sink.lines == 2
@@ -36,7 +37,7 @@ def test_sink_writes_newline_terminated_lines(tmp_path: Path) -> None:
 
 def test_sink_writes_through_outside_an_event_loop(tmp_path: Path) -> None:
     p = tmp_path / "out.jsonl"
-    sink = JsonlSink(str(p))
+    sink = JsonlSink.open(str(p))
     sink.write(b"1")
     assert p.read_bytes() == b"1\n"  # no loop to batch in: handed to the OS at once
     sink.flush()  # nothing new: nothing written twice
@@ -47,7 +48,7 @@ def test_sink_writes_through_outside_an_event_loop(tmp_path: Path) -> None:
 
 def test_sink_coalesces_one_loop_iteration_into_one_write(tmp_path: Path) -> None:
     p = tmp_path / "out.jsonl"
-    sink = JsonlSink(str(p))
+    sink = JsonlSink.open(str(p))
 
     async def scenario() -> tuple[bytes, bytes]:
         sink.write(b"1")
@@ -64,7 +65,7 @@ def test_sink_coalesces_one_loop_iteration_into_one_write(tmp_path: Path) -> Non
 
 def test_sink_flushes_by_itself_past_one_mebibyte(tmp_path: Path) -> None:
     p = tmp_path / "big.jsonl"
-    sink = JsonlSink(str(p))
+    sink = JsonlSink.open(str(p))
     chunk = b"x" * (256 * 1024)
     for _ in range(5):
         sink.write(chunk)
@@ -76,11 +77,11 @@ def test_sink_flushes_by_itself_past_one_mebibyte(tmp_path: Path) -> None:
 def test_sink_truncates_by_default_and_appends_on_request(tmp_path: Path) -> None:
     p = tmp_path / "out.jsonl"
     p.write_bytes(b"old\n")
-    s = JsonlSink(str(p))
+    s = JsonlSink.open(str(p))
     s.write(b"new")
     s.close()
     assert p.read_bytes() == b"new\n"
-    s = JsonlSink(str(p), append=True)
+    s = JsonlSink.open(str(p), append=True)
     s.write(b"more")
     s.close()
     assert p.read_bytes() == b"new\nmore\n"
@@ -88,19 +89,113 @@ def test_sink_truncates_by_default_and_appends_on_request(tmp_path: Path) -> Non
 
 def test_sink_empty_close_leaves_an_empty_file(tmp_path: Path) -> None:
     p = tmp_path / "e.jsonl"
-    JsonlSink(str(p)).close()
+    JsonlSink.open(str(p)).close()
     assert p.read_bytes() == b""
 
 
 def test_sink_to_a_stream() -> None:
     buf = io.BytesIO()
-    s = JsonlSink(None, buf)
+    s = JsonlSink.stream(buf)
     s.write(b"a")
     s.write(b"b")
     s.flush()
     assert buf.getvalue() == b"a\nb\n"
     s.close()
     assert buf.getvalue() == b"a\nb\n" and s.lines == 2
+
+
+class FullDisk:
+    """A Target that accepts `room` bytes, then fails like a full disk (a partial write first)."""
+
+    name = "full.jsonl"
+
+    def __init__(self, room: int, fail_sync: bool = False) -> None:
+        self.room, self.data, self.fail_sync, self.syncs = room, bytearray(), fail_sync, 0
+
+    def write(self, data: memoryview) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = min(len(data), self.room)
+        self.data += data[:n]
+        self.room -= n
+        return n
+
+    def sync(self) -> None:
+        self.syncs += 1
+        if self.fail_sync:
+            raise OSError(errno.EIO, "Input/output error")
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_disk_is_recorded_never_raised_and_nothing_is_dropped() -> None:
+    disk = FullDisk(room=25)
+    seen: list[OSError] = []
+    sink = JsonlSink(disk, on_error=lambda s, e: seen.append(e))
+    loop_errors: list[dict[str, object]] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: loop_errors.append(ctx))
+        for i in range(5):
+            sink.write(b'{"line":%d}' % i)  # 10 bytes + newline each
+        await asyncio.sleep(0)  # the end-of-iteration flush meets the full disk
+        sink.write(b'{"line":5}')
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert not loop_errors, loop_errors  # nothing escaped into asyncio's "exception was never retrieved"
+    assert len(seen) == 1 and seen[0].errno == errno.ENOSPC and sink.error is seen[0]
+    assert bytes(disk.data) == b'{"line":0}\n{"line":1}\n{"l'  # two whole lines and a torn third
+    assert sink.unwritten_lines() == 4  # the torn one counts: it is not an answer on disk
+    assert "full.jsonl" in sink.describe_error() and "No space left" in sink.describe_error()
+    disk.room = 10_000  # space again (the grace period's retries)
+    sink.flush()
+    sink.close()
+    assert bytes(disk.data) == b"".join(b'{"line":%d}\n' % i for i in range(6))  # the torn line completed
+    assert sink.unwritten_lines() == 0 and len(seen) == 1
+
+
+def test_a_failed_fsync_is_a_failed_write() -> None:
+    disk = FullDisk(room=1000, fail_sync=True)
+    sink = JsonlSink(disk)
+    sink.write(b"1")
+    sink.close()
+    assert sink.error is not None and sink.error.errno == errno.EIO
+    assert disk.syncs == 1
+
+
+def test_a_file_removed_or_truncated_under_the_sink_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "out.jsonl"
+    sink = JsonlSink.open(str(p), fsync_interval=0)
+    sink.write(b"1")
+    assert sink.error is None
+    p.unlink()
+    sink.write(b"2")
+    assert sink.error is not None and "removed" in sink.describe_error()
+    sink.close()
+    q = tmp_path / "q.jsonl"
+    sink = JsonlSink.open(str(q), fsync_interval=0)
+    sink.write(b"12345")
+    q.write_bytes(b"")  # truncated by someone else
+    sink.write(b"6")
+    assert sink.error is not None and "truncated" in sink.describe_error()
+    sink.close()
+
+
+def test_a_closed_stream_is_an_error_not_a_traceback() -> None:
+    class Closed(io.BytesIO):
+        def write(self, b: object) -> int:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    sink = JsonlSink.stream(Closed())
+    sink.write(b"x")
+    sink.close()
+    assert sink.error is not None and sink.unwritten_lines() == 1
+    assert "stdout" in sink.describe_error()
 
 
 # ------------------------------------------------------------------ lines

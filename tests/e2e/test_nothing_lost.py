@@ -1,0 +1,159 @@
+"""End to end: nothing lost, nothing claimed that is not on disk. A full disk, files removed under a run,
+two batches racing for one output file.
+
+Each test runs the real CLI against the fake provider. The full-disk tests mount a small tmpfs (root
+only: skipped with the reason otherwise; the sink's failure handling is also unit-tested with an
+injected failing file in tests/unit/test_writer.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Cli,
+    assert_each_once,
+    batch_dirs,
+    chat_file,
+    check_batch,
+    check_completed,
+    check_interrupted,
+    last_json,
+    read_jsonl,
+)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KB tmpfs at tmp_path/disk (unmounted at teardown)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                           capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a tmpfs here ({e}): the full-disk path is covered by the unit tests")
+    if p.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?): "
+                    f"{p.stderr.decode(errors='replace').strip()}; the unit tests cover the sink")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
+
+
+def _enlarge(disk: Path) -> None:
+    """Give the run room: copy what is on the small disk off it, unmount it, copy it back (same paths)."""
+    keep = disk.parent / "kept"
+    shutil.copytree(disk, keep)
+    subprocess.run(["umount", "-l", str(disk)], check=True, timeout=10)
+    for p in keep.iterdir():
+        shutil.copy2(p, disk / p.name)
+    shutil.rmtree(keep)
+
+
+def test_full_disk_stops_resumable_and_the_rerun_sends_only_what_is_missing(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake()
+    n = 3000
+    expected = chat_file(tmp_path / "in.jsonl", n)
+    args = ("submit", "in.jsonl", "-q", "-c", "32", "-o", "disk/out.jsonl", "-e", "disk/err.jsonl")
+    p = cli.run(*args, timeout=60)
+    batch = check_batch(last_json(p.stdout))
+    out = (small_disk / "out.jsonl").read_bytes()
+    on_disk = out.count(b"\n")  # complete lines (a torn last one is not an answer)
+    problems = []
+    if p.returncode != 5:
+        problems.append(f"exit {p.returncode} (want 5)")
+    if batch["status"] == "completed" or batch["hfbatch"]["state"] != "interrupted":
+        problems.append(f"status {batch['status']}/{batch['hfbatch']['state']}: a full disk is not a finished batch")
+    if batch["request_counts"]["completed"] > on_disk:
+        problems.append(f"the summary claims {batch['request_counts']['completed']} answers, {on_disk} are on disk")
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    if len(lines) != 1 or "out.jsonl" not in lines[0] or "No space left on device" not in lines[0]:
+        problems.append(f"stderr should be one line naming the file and the OS error: {p.stderr[-1500:]!r}")
+    assert not problems, "; ".join(problems)
+    assert batch["hfbatch"]["stop_reason"] == "write_error"
+    check_interrupted(batch)
+    sent_first = fake.stats()["requests"]
+    fake.reset_stats()
+
+    _enlarge(small_disk)
+    p2 = cli.run(*args, timeout=60)
+    assert p2.returncode == 0, p2.stderr
+    done = check_batch(last_json(p2.stdout))
+    check_completed(done)
+    outs, errs = read_jsonl(small_disk / "out.jsonl"), read_jsonl(small_disk / "err.jsonl")
+    assert_each_once(expected, outs, errs)
+    assert not errs
+    # The rerun sends exactly the lines that had no complete line on disk: nothing paid twice except
+    # what the full disk dropped (answers received but never written).
+    assert fake.stats()["requests"] == n - on_disk
+    assert sent_first >= on_disk
+    assert done["request_counts"] == {"total": n, "completed": n, "failed": 0}
+
+
+def test_output_file_removed_under_a_run_is_not_a_completed_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """The ledger is the files: one removed while the batch runs loses its lines, and the batch must say so."""
+    make_fake(latency=0.05)
+    expected = chat_file(tmp_path / "in.jsonl", 200)
+    args = ("submit", "in.jsonl", "-q", "-c", "4", "-o", "out.jsonl", "-e", "err.jsonl")
+    proc = cli.start(*args)
+    from conftest import poll
+
+    poll(lambda: (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl").stat().st_size > 0,
+         "the first answers", proc=proc)
+    (tmp_path / "out.jsonl").unlink()
+    code, out, err = cli.finish(proc)
+    batch = check_batch(last_json(out))
+    assert code == 5, err
+    assert batch["status"] == "in_progress" and batch["hfbatch"]["stop_reason"] == "write_error", batch["hfbatch"]
+    assert "out.jsonl" in err and "removed" in err, err
+    on_disk = len(read_jsonl(tmp_path / "out.jsonl"))
+    assert batch["request_counts"]["completed"] <= on_disk
+    p2 = cli.run(*args)
+    assert p2.returncode == 0, p2.stderr
+    assert_each_once(expected, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+
+
+@pytest.mark.parametrize("racers", [2, 8])
+def test_simultaneous_submits_to_one_output_file_one_wins(tmp_path: Path, make_fake, cli: Cli, racers: int) -> None:
+    """Different inputs, the same -o/-e, released at the same moment: one batch owns the files, every other
+    submit exits 2 naming it, and the winner's files hold only its lines."""
+    from conftest import wait_until_blocked_on_stdin
+
+    fake = make_fake(latency=0.02)
+    inputs = []
+    for r in range(racers):
+        lines = [json.dumps({"custom_id": f"b{r}-{i:03d}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "test-org/tiny-chat", "messages": [
+                                 {"role": "user", "content": f"[[id:b{r}-{i:03d}]] {i}"}]}}) for i in range(100)]
+        inputs.append(("\n".join(lines) + "\n").encode())
+    procs = [cli.start("submit", "-", "-q", "-c", "8", "-o", "out.jsonl", "-e", "err.jsonl", stdin_pipe=True)
+             for _ in range(racers)]
+    wait_until_blocked_on_stdin(procs)
+    for proc, data in zip(procs, inputs, strict=True):
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.close()
+    results = [cli.finish(proc, timeout=60) for proc in procs]
+    winners = [i for i, (code, _, _) in enumerate(results) if code == 0]
+    assert len(winners) == 1, [(c, e[-300:]) for c, _, e in results]
+    win = winners[0]
+    owner = last_json(results[win][1])["id"]
+    for i, (code, _, err) in enumerate(results):
+        if i != win:
+            assert code == 2, (code, err)
+            assert owner in err and "out.jsonl" in err, err
+    prefix = f"b{win}-"
+    assert_each_once([f"{prefix}{i:03d}" for i in range(100)], read_jsonl(tmp_path / "out.jsonl"),
+                     read_jsonl(tmp_path / "err.jsonl"))
+    assert fake.stats()["requests"] == 100
+    assert len(batch_dirs(cli.home)) == 1  # the losers registered nothing
