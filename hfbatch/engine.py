@@ -30,7 +30,7 @@ from .plan import InputPlan, RunHooks
 from .providers import Router, router_root
 from .reader import iter_lines
 from .retry import RetryPolicy
-from .state import BatchDir
+from .state import TERMINAL_STATUSES, BatchDir, Registry
 from .summary import BatchInfo, Stats, batch_object
 from .transport import Transport
 from .ui import Progress
@@ -282,6 +282,8 @@ def finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, win
         meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
         meta["pid"] = None
         b.save_meta(meta)
+        if info.status in TERMINAL_STATUSES:
+            Registry(b.path.parent.parent).release([p for p in (out_path, err_path) if p != "-"], b.id)
     except OSError as e:
         # The registry says the batch still runs: the rerun resumes it from its files.
         raise WriteError(f"cannot write {e.filename or b.path}: {e.strerror or e}; the batch's lines are "

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .config import RunConfig, parse_window
-from .errors import AlreadyRunning, InputError, UsageError, error_for_code
+from .errors import AlreadyRunning, ExitCode, InputError, UsageError, error_for_code
 from .ledger import Ledger, scan
 from .models import RunResult
 from .plan import scan_input
@@ -59,9 +59,10 @@ async def submit_async(cfg: RunConfig) -> RunResult:
         if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
             raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
         if found is not None:
+            _keep_claims(cfg, reg, found)
             fd = found.lock()
         else:
-            _refuse_foreign_outputs(cfg, reg)
+            replaced = _take_outputs(cfg, reg, digest)
             info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window,
                              metadata=cfg.metadata)
             if cfg.new_batch_id:
@@ -81,6 +82,10 @@ async def submit_async(cfg: RunConfig) -> RunResult:
             # nothing half-registered.
             b.save_batch(batch_object(info, Stats(), window))
             b.save_meta(meta)
+            for path in _claimed_paths(cfg):
+                reg.claim(path, info.id)  # released when the batch ends (engine.finish)
+            for old in replaced:
+                _supersede(old, info.id)
             fd = b.lock(wait=True)  # new: only an instant's probe (list/status) can hold it
     finally:
         unlock(registry_fd)
@@ -142,21 +147,91 @@ def _materialize_input(path: str, reg: Registry) -> tuple[str, str]:
     return os.path.abspath(path), h.hexdigest()
 
 
-def _refuse_foreign_outputs(cfg: RunConfig, reg: Registry) -> None:
-    """Never append to, or clobber, files that hold another batch's answers (unless --overwrite)."""
-    if cfg.overwrite:
-        return
+def _claimed_paths(cfg: RunConfig) -> list[str]:
+    """The files a batch writes (and so owns while it is unfinished): absolute paths, stdout excluded."""
+    return [_abs(p) for p in (cfg.output_path, cfg.errors_path) if p != "-"]
+
+
+def _take_outputs(cfg: RunConfig, reg: Registry, digest: str) -> list[BatchDir]:
+    """A new batch may write its files unless another batch owns them. Under the registry lock, so two
+    submits started at the same moment cannot both pass. Refused (exit 2, naming the owner): files a
+    running batch writes, files of an unfinished batch, files holding another batch's lines. --overwrite
+    takes over all but the first; returns the batches whose files are taken (to be marked)."""
+    taken: dict[str, BatchDir] = {}
+    for path in _claimed_paths(cfg):
+        holder = reg.claimant(path)
+        owner = reg.get(holder) if holder is not None else None
+        if owner is None:
+            continue
+        if owner.running():
+            raise UsageError(f"{path} is being written by batch {holder}, which is running; nothing was sent. "
+                             f"Choose other paths with -o/-e, or wait for it: `hfbatch wait {holder}`")
+        if not cfg.overwrite:
+            raise UsageError(f"{path} belongs to batch {holder}, which has not finished; nothing was sent. "
+                             f"Resume it (`hfbatch resume {holder}`), cancel it, choose other paths with -o/-e, "
+                             "or pass --overwrite to take the files over")
+        taken[owner.id] = owner
     for path in (cfg.output_path, cfg.errors_path):
         if path == "-" or not os.path.exists(path) or os.path.getsize(path) == 0:
             continue
-        owner = next((b for b in reg.all() if _abs(_meta_or_empty(b).get("output_path", "")) == _abs(path)
-                      or _abs(_meta_or_empty(b).get("errors_path", "")) == _abs(path)), None)
-        whose = (f"batch {owner.id} (input {_meta_or_empty(owner).get('input_path')}, since changed)"
-                 if owner else "no batch hfbatch knows of")
+        owner = next((b for b in reg.all() if _abs(path) in (_abs(_meta_or_empty(b).get("output_path", "-")),
+                                                             _abs(_meta_or_empty(b).get("errors_path", "-")))), None)
+        if cfg.overwrite:
+            if owner is not None:
+                taken[owner.id] = owner
+            continue
+        if owner is None:
+            whose = "no batch hfbatch knows of"
+        else:
+            m = _meta_or_empty(owner)
+            changed = ", since changed" if m.get("input_sha256") != digest else ""
+            whose = f"batch {owner.id} (input {m.get('input_path')}{changed})"
         raise UsageError(
             f"{path} already holds lines from {whose}; nothing was sent. Choose other paths "
             "with -o/-e, or pass --overwrite to replace them"
         )
+    return list(taken.values())
+
+
+def _supersede(old: BatchDir, by: str) -> None:
+    """`old`'s files were taken over (--overwrite): it can never write to them again. Unfinished, it ends
+    as cancelled (our stop_reason: overwritten); finished, it keeps its status but --retry-failed is refused."""
+    try:
+        meta = old.meta()
+        meta["overwritten_by"] = by
+        batch = old.batch()
+    except (OSError, ValueError):
+        return
+    if batch.get("status") not in TERMINAL_STATUSES:
+        now = int(time.time())
+        batch["status"], batch["cancelled_at"] = "cancelled", now
+        batch["cancelling_at"] = batch.get("cancelling_at") or now
+        hb = batch.setdefault("hfbatch", {})
+        hb["state"], hb["stop_reason"] = "finished", "overwritten"
+        meta["exit_code"] = int(ExitCode.EXPIRED_OR_CANCELLED)
+        old.save_batch(batch)
+    old.save_meta(meta)
+
+
+def _keep_claims(cfg: RunConfig, reg: Registry, found: BatchDir) -> None:
+    """A batch about to run again still owns its files, unless another batch took them over (--overwrite)."""
+    meta = _meta_or_empty(found)
+    try:
+        status = found.batch().get("status")
+    except (OSError, ValueError):
+        status = None
+    if status in TERMINAL_STATUSES and not (cfg.retry_failed and status == "completed"):
+        return  # it will only be replayed: it writes nothing
+    if meta.get("overwritten_by"):
+        raise UsageError(f"batch {found.id} cannot run again: its files now hold batch {meta['overwritten_by']}'s "
+                         "lines (taken over with --overwrite); nothing was sent")
+    for path in _claimed_paths(cfg):
+        holder = reg.claimant(path)
+        if holder is None:
+            reg.claim(path, found.id)
+        elif holder != found.id:
+            raise UsageError(f"batch {found.id} cannot run again: {path} now belongs to batch {holder}; "
+                             "nothing was sent")
 
 
 def _meta_or_empty(b: BatchDir) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -185,6 +186,45 @@ class Registry:
 
     def tmp_dir(self) -> Path:
         return private_dir(self.root / "tmp")
+
+    # -- output claims: one unfinished batch per output / error file ---------------------------------
+
+    def _claim_file(self, path: str) -> Path:
+        return private_dir(self.root / "claims") / (hashlib.sha256(path.encode()).hexdigest()[:40] + ".json")
+
+    def claimant(self, path: str) -> str | None:
+        """The unfinished batch that owns `path` (absolute), if any. Call under lock()."""
+        try:
+            holder = read_json(self._claim_file(path)).get("batch")
+        except (OSError, ValueError, AttributeError):
+            return None
+        b = self.get(holder) if isinstance(holder, str) else None
+        if b is None:
+            return None  # removed from the registry: a stale claim
+        try:
+            if b.batch().get("status") in TERMINAL_STATUSES:
+                return None  # ended without releasing (a crash right at the end)
+        except (OSError, ValueError):
+            pass
+        return holder  # type: ignore[no-any-return]
+
+    def claim(self, path: str, batch_id: str) -> None:
+        """Make `batch_id` the owner of `path` (absolute). Call under lock(), after claimant()."""
+        write_json(self._claim_file(path), {"path": path, "batch": batch_id})
+
+    def release(self, paths: list[str], batch_id: str) -> None:
+        """Drop `batch_id`'s claims on `paths` (the batch ended). Takes the registry lock."""
+        fd = self.lock()
+        try:
+            for path in paths:
+                f = self._claim_file(path)
+                try:
+                    if read_json(f).get("batch") == batch_id:
+                        f.unlink()
+                except (OSError, ValueError, AttributeError):
+                    continue
+        finally:
+            unlock(fd)
 
 
 def now() -> int:

@@ -539,8 +539,8 @@ def wait_until_blocked_on_stdin(procs: list[subprocess.Popen[bytes]], timeout: f
     """Until every process has imported everything and sits reading its stdin."""
     def ready() -> bool:
         for p in procs:
-            try:
-                if "pipe_read" not in Path(f"/proc/{p.pid}/wchan").read_text():
+            try:  # any thread: stdin is read in a worker thread (asyncio.to_thread)
+                if not any("pipe_read" in (t / "wchan").read_text() for t in Path(f"/proc/{p.pid}/task").iterdir()):
                     return False
             except OSError:
                 return False

@@ -101,7 +101,7 @@ def test_full_disk_stops_resumable_and_the_rerun_sends_only_what_is_missing(
 def test_output_file_removed_under_a_run_is_not_a_completed_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
     """The ledger is the files: one removed while the batch runs loses its lines, and the batch must say so."""
     make_fake(latency=0.05)
-    expected = chat_file(tmp_path / "in.jsonl", 200)
+    expected = chat_file(tmp_path / "in.jsonl", 120)
     args = ("submit", "in.jsonl", "-q", "-c", "4", "-o", "out.jsonl", "-e", "err.jsonl")
     proc = cli.start(*args)
     from conftest import poll
@@ -157,3 +157,40 @@ def test_simultaneous_submits_to_one_output_file_one_wins(tmp_path: Path, make_f
                      read_jsonl(tmp_path / "err.jsonl"))
     assert fake.stats()["requests"] == 100
     assert len(batch_dirs(cli.home)) == 1  # the losers registered nothing
+
+
+def test_overwrite_takes_the_files_of_a_stopped_batch_which_then_cannot_resume(
+        tmp_path: Path, make_fake, cli: Cli) -> None:
+    fake = make_fake(fail_402_after=5)
+    chat_file(tmp_path / "a.jsonl", 30, prefix="a")
+    expected_b = chat_file(tmp_path / "b.jsonl", 30, prefix="b")
+    pa = cli.run("submit", "a.jsonl", "-q", "-c", "1", "-o", "out.jsonl", "-e", "err.jsonl")
+    assert pa.returncode == 5, pa.stderr  # credits exhausted: stopped, resumable, owns the files
+    a = last_json(pa.stdout)["id"]
+    fake.provider.config.fail_402_after = None
+    pb = cli.run("submit", "b.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl")
+    assert pb.returncode == 2 and a in pb.stderr and "has not finished" in pb.stderr, pb.stderr
+    pb = cli.run("submit", "b.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl", "--overwrite")
+    assert pb.returncode == 0, pb.stderr
+    b = last_json(pb.stdout)["id"]
+    assert_each_once(expected_b, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+    pr = cli.run("resume", a, "-q")  # A ended when its files were taken: replayed, nothing written
+    assert pr.returncode == 6, pr.stderr
+    old = check_batch(last_json(pr.stdout))
+    assert old["status"] == "cancelled" and old["hfbatch"]["stop_reason"] == "overwritten", old
+    pr = cli.run("submit", "a.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl", "--retry-failed")
+    assert pr.returncode == 6 and b not in pr.stdout, pr.stderr
+    assert_each_once(expected_b, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+
+
+def test_foreign_output_message_says_since_changed_only_when_the_input_changed(
+        tmp_path: Path, make_fake, cli: Cli) -> None:
+    make_fake()
+    chat_file(tmp_path / "in.jsonl", 3)
+    assert cli.run("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err1.jsonl").returncode == 0
+    same = cli.run("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err2.jsonl")
+    assert same.returncode == 2 and "already holds lines from batch" in same.stderr, same.stderr
+    assert "since changed" not in same.stderr, same.stderr
+    chat_file(tmp_path / "in.jsonl", 4)
+    changed = cli.run("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err2.jsonl")
+    assert changed.returncode == 2 and "since changed" in changed.stderr, changed.stderr
