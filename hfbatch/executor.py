@@ -261,6 +261,8 @@ class Executor:
                     outcome = await self.transport.post(route.url, route.data)
                 finally:
                     stats.in_flight -= 1
+                if route.object_body and outcome.parsed is not None and not isinstance(outcome.parsed, dict):
+                    outcome.parsed = None  # JSON, but not an OpenAI body: a broken answer (retried)
                 # Adapt while this request still holds its slot: a throttle lowers the limit before
                 # the slot is handed to a waiting request (which would meet the same 429).
                 self._adapt(provider, model, outcome, started)
@@ -354,7 +356,7 @@ class Executor:
         elif 200 <= status < 300:
             snippet = o.body[:200].decode("utf-8", "replace")
             result = ("error", "invalid_response",
-                      f"the provider answered HTTP {status} with a body that is not JSON: {snippet!r}")
+                      f"the provider answered HTTP {status} with a body that is not a JSON object: {snippet!r}")
         else:
             result = ("http", {"status_code": status, "request_id": request_id, "body": error_body(status, o)})
         return result

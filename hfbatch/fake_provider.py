@@ -43,6 +43,7 @@ _CATALOG = {"object": "list", "data": [
 _STAT_KEYS = ("requests", "ok", "s400", "s401", "s402", "s403", "s404", "s429", "s500", "s502", "s503",
               "s504", "hang", "reset", "garbage", "dup_ok", "distinct_ok", "auth_missing")
 _JSON = "application/json"
+_NOT_OBJECTS = {"array": b"[1,2,3]", "string": b'"hello"', "number": b"42", "null": b"null"}
 Payload = tuple[int, Any]
 Builder = Callable[[dict[str, Any], str, int], Payload]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -396,6 +397,9 @@ class FakeProvider:
         if outcome == "garbage":
             self.stats["garbage"] += 1
             return self._json(200, None, headers, body=b"<html>bad gateway")
+        if outcome in _NOT_OBJECTS:  # a 2xx that is JSON but not an object
+            self.stats["garbage"] += 1
+            return self._json(200, None, headers, body=_NOT_OBJECTS[outcome])
         return self._status(int(outcome) if outcome.isdigit() else 500, headers)
 
     async def _models(self, request: web.Request) -> web.Response:

@@ -50,6 +50,9 @@ class Route:
     model: str | None = None  # the model as sent (with the --route suffix, after a fallback)
     body: dict[str, Any] | None = None  # the body as sent (after --route / --max-tokens)
     token_estimate: int = 0  # prompt estimate + output cap, for --tpm (0 when not asked for)
+    # OpenAI's answers are JSON objects: a 2xx with another JSON value is a broken answer (retried).
+    # Hugging Face task routes answer lists ([[floats]], [{"label", "score"}]).
+    object_body: bool = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -109,7 +112,7 @@ class Router:
                 payload.update(extra)
                 return Route(target.url, orjson.dumps(payload), model=req.model, token_estimate=est)
             return Route(target.url, orjson.dumps(payload), adapt=hf_features_to_openai, model=req.model,
-                         token_estimate=est)
+                         token_estimate=est, object_body=False)
         return Unroutable(
             "unsupported_endpoint",
             f"{req.url} is not served by the Hugging Face router (it serves /v1/chat/completions, "
@@ -125,7 +128,7 @@ class Router:
         body = {k: v for k, v in req.body.items() if k != "model"}
         if self.base_url is not None:
             root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-            return Route(root, orjson.dumps(body), model=req.model, body=body)
+            return Route(root, orjson.dumps(body), model=req.model, body=body, object_body=False)
         helper = await self._helper(task, req.model)
         if isinstance(helper, Unroutable):
             return helper
@@ -138,7 +141,7 @@ class Router:
         except Exception as e:  # noqa: BLE001 - the helper's refusal is this line's error
             return Unroutable("invalid_request", f"{task} request for {req.model!r}: {_first_line(e)}")
         data = orjson.dumps(params.json) if params.json is not None else bytes(params.data or b"")
-        return Route(self._to_root(params.url), data, model=req.model, body=body)
+        return Route(self._to_root(params.url), data, model=req.model, body=body, object_body=False)
 
     async def _once(self, key: str, resolve: Callable[[], Any]) -> Any:
         """`resolve()` (synchronous Hub lookups) run once per key in a thread; concurrent callers wait

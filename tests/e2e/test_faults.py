@@ -66,6 +66,8 @@ SCRIPTS = [
     ("f-404", "404,ok", 1, 404),
     ("f-422", "422,ok", 1, 422),
     ("f-garbage", "garbage,garbage,garbage", 3, "invalid_response"),
+    ("f-array-ok", "array,string,ok", 3, "ok"),  # JSON but not an object: not an OpenAI body
+    ("f-number", "number,null,array", 3, "invalid_response"),
     ("f-reset", "reset,reset,reset", 3, "connection_error"),
     ("f-hang", "hang,hang,hang", 3, "request_timeout"),
 ]
