@@ -31,9 +31,9 @@ def cache_clear(
 ) -> None:
     """Delete cached answers (all, or by model and age)."""
     from .cache import ResponseCache, default_path
-    from .config import parse_window
+    from .config import parse_duration
 
-    age = parse_window(older_than) if older_than else None
+    age = parse_duration(older_than, "--older-than") if older_than else None
     with ResponseCache(default_path()) as c:
         n = c.clear(older_than=age, model=model)
     sys.stdout.buffer.write(orjson.dumps({"deleted": n}) + b"\n")

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import RunConfig, parse_window, resolve_token
+from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_window, resolve_token
 from .errors import HfbatchError, UsageError
 from .files import BATCH_ID_RE, ApiError, FilesApi, FileStore, json_response, new_batch_id, new_file_id, page
 from .jobs import cancel as cancel_batch
@@ -147,7 +147,7 @@ class BatchServer:
         try:
             parse_window(window if isinstance(window, str) else "")
         except UsageError:
-            raise ApiError(400, f"Invalid 'completion_window': {window!r}; use a duration such as 24h.",
+            raise ApiError(400, f"Invalid 'completion_window': {window!r}; use 24h, or a duration {WINDOW_RANGE}.",
                            param="completion_window", code="invalid_value") from None
         assert isinstance(window, str)
         metadata = _metadata(body.get("metadata"))
@@ -227,7 +227,7 @@ class BatchServer:
         if failed is not None:
             info.set_status("failed")
             info.state = "failed"
-        batch = batch_object(info, Stats(), parse_window(link["completion_window"]))
+        batch = batch_object(info, Stats(), parse_duration(link["completion_window"], "completion_window"))
         if failed is not None:
             batch["errors"] = {"object": "list", "data": [
                 {"code": "server_error", "line": None, "param": None, "message": failed}]}
