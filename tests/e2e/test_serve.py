@@ -413,6 +413,8 @@ def test_pass_through_tokens_see_only_their_own_objects(server: Server) -> None:
     a_listed_batches = {x.id for x in a.batches.list()}
     assert a_batches <= a_listed_batches and not set(b_batches) & a_listed_batches
     assert a.files.retrieve(fa).id == fa and len(content(a, fa)) == 2
+    status, obj = server.raw("GET", f"/files/{fa}")
+    assert status == 200 and "owner" not in obj and "owner" not in server.raw("GET", "/files")[1]["data"][0]
     assert a.batches.retrieve(done.id).status == "completed"
 
 
