@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from .config import WINDOW_RANGE
+
 EXIT_CODES_HELP = """\
 Exit codes: 0 every request succeeded · 1 internal error · 2 usage error (bad flag, missing file,
 missing or rejected token, output files of another batch) · 3 finished, some requests failed ·
@@ -70,7 +72,8 @@ def submit(
     endpoint: Annotated[str | None, typer.Option(
         help="Require every line's url to be this endpoint (OpenAI's batch `endpoint`).")] = None,
     completion_window: Annotated[str, typer.Option(
-        help="Time allowed (30s, 30m, 2h, 24h): then requests not run end as batch_expired.")] = "24h",
+        help=f"Time allowed, {WINDOW_RANGE} (30s, 30m, 2h, 24h): then requests not run end as "
+        "batch_expired.")] = "24h",
     grace: GraceOpt = 10.0,
     summary: Annotated[str | None, typer.Option(help="Also write the Batch object (JSON) to this file.")] = None,
     overwrite: Annotated[bool, typer.Option(

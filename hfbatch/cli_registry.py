@@ -31,9 +31,9 @@ def cache_clear(
 ) -> None:
     """Delete cached answers (all, or by model and age)."""
     from .cache import ResponseCache, default_path
-    from .config import parse_window
+    from .config import parse_duration
 
-    age = parse_window(older_than) if older_than else None
+    age = parse_duration(older_than, "--older-than") if older_than else None
     with ResponseCache(default_path()) as c:
         n = c.clear(older_than=age, model=model)
     sys.stdout.buffer.write(orjson.dumps({"deleted": n}) + b"\n")
@@ -153,8 +153,9 @@ def serve(
         min=0, max=65535, help="Port (0 picks a free one; the URL is printed on stderr).")] = 8787,
     base_url: BaseUrlOpt = None,
     api_key: Annotated[str | None, typer.Option(
-        help="Key clients must send; batches then run on the server's token. Without it the client's key "
-        "is its Hugging Face token, passed through.", envvar="HFBATCH_API_KEY", show_default=False)] = None,
+        help="Key clients must send; batches then run on the server's token, and the key sees every file "
+        "and batch. Without it the client's key is its Hugging Face token, passed through, and each token "
+        "sees only its own.", envvar="HFBATCH_API_KEY", show_default=False)] = None,
     max_upload: Annotated[str, typer.Option(help="Largest file upload (KB, MB, GB or bytes).")] = "200MB",
     concurrency: ConcurrencyOpt = 32,
     token: TokenOpt = None,

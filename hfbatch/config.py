@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,16 +133,35 @@ def env_float(name: str, default: float) -> float:
         raise UsageError(f"{name}={value!r} is not a number") from None
 
 
+# The completion window a new batch may ask for (`--completion-window`, serve's `completion_window`):
+# OpenAI's only value (24h) and anything from a second (tests, quick jobs) to a week. Batches stored
+# before the range existed keep their window (they are read with parse_duration).
+MIN_WINDOW = 1
+MAX_WINDOW = 7 * 86400
+WINDOW_RANGE = f"from {MIN_WINDOW}s to {MAX_WINDOW // 86400}d"
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float:
+    """`24h`, `30m`, `90s`, `2d`, `0.5h` or plain seconds -> seconds; NaN when it is not a duration."""
+    m = _DURATION_RE.match(text.strip().lower())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else math.nan  # huge digit strings give inf
+
+
+def parse_duration(text: str, what: str) -> int:
+    """A duration (see _seconds) of at least a second -> whole seconds; `what` names the flag in the error."""
+    seconds = _seconds(text)
+    if not (math.isfinite(seconds) and seconds >= 1):
+        raise UsageError(f"{what} {text!r}: use a duration such as 30s, 30m, 2h or 7d")
+    return int(seconds)
+
+
 def parse_window(text: str) -> int:
-    """`24h`, `30m`, `90s`, `2d`, or plain seconds -> seconds."""
-    t = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        seconds = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        seconds = -1
-    if seconds <= 0:
-        raise UsageError(f"--completion-window {text!r}: use a duration such as 30s, 30m, 2h or 24h")
+    """A new batch's completion window -> seconds; a UsageError outside MIN_WINDOW..MAX_WINDOW."""
+    seconds = _seconds(text)
+    if not (math.isfinite(seconds) and MIN_WINDOW <= seconds <= MAX_WINDOW):
+        raise UsageError(f"--completion-window {text!r}: use a duration {WINDOW_RANGE}, such as 30m, 2h or 24h")
     return int(seconds)
 
 

@@ -7,6 +7,10 @@ file ids in `$HFBATCH_HOME/serve/<batch-id>.json` (input, output and error file 
 metadata): the registry stores local paths, the API answers with these ids. Directories are 0700
 and files 0600, like the registry. Ids are checked against strict patterns before they touch a path.
 An upload is refused (413) as soon as it passes the size limit, while it streams in.
+
+Every sidecar and link also records its `owner` (owners.py; never sent to clients): a caller sees
+only what it owns, and another owner's object answers exactly like a missing one (404, or the 400
+of a missing input file), so its existence is not revealed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,10 +27,18 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .owners import Caller
 from .state import home, private_dir, read_json, write_json
 
 FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9]+$")
 BATCH_ID_RE = re.compile(r"^batch_[0-9a-f]+$")
+OWNER_SALT = "owner.salt"  # in the links directory ($HFBATCH_HOME/serve)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    obj: dict[str, Any]  # OpenAI's File object: what the API answers
+    owner: str | None  # owners.py; None: stored before owners were recorded
 
 
 def new_file_id() -> str:
@@ -88,14 +101,14 @@ class Upload:
         self._f.write(chunk)
         return True
 
-    def commit(self, filename: str, purpose: str) -> dict[str, Any]:
+    def commit(self, filename: str, purpose: str, owner: str) -> dict[str, Any]:
         assert self._f is not None
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         self._f = None
         os.replace(self.tmp, self.store.data_path(self.file_id))
-        return self.store.save(self.file_id, filename, purpose)
+        return self.store.save(self.file_id, filename, purpose, owner)
 
     def discard(self) -> None:
         if self._f is not None:
@@ -126,30 +139,35 @@ class FileStore:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         return str(path)
 
-    def save(self, file_id: str, filename: str, purpose: str) -> dict[str, Any]:
-        obj = {
+    def save(self, file_id: str, filename: str, purpose: str, owner: str | None) -> dict[str, Any]:
+        """Write the sidecar (the file then exists); returns the File object (without the owner)."""
+        obj: dict[str, Any] = {
             "id": file_id, "object": "file", "bytes": self.data_path(file_id).stat().st_size,
             "created_at": int(time.time()), "filename": filename[:255], "purpose": purpose,
             "status": "processed", "expires_at": None, "status_details": None,
         }
-        write_json(self._sidecar(file_id), obj)
+        write_json(self._sidecar(file_id), obj if owner is None else {**obj, "owner": owner})
         return obj
 
-    def get(self, file_id: str) -> dict[str, Any] | None:
+    def get(self, file_id: str) -> StoredFile | None:
         if not FILE_ID_RE.match(file_id):
             return None
         try:
-            obj: dict[str, Any] = read_json(self._sidecar(file_id))
+            obj = read_json(self._sidecar(file_id))
         except (OSError, ValueError):
             return None
-        return obj
+        if not isinstance(obj, dict):
+            return None
+        owner = obj.pop("owner", None)
+        return StoredFile(obj, owner if isinstance(owner, str) else None)
 
-    def register_output(self, file_id: str, filename: str) -> None:
-        """A finished batch's output or error file becomes a File object (purpose batch_output), once."""
+    def register_output(self, file_id: str, filename: str, owner: str | None) -> None:
+        """A finished batch's output or error file becomes a File object (purpose batch_output) of the
+        batch's owner, once."""
         if self.get(file_id) is None and self.data_path(file_id).exists():
-            self.save(file_id, filename, "batch_output")
+            self.save(file_id, filename, "batch_output", owner)
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> list[StoredFile]:
         out = []
         for p in self.root.glob("file-*.json"):
             obj = self.get(p.stem)
@@ -196,10 +214,12 @@ class FileStore:
 
 
 class FilesApi:
-    """The /v1/files routes; `ended(batch_id)` says whether a batch has ended (an input in use is kept)."""
+    """The /v1/files routes; `ended(batch_id)` says whether a batch has ended (an input in use is kept),
+    `caller(request)` who a request comes from (the server has authenticated it)."""
 
-    def __init__(self, store: FileStore, max_upload: int, ended: Callable[[str], bool]) -> None:
-        self.store, self.max_upload, self.ended = store, max_upload, ended
+    def __init__(self, store: FileStore, max_upload: int, ended: Callable[[str], bool],
+                 caller: Callable[[web.Request], Caller]) -> None:
+        self.store, self.max_upload, self.ended, self.caller = store, max_upload, ended, caller
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/files", self.create_file), web.get("/v1/files", self.list_files),
@@ -207,6 +227,7 @@ class FilesApi:
                 web.delete("/v1/files/{id}", self.delete_file)]
 
     async def create_file(self, request: web.Request) -> web.Response:
+        owner = self.caller(request).owner
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, "Send the file as multipart/form-data with the fields 'purpose' and 'file'.")
         if (request.content_length or 0) > self.max_upload + (1 << 16):
@@ -236,7 +257,7 @@ class FilesApi:
             if purpose != "batch":
                 raise ApiError(400, f"Invalid value for 'purpose': {purpose!r}; this server accepts 'batch' only.",
                                param="purpose", code="invalid_value")
-            obj = upload.commit(filename, purpose)
+            obj = upload.commit(filename, purpose, owner)
             upload = None
             return json_response(obj)
         finally:
@@ -245,8 +266,9 @@ class FilesApi:
 
     async def list_files(self, request: web.Request) -> web.Response:
         q = request.query
-        purpose = q.get("purpose")
-        rows = [f for f in self.store.all() if purpose is None or f["purpose"] == purpose]
+        purpose, caller = q.get("purpose"), self.caller(request)
+        rows = [f.obj for f in self.store.all()
+                if caller.owns(f.owner) and (purpose is None or f.obj["purpose"] == purpose)]
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
             raise ApiError(400, "Invalid value for 'order': use 'asc' or 'desc'.", param="order")
@@ -255,10 +277,10 @@ class FilesApi:
 
     def _file(self, request: web.Request) -> dict[str, Any]:
         fid = request.match_info["id"]
-        obj = self.store.get(fid)
-        if obj is None:
+        f = self.store.get(fid)
+        if f is None or not self.caller(request).owns(f.owner):  # another owner's: as if missing
             raise ApiError(404, f"No such File object: {fid}", "not_found_error", param="id")
-        return obj
+        return f.obj
 
     async def get_file(self, request: web.Request) -> web.Response:
         return json_response(self._file(request))
@@ -268,10 +290,12 @@ class FilesApi:
         return web.FileResponse(self.store.data_path(obj["id"]), headers={"Content-Type": "application/octet-stream"})
 
     async def delete_file(self, request: web.Request) -> web.Response:
-        fid = self._file(request)["id"]
+        fid, caller = self._file(request)["id"], self.caller(request)
         for link in self.store.links():
             if link["input_file_id"] == fid and not self.ended(link["id"]):
-                raise ApiError(400, f"File {fid} is the input of batch {link['id']}, which has not ended; "
+                # A batch the --api-key key made from this file is not the caller's to name.
+                which = f"batch {link['id']}" if caller.owns(link.get("owner")) else "a batch"
+                raise ApiError(400, f"File {fid} is the input of {which}, which has not ended; "
                                "delete it once the batch ends (or cancel the batch).", param="file_id")
         self.store.delete(fid)
         return json_response({"id": fid, "object": "file", "deleted": True})

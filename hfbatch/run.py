@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .config import RunConfig, parse_window
+from .config import RunConfig, parse_duration
 from .errors import AlreadyRunning, ExitCode, InputError, UsageError, error_for_code
 from .ledger import Ledger, scan
 from .models import RunResult
@@ -46,7 +46,9 @@ def _loop_factory() -> Any:
 
 async def submit_async(cfg: RunConfig) -> RunResult:
     """The same as submit(), inside a running event loop (hfbatch serve)."""
-    window = parse_window(cfg.completion_window)
+    # New batches' windows are checked against the range where they come in (the CLI flag, serve's
+    # POST /v1/batches); here a stored batch keeps the window it was created with.
+    window = parse_duration(cfg.completion_window, "--completion-window")
     reg = Registry()
     # Hashing (and the scan below) read the whole file: in a thread, so a server's loop stays responsive.
     input_file, digest = await asyncio.to_thread(_materialize_input, cfg.input_path, reg)

@@ -14,6 +14,15 @@ its batch's task. So after a restart, unfinished batches resume with the server'
 the server is restarted with a token (or `hfbatch resume ID --token ...`), and can be cancelled.
 A server stop (SIGINT/SIGTERM) cancels running batches at once, as a crash would: lines already
 written are kept and the rest are sent after the restart.
+
+Ownership (owners.py). Without --api-key every File and batch belongs to the token that created
+it (a salted HMAC of the token is stored, never the token); a batch's output and error files
+belong to the batch's owner, also when another server run finishes it. Every route checks it:
+lists show only the caller's objects, and another token's file or batch answers like a missing
+id (404; POST /v1/batches: the 400 of a missing input file), as OpenAI does across projects. With
+--api-key the key owns everything in the store: objects of any owner, and objects stored before
+owners were recorded (which no pass-through token sees); what it creates, no pass-through token
+sees after a switch back. Resumed batches keep their owner.
 """
 
 from __future__ import annotations
@@ -32,11 +41,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import RunConfig, parse_window, resolve_token
+from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_window, resolve_token
 from .errors import HfbatchError, UsageError
-from .files import BATCH_ID_RE, ApiError, FilesApi, FileStore, json_response, new_batch_id, new_file_id, page
+from .files import (
+    BATCH_ID_RE,
+    OWNER_SALT,
+    ApiError,
+    FilesApi,
+    FileStore,
+    json_response,
+    new_batch_id,
+    new_file_id,
+    page,
+)
 from .jobs import cancel as cancel_batch
 from .jobs import live_batch
+from .owners import API_KEY_OWNER, Caller, Owners
 from .run import submit_async
 from .state import TERMINAL_STATUSES, BatchDir, Registry
 from .summary import BatchInfo, Stats, batch_object
@@ -46,6 +66,14 @@ GRACE_SECONDS = 10.0  # RunConfig.grace's default: in-flight requests' time to f
 log = logging.getLogger("hfbatch.serve")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """An authenticated request: who it comes from, and the token its batches run on."""
+
+    caller: Caller
+    token: str | None = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -85,6 +113,7 @@ class BatchServer:
     def __init__(self, opts: ServeOptions, token: str | None, max_upload: int) -> None:
         self.opts, self.token, self.max_upload = opts, token, max_upload
         self.store, self.reg = FileStore(), Registry()
+        self.owners = Owners(self.store.links_dir / OWNER_SALT)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, str] = {}  # batch id -> why its task ended without registering it
         self.shutdown = asyncio.Event()  # set when the server stops: batches stop like on SIGTERM
@@ -92,7 +121,8 @@ class BatchServer:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
         app.add_routes([
-            *FilesApi(self.store, self.max_upload, lambda bid: self._status(bid) in TERMINAL_STATUSES).routes(),
+            *FilesApi(self.store, self.max_upload, lambda bid: self._status(bid) in TERMINAL_STATUSES,
+                      lambda request: self._authenticate(request).caller).routes(),
             web.post("/v1/batches", self.create_batch), web.get("/v1/batches", self.list_batches),
             web.get("/v1/batches/{id}", self.get_batch), web.post("/v1/batches/{id}/cancel", self.cancel_batch),
         ])
@@ -115,18 +145,18 @@ class BatchServer:
             log.error("%s %s: internal error: %s", request.method, request.path, type(e).__name__)
             return ApiError(500, "The server had an error processing your request.", "server_error").response()
 
-    def _authenticate(self, request: web.Request) -> str | None:
-        """The token batches of this request run on; 401 unless the request carries a valid key."""
+    def _authenticate(self, request: web.Request) -> Auth:
+        """Who the request comes from and the token its batches run on; 401 unless it carries a valid key."""
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
                            "authentication_error", code="invalid_api_key")
-        if self.opts.api_key is None:
-            return key  # pass-through: the client's key is its Hugging Face token
+        if self.opts.api_key is None:  # pass-through: the client's key is its Hugging Face token
+            return Auth(Caller(self.owners.of(key)), key)
         if not hmac.compare_digest(key.encode(), self.opts.api_key.encode()):
             raise ApiError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
-        return self.token
+        return Auth(Caller(API_KEY_OWNER, sees_all=True), self.token)
 
     # ------------------------------------------------------------------ batches
 
@@ -137,9 +167,10 @@ class BatchServer:
             raise ApiError(400, "The body must be a JSON object.") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object.")
+        auth = self._authenticate(request)
         fid = body.get("input_file_id")
         f = self.store.get(fid) if isinstance(fid, str) else None
-        if f is None or f["purpose"] != "batch":
+        if f is None or not auth.caller.owns(f.owner) or f.obj["purpose"] != "batch":  # another's: as missing
             raise ApiError(400, f"Invalid 'input_file_id': {fid!r} is not a file uploaded with purpose 'batch'.",
                            param="input_file_id", code="invalid_value")
         endpoint = self._endpoint(body.get("endpoint"))
@@ -147,7 +178,7 @@ class BatchServer:
         try:
             parse_window(window if isinstance(window, str) else "")
         except UsageError:
-            raise ApiError(400, f"Invalid 'completion_window': {window!r}; use a duration such as 24h.",
+            raise ApiError(400, f"Invalid 'completion_window': {window!r}; use 24h, or a duration {WINDOW_RANGE}.",
                            param="completion_window", code="invalid_value") from None
         assert isinstance(window, str)
         metadata = _metadata(body.get("metadata"))
@@ -155,9 +186,10 @@ class BatchServer:
             "id": new_batch_id(), "input_file_id": fid, "output_file_id": new_file_id(),
             "error_file_id": new_file_id(), "endpoint": endpoint, "completion_window": window,
             "metadata": metadata, "created_at": int(time.time()), "created_ns": time.time_ns(),
+            "owner": auth.caller.owner,
         }
         self.store.save_link(link)
-        self._start(link["id"], self._new_config(link, self._authenticate(request)))
+        self._start(link["id"], self._new_config(link, auth.token))
         return json_response(self._fresh(link))
 
     def _endpoint(self, value: Any) -> str:
@@ -173,7 +205,8 @@ class BatchServer:
         return json_response(self._render(self._link(request)))
 
     async def list_batches(self, request: web.Request) -> web.Response:
-        rows = self.store.links()
+        caller = self._authenticate(request).caller
+        rows = [link for link in self.store.links() if caller.owns(link.get("owner"))]
         answer = page(rows, request.query, default=20, most=100)
         answer["data"] = [self._render(link) for link in answer["data"]]
         return json_response(answer)
@@ -197,7 +230,7 @@ class BatchServer:
             raise ApiError(409, f"Cannot cancel a batch with status '{live_batch(b)['status']}'.") from None
         if status != "cancelled" and (finish_here or (bid not in self.tasks and not b.running())):
             # Nothing runs it: resume it here; the engine sees the cancel file and closes it out (sends nothing).
-            self._start(bid, self._resume_config(b, self._authenticate(request)))
+            self._start(bid, self._resume_config(b, self._authenticate(request).token))
         answer = self._render(link)
         if answer["status"] not in TERMINAL_STATUSES:
             answer["status"] = "cancelling"
@@ -207,7 +240,7 @@ class BatchServer:
     def _link(self, request: web.Request) -> dict[str, Any]:
         bid = request.match_info["id"]
         link = self.store.link(bid) if BATCH_ID_RE.match(bid) else None
-        if link is None:
+        if link is None or not self._authenticate(request).caller.owns(link.get("owner")):  # as if missing
             raise ApiError(404, f"No batch found with id '{bid}'.", "not_found_error", param="batch_id")
         return link
 
@@ -227,7 +260,7 @@ class BatchServer:
         if failed is not None:
             info.set_status("failed")
             info.state = "failed"
-        batch = batch_object(info, Stats(), parse_window(link["completion_window"]))
+        batch = batch_object(info, Stats(), parse_duration(link["completion_window"], "completion_window"))
         if failed is not None:
             batch["errors"] = {"object": "list", "data": [
                 {"code": "server_error", "line": None, "param": None, "message": failed}]}
@@ -250,7 +283,7 @@ class BatchServer:
             if batch.get(key):
                 batch[key] = link[key]
                 if ended:
-                    self.store.register_output(link[key], f"{bid}_{kind}.jsonl")
+                    self.store.register_output(link[key], f"{bid}_{kind}.jsonl", link.get("owner"))
         hb = batch.get("hfbatch") or {}
         if not ended and hb.get("state") == "running" and bid not in self.tasks and b is not None \
                 and not b.running():

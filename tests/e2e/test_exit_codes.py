@@ -167,6 +167,17 @@ def test_usage_errors_exit_2(tmp_path: Path, fake, run_cli, args: list[str]) -> 
     assert (tmp_path / "in.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize("window", ["999999h", "8d", "0s", "-1h", "nan", "inf", "1e309s"])
+def test_completion_window_outside_the_range_exits_2(tmp_path: Path, fake, run_cli, window: str) -> None:
+    chat_file(tmp_path, 2)
+    p = run_cli(["in.jsonl", "-q", f"--completion-window={window}"])
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--completion-window" in lines[0] and "from 1s to 7d" in lines[0], p.stderr
+    assert fake.stats()["requests"] == 0
+    assert not (tmp_path / "in.output.jsonl").exists()
+
+
 def test_unwritable_output_path_is_a_usage_error(tmp_path: Path, fake, run_cli) -> None:
     # A user mistake (the directory does not exist): exit 2 with a clear message, not an internal error.
     chat_file(tmp_path, 2)

@@ -2,9 +2,10 @@
 
 The server runs as a real subprocess (`python -m hfbatch serve --port 0`, its URL read from the
 startup line on stderr) against the fake provider. Files -> batches -> poll -> results, pagination,
-cancel, metadata, bad uploads, OpenAI's error envelopes, a restart mid-batch, and the refusal to
-bind a public address without a key. Every server's stderr and files are checked for tracebacks and
-token leaks (the client's pass-through key included).
+cancel, metadata, bad uploads, OpenAI's error envelopes, the completion window's range, each
+pass-through token seeing only its own files and batches (and --api-key seeing all), a restart
+mid-batch, and the refusal to bind a public address without a key. Every server's stderr and files
+are checked for tracebacks and token leaks (the clients' pass-through keys included).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from conftest import (
 from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
 
 CLIENT_KEY = "hf_client_passthrough_key_456"  # the client's API key = its HF token (pass-through)
+OTHER_KEY = "hf_other_client_key_321"  # a second pass-through client: must never see the first's objects
 LOCAL_KEY = "local-serve-api-key-789"  # --api-key (via $HFBATCH_API_KEY)
-SECRETS = {TOKEN, CLIENT_KEY, LOCAL_KEY}
+SECRETS = {TOKEN, CLIENT_KEY, OTHER_KEY, LOCAL_KEY}
 URL = "/v1/chat/completions"
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
@@ -310,6 +312,185 @@ def test_openai_error_envelopes(server: Server) -> None:
     envelope(server.raw("POST", "/files", CLIENT_KEY, *huge), 413, "invalid_request_error")
     assert {f.id for f in c.files.list()} == before
     assert not list((server.home / "files").glob(".*.part")), "a refused upload left a partial file"
+
+
+# --------------------------------------------------------------------------- the completion window
+
+
+@pytest.mark.parametrize("window", ["999999h", "0s", "-1h", "8d", "604801s", "0.5s", "nan", "inf", "1e309s"])
+def test_completion_window_outside_the_range_is_refused(server: Server, window: str) -> None:
+    c = server.client()
+    fid = upload(c, chat_jsonl(1, prefix="w")[0])
+    links = set((server.home / "serve").glob("batch_*.json"))
+    body = json.dumps({"input_file_id": fid, "endpoint": URL, "completion_window": window}).encode()
+    status, answer = server.raw("POST", "/batches", body=body)
+    assert status == 400, (status, answer)
+    err = check_error_envelope(answer)
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "completion_window", "invalid_value")
+    assert "from 1s to 7d" in err["message"], err
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.batches.create(input_file_id=fid, endpoint=URL, completion_window=window)  # type: ignore[arg-type]
+    assert bad.value.body["param"] == "completion_window"  # type: ignore[index]
+    assert set((server.home / "serve").glob("batch_*.json")) == links, "a refused batch was created"
+
+
+@pytest.mark.parametrize("window, seconds", [("24h", 86400), ("2h", 7200), ("7d", 7 * 86400)])
+def test_completion_window_in_the_range_is_accepted(server: Server, window: str, seconds: int) -> None:
+    c = server.client()
+    batch = c.batches.create(input_file_id=upload(c, chat_jsonl(1, prefix="w")[0]), endpoint=URL,
+                             completion_window=window)  # type: ignore[arg-type]
+    assert batch.completion_window == window and batch.expires_at == batch.created_at + seconds, batch
+    assert wait_for(c, batch.id).status == "completed"
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def assert_hidden(server: Server, key: str, method: str, path: str, real: str, missing: str) -> None:
+    """`key` gets for `real` (another owner's id) exactly the answer it gets for a `missing` id."""
+    got, want = server.raw(method, path.format(real), key=key), server.raw(method, path.format(missing), key=key)
+    assert want[0] in (400, 404) and got[0] == want[0], (method, path, got, want)
+    expected = {**want[1]["error"], "message": want[1]["error"]["message"].replace(missing, real)}
+    assert check_error_envelope(got[1]) == expected, (method, path, got)
+
+
+def test_pass_through_tokens_see_only_their_own_objects(server: Server) -> None:
+    """Two clients with two tokens on one pass-through server: B can neither see nor touch A's
+    files and batches (404 as for a missing id, as OpenAI answers across projects); A still can."""
+    a, b = server.client(CLIENT_KEY), server.client(OTHER_KEY)
+    a_data, a_ids = chat_jsonl(4, prefix="own", text="[[sleep:0.3]] ")
+    slow = a.batches.create(input_file_id=upload(a, a_data), endpoint=URL, completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        b.batches.cancel(slow.id)
+    fa = upload(a, chat_jsonl(2, prefix="a")[0])
+    done = wait_for(a, a.batches.create(input_file_id=fa, endpoint=URL, completion_window="24h").id)
+    assert done.status == "completed" and done.output_file_id
+    a_files = {fa, slow.input_file_id, done.output_file_id}
+    a_batches = {slow.id, done.id}
+
+    fb = upload(b, chat_jsonl(1, prefix="b")[0])
+    b_batches = [b.batches.create(input_file_id=fb, endpoint=URL, completion_window="24h").id for _ in range(2)]
+    b_files = {fb} | {wait_for(b, bid).output_file_id for bid in b_batches}
+    assert {f.id for f in b.files.list()} == b_files
+    assert [x.id for x in b.batches.list(limit=1)] == b_batches[::-1]  # the SDK's pagination, one per page
+    first = b.batches.with_raw_response.list(limit=1).http_response.json()
+    assert [x["id"] for x in first["data"]] == [b_batches[1]] and first["has_more"] is True
+    status, rest = server.raw("GET", f"/batches?limit=1&after={first['last_id']}", key=OTHER_KEY)
+    assert status == 200 and [x["id"] for x in rest["data"]] == [b_batches[0]] and rest["has_more"] is False
+    status, foreign = server.raw("GET", f"/batches?after={done.id}", key=OTHER_KEY)  # A's id as a cursor
+    assert status == 200 and foreign["data"] == [] and foreign["has_more"] is False
+    status, files_page = server.raw("GET", "/files?limit=1", key=OTHER_KEY)
+    assert status == 200 and files_page["data"][0]["id"] in b_files and files_page["has_more"] is True
+
+    missing_file, missing_batch = "file-0123456789abcdef01234567", "batch_0123456789abcdef01234567"
+    for fid in a_files:
+        assert_hidden(server, OTHER_KEY, "GET", "/files/{}", fid, missing_file)
+        assert_hidden(server, OTHER_KEY, "DELETE", "/files/{}", fid, missing_file)
+        with pytest.raises(openai.NotFoundError):
+            b.files.content(fid)
+        with pytest.raises(openai.NotFoundError):
+            b.files.retrieve(fid)
+        with pytest.raises(openai.NotFoundError):
+            b.files.delete(fid)
+        create = json.dumps({"input_file_id": "{}", "endpoint": URL, "completion_window": "24h"})
+        got = server.raw("POST", "/batches", OTHER_KEY, create.replace("{}", fid).encode())
+        want = server.raw("POST", "/batches", OTHER_KEY, create.replace("{}", missing_file).encode())
+        assert got[0] == want[0] == 400 and got[1]["error"]["param"] == "input_file_id", got
+        assert got[1]["error"]["message"] == want[1]["error"]["message"].replace(missing_file, fid), got
+    for bid in a_batches:
+        assert_hidden(server, OTHER_KEY, "GET", "/batches/{}", bid, missing_batch)
+        assert_hidden(server, OTHER_KEY, "POST", "/batches/{}/cancel", bid, missing_batch)
+        with pytest.raises(openai.NotFoundError):
+            b.batches.retrieve(bid)
+    assert {x.id for x in b.batches.list()} == set(b_batches)
+
+    # A still has everything, and sees none of B's.
+    finished = wait_for(a, slow.id)
+    assert finished.status == "completed" and finished.request_counts.completed == 4, finished
+    assert_each_once(a_ids, content(a, finished.output_file_id))
+    a_listed = {f.id for f in a.files.list()}
+    assert a_files <= a_listed and not b_files & a_listed
+    a_listed_batches = {x.id for x in a.batches.list()}
+    assert a_batches <= a_listed_batches and not set(b_batches) & a_listed_batches
+    assert a.files.retrieve(fa).id == fa and len(content(a, fa)) == 2
+    status, obj = server.raw("GET", f"/files/{fa}")
+    assert status == 200 and "owner" not in obj and "owner" not in server.raw("GET", "/files")[1]["data"][0]
+    assert a.batches.retrieve(done.id).status == "completed"
+
+
+def _drop_owner(path: Path) -> None:
+    """Make a stored object look like one written before owners were recorded."""
+    obj = json.loads(path.read_bytes())
+    obj.pop("owner", None)
+    path.write_bytes(json.dumps(obj).encode())
+
+
+def test_api_key_owns_everything_and_unowned_objects_stay_private(tmp_path: Path, make_fake: Any) -> None:
+    """Objects outlive a mode switch: a pass-through token keeps its own across restarts (the salt
+    persists); the --api-key key sees and resumes every object (any owner, or none) and what it
+    creates is visible to no pass-through token; objects without an owner (written before owners
+    were recorded) are visible to no pass-through token; a batch resumed by the --api-key server
+    still belongs to the token that created it, output files included."""
+    fake = make_fake(require_token=True)
+    no_token = {"HF_TOKEN": None}
+    first = Server(tmp_path, fake, ["--concurrency", "2"], no_token)
+    a, b = first.client(CLIENT_KEY), first.client(OTHER_KEY)
+    fa = upload(a, chat_jsonl(2, prefix="a")[0])
+    ba = wait_for(a, a.batches.create(input_file_id=fa, endpoint=URL, completion_window="24h").id)
+    legacy = wait_for(a, a.batches.create(input_file_id=fa, endpoint=URL, completion_window="24h").id)
+    fl = upload(a, chat_jsonl(1, prefix="l")[0])
+    fb = upload(b, chat_jsonl(1, prefix="b")[0])
+    slow_data, slow_ids = chat_jsonl(12, prefix="s", text="[[sleep:0.3]] ")
+    slow = a.batches.create(input_file_id=upload(a, slow_data), endpoint=URL, completion_window="24h")
+    first.stop()  # SIGTERM: the slow batch is left unfinished, resumable
+    _drop_owner(first.home / "files" / f"{fl}.json")
+    _drop_owner(first.home / "serve" / f"{legacy.id}.json")
+    _drop_owner(first.home / "files" / f"{legacy.output_file_id}.json")
+
+    second = Server(tmp_path, fake, [], no_token)
+    assert "1 unfinished batches wait for a server token" in second.startup, second.startup
+    a, b = second.client(CLIENT_KEY), second.client(OTHER_KEY)
+    assert {f.id for f in a.files.list()} == {fa, slow.input_file_id, ba.output_file_id}
+    assert {x.id for x in a.batches.list()} == {ba.id, slow.id}
+    assert {f.id for f in b.files.list()} == {fb} and not list(b.batches.list())
+    for c in (a, b):
+        for fid in (fl, legacy.output_file_id):
+            with pytest.raises(openai.NotFoundError):
+                c.files.retrieve(fid)
+        with pytest.raises(openai.NotFoundError):
+            c.batches.retrieve(legacy.id)
+    second.stop()
+
+    third = Server(tmp_path, fake, [], {"HFBATCH_API_KEY": LOCAL_KEY})  # the server's token: TOKEN
+    assert "1 batches resumed" in third.startup, third.startup
+    k = third.client(LOCAL_KEY)
+    resumed = wait_for(k, slow.id)
+    assert resumed.status == "completed" and resumed.request_counts.completed == 12, resumed
+    everything = {fa, fl, fb, slow.input_file_id, ba.output_file_id, legacy.output_file_id, resumed.output_file_id}
+    assert everything <= {f.id for f in k.files.list()}
+    assert {ba.id, legacy.id, slow.id} <= {x.id for x in k.batches.list()}
+    assert k.batches.retrieve(legacy.id).status == "completed" and len(content(k, fl)) == 1
+    fk = upload(k, chat_jsonl(1, prefix="k")[0])
+    bk = wait_for(k, k.batches.create(input_file_id=fk, endpoint=URL, completion_window="24h").id)
+    assert bk.status == "completed" and bk.output_file_id
+    third.stop()
+
+    fourth = Server(tmp_path, fake, [], no_token)
+    a = fourth.client(CLIENT_KEY)
+    mine = a.batches.retrieve(slow.id)  # resumed and finished by the --api-key server: still A's
+    assert mine.status == "completed" and mine.output_file_id == resumed.output_file_id
+    assert_each_once(slow_ids, content(a, mine.output_file_id))
+    for key in (CLIENT_KEY, OTHER_KEY, LOCAL_KEY):  # the key's objects: no pass-through token sees them
+        c = fourth.client(key)
+        assert not {fk, bk.output_file_id} & {f.id for f in c.files.list()}
+        assert bk.id not in {x.id for x in c.batches.list()}
+        with pytest.raises(openai.NotFoundError):
+            c.files.retrieve(fk)
+        with pytest.raises(openai.NotFoundError):
+            c.batches.retrieve(bk.id)
+    with pytest.raises(openai.NotFoundError):
+        fourth.client(OTHER_KEY).batches.retrieve(slow.id)
+    fourth.stop()
 
 
 # --------------------------------------------------------------------------- restart, --api-key, binding
