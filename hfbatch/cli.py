@@ -255,7 +255,9 @@ def estimate(
 
 def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None) -> None:
     """The Batch object as one JSON line: stdout is data, unless stdout carries the output lines."""
-    data = orjson.dumps(batch) + b"\n"
+    from .writer import escape_separators
+
+    data = escape_separators(orjson.dumps(batch)) + b"\n"
     if path:
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:

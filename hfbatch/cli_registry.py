@@ -49,8 +49,10 @@ def list_(
 
     rows = list(list_batches(limit))
     if json or not sys.stdout.isatty():
+        from .writer import escape_separators
+
         for r in rows:
-            sys.stdout.buffer.write(orjson.dumps(r) + b"\n")
+            sys.stdout.buffer.write(escape_separators(orjson.dumps(r)) + b"\n")
         return
     from rich.console import Console
     from rich.table import Table

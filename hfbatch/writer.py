@@ -242,16 +242,26 @@ class JsonlSink:
             self._fail(e)
 
 
+def escape_separators(line: bytes) -> bytes:
+    """U+2028, U+2029 and U+0085 escaped (`\\u2028`...): Python's splitlines() and older JavaScript split
+    lines on them. In valid UTF-8 JSON these bytes can only be those characters, inside strings, where
+    the escape means the same: every other byte stays as it was (a provider's body included)."""
+    if b"\xe2\x80" in line or b"\xc2\x85" in line:
+        line = (line.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+                .replace(b"\xc2\x85", b"\\u0085"))
+    return line
+
+
 def success_line(custom_id: str, status: int, request_id: str, body: Any) -> bytes:
     """An output-file line; `body` is an orjson.Fragment of the provider's bytes or a JSON value."""
-    return orjson.dumps(
+    return escape_separators(orjson.dumps(
         {
             "id": new_line_id(),
             "custom_id": custom_id,
             "response": {"status_code": status, "request_id": request_id, "body": body},
             "error": None,
         }
-    )
+    ))
 
 
 def error_line(
@@ -260,14 +270,14 @@ def error_line(
     """An error-file line: an HTTP answer that was not 2xx (response set, error null, as OpenAI
     writes them) or a request with no usable answer (response null, error {code, message})."""
     if response is not None:
-        return orjson.dumps(
+        return escape_separators(orjson.dumps(
             {"id": new_line_id(), "custom_id": custom_id, "response": response, "error": None}
-        )
-    return orjson.dumps(
+        ))
+    return escape_separators(orjson.dumps(
         {
             "id": new_line_id(),
             "custom_id": custom_id,
             "response": None,
             "error": {"code": code, "message": message},
         }
-    )
+    ))

@@ -242,3 +242,25 @@ def test_coalesce_packs_single_input_embeddings(tmp_path: Path, fake, run_cli) -
         assert len(body.data) == 1 and body.data[0].index == 0
         total += body.usage.prompt_tokens
     assert total == batch["usage"]["input_tokens"] == 5 * 100  # the fake bills 5 tokens per input
+
+
+def test_line_separators_in_answers_and_ids_stay_inside_their_line(tmp_path: Path, fake, run_cli) -> None:
+    """U+2028, U+2029 and U+0085 are line breaks to Python's splitlines() (and to JavaScript before ES2019):
+    written raw, one JSONL line reads as several. They go out escaped, and the values are unchanged."""
+    seps = "a\u2028b\u2029c\u0085d"
+    lines = [chat_line(f"ok{seps}", f"say {seps}"),
+             chat_line(f"bad{seps}", "hi", model="test-org/NonExist-model"),
+             chat_line("plain", "nothing special é — ’")]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    p = run_cli(["in.jsonl", "-q"])
+    assert p.returncode == 3, p.stderr
+    for name in ("in.output.jsonl", "in.errors.jsonl"):
+        text = (tmp_path / name).read_bytes().decode()
+        assert len(text.splitlines()) == text.count("\n"), f"{name}: a line separator was written raw"
+    out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
+    assert_each_once(ids(lines), out, err)
+    got = {o["custom_id"]: o for o in out}
+    assert got[f"ok{seps}"]["response"]["body"]["choices"][0]["message"]["content"] == f"echo: say {seps}"
+    assert "\\u2028" in (tmp_path / "in.output.jsonl").read_text()
+    assert "é — ’" in (tmp_path / "in.output.jsonl").read_text()  # other non-ASCII stays as it was
+    assert len(p.stdout.splitlines()) == 1  # the Batch object too

@@ -15,7 +15,7 @@ from conftest import LINE_ID_RE, check_error_envelope, check_error_line, check_o
 
 from hfbatch.models import Outcome
 from hfbatch.outcomes import error_body
-from hfbatch.writer import JsonlSink, error_line, new_line_id, success_line
+from hfbatch.writer import JsonlSink, error_line, escape_separators, new_line_id, success_line
 
 CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop",
@@ -303,3 +303,12 @@ def test_hf_error_type_becomes_the_code() -> None:
     got = error_body(400, outcome(400, b'{"error": "Input validation error", "error_type": "validation"}'))
     assert got["error"]["code"] == "validation"
     check_error_envelope(got)
+
+
+def test_line_separators_are_escaped_and_every_other_byte_kept() -> None:
+    raw = '{"text": "a\u2028b\u2029c\u0085d — ’",  "n": 1.50}'.encode()
+    line = success_line("c", 200, "r", orjson.Fragment(raw))
+    assert b"\xe2\x80\xa8" not in line and b"\xe2\x80\xa9" not in line and b"\xc2\x85" not in line
+    assert '"a\\u2028b\\u2029c\\u0085d — ’",  "n": 1.50}'.encode() in line  # spacing and 1.50 untouched
+    assert json.loads(line)["response"]["body"]["text"] == "a\u2028b\u2029c\u0085d — ’"
+    assert escape_separators(b'{"x":"plain"}') == b'{"x":"plain"}'
