@@ -137,8 +137,12 @@ def submit(
         raise UsageError("--output and --errors must be different files")
     if input != "-" and os.path.abspath(input) in (os.path.abspath(output), os.path.abspath(errors)):
         raise UsageError("the output and error files must not be the input file")
-    for path in (output, errors):
-        parent = os.path.dirname(os.path.abspath(path)) if path != "-" else "."
+    for flag, path in (("-o", output), ("-e", errors), ("--summary", summary)):
+        if path is None or path == "-":
+            continue
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. {os.path.join(path, 'out.jsonl')})")
+        parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise UsageError(f"cannot write {path}: directory {parent} does not exist")
     if detach and output == "-":

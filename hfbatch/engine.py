@@ -255,7 +255,7 @@ def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo
     else:
         # Stopped early: the batch stays in_progress (resumable); our state says why.
         info.state, info.stop_reason = "interrupted", stop.reason
-        message = (f"{stop.message}; {info.unsent} requests were not sent. Rerun the same command "
+        message = (f"{stop.message}; {_unanswered(info.unsent, stats.abandoned)}. Rerun the same command "
                    f"(or `hfbatch resume {info.id}`) to send only those")
         if stop.reason == "auth":
             error = AuthError(message)
@@ -264,10 +264,18 @@ def _conclude(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo
         elif stop.reason == "shutdown":
             error = StoppedEarly(message)
         elif stop.reason == "budget":
-            error = StoppedEarly(f"{stop.message} ({info.unsent} requests not sent)")
+            error = StoppedEarly(f"{stop.message} ({_unanswered(info.unsent, stats.abandoned)})")
         else:
             error = StoppedEarly(message)
     return finish(b, meta, info, stats, window, error, out_lines=out.lines, err_lines=err.lines)
+
+
+def _unanswered(unsent: int, abandoned: int) -> str:
+    """How many requests have no line, telling the ones sent and never answered from the ones never sent."""
+    if not abandoned:
+        return f"{unsent} requests were not sent"
+    return (f"{unsent} requests have no answer: {abandoned} were sent and got no answer before the stop, "
+            f"{max(0, unsent - abandoned)} were not sent")
 
 
 def finish(b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats, window: int,

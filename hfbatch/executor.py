@@ -139,6 +139,7 @@ class Executor:
                 await asyncio.wait(tuple(tasks))
         finally:
             self.stop.wakeups.remove(wake)
+            self.stats.abandoned += self.stats.in_flight  # sent, no answer: cancelled now (a rerun sends them)
             for t in tasks:
                 t.cancel()
             if tasks:

@@ -49,6 +49,7 @@ class Stats:
     sent: int = 0  # HTTP attempts
     retries: int = 0
     in_flight: int = 0
+    abandoned: int = 0  # requests in flight (sent, no answer yet) when the run stopped
     input_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
@@ -184,6 +185,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
             "state": info.state,
             "stop_reason": info.stop_reason,
             "unsent": info.unsent,
+            "abandoned": stats.abandoned,
             "elapsed_seconds": round(elapsed, 3),
             "requests_per_second": round((stats.completed + stats.failed) / elapsed, 2) if elapsed > 0 else None,
             "http_requests": stats.sent,

@@ -125,13 +125,8 @@ def validate_line(
         )
     try:
         obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:
-            raw.decode("utf-8")
-            why = "This line is not parseable as valid JSON."
-        except UnicodeDecodeError:
-            why = "This line is not valid UTF-8 text (binary data?)."
-        return LineError(line_no, None, "invalid_json_line", why)
+    except orjson.JSONDecodeError as e:
+        return LineError(line_no, None, "invalid_json_line", _json_problem(raw, e))
     if not isinstance(obj, dict):
         return LineError(
             line_no, None, "invalid_request",
@@ -196,6 +191,22 @@ def validate_line(
             "body.stream is true; batch requests cannot stream, remove it or set it to false", "body.stream",
         )
     return Request(line_no, cid, url, body, model)
+
+
+def _json_problem(raw: bytes, e: orjson.JSONDecodeError) -> str:
+    """OpenAI's words, then what is wrong and where: the parser's reason, the column and the text there."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as u:
+        return (f"This line is not valid UTF-8 text (binary data?): byte {u.start + 1} is "
+                f"0x{raw[u.start]:02x}; save the file as UTF-8")
+    reason = str(e.msg).split(": line ", 1)[0]
+    hint = {"no low surrogate in string": " (an escape such as \\ud800 alone is not a character; write the "
+                                          "character itself, or a surrogate pair)",
+            "number is infinity when parsed as double": " (too large for a number; send it as a string)"
+            }.get(reason, "")
+    near = text[max(0, e.pos - 12):e.pos + 12]
+    return f"This line is not parseable as valid JSON: {reason}{hint} at column {e.colno}, near {near!r}"
 
 
 def _kind(v: Any) -> str:

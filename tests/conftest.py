@@ -183,7 +183,7 @@ def check_batch(batch: dict[str, Any]) -> dict[str, Any]:
     assert batch["object"] == "batch"
     hb = batch["hfbatch"]
     for key in ("elapsed_seconds", "requests_per_second", "http_requests", "retries", "latency_ms",
-                "providers", "models", "endpoints", "unsent", "state", "stop_reason"):
+                "providers", "models", "endpoints", "unsent", "abandoned", "state", "stop_reason"):
         assert key in hb, key
     rc = batch["request_counts"]
     assert set(rc) == {"total", "completed", "failed"}

@@ -242,3 +242,35 @@ def test_signal_stops_cleanly(tmp_path: Path, make_fake, popen_cli, sig: signal.
         problems.append(f"took {stop_seconds:.1f} s to exit after {sig.name} (in-flight requests take 0.3 s)")
     assert not problems, "; ".join(problems)
 
+
+
+@pytest.mark.parametrize("flag", ["-o", "-e", "--summary"])
+def test_a_directory_as_an_output_path_is_named_at_once(tmp_path: Path, fake, run_cli, flag: str) -> None:
+    chat_file(tmp_path, 2)
+    (tmp_path / "adir").mkdir()
+    p = run_cli(["in.jsonl", "-q", flag, "adir"])
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "adir" in lines[0] and "is a directory" in lines[0], p.stderr
+    assert "--overwrite" not in p.stderr
+    assert fake.stats()["requests"] == 0
+
+
+def test_sigterm_counts_hung_requests_apart_from_unsent_ones(tmp_path: Path, make_fake, popen_cli) -> None:
+    """Requests sent and never answered are not "not sent": the message and the summary say which is which."""
+    fake = make_fake()
+    lines = [chat_line(f"h{i}", f"[[fault:hang]] hung {i}") for i in range(3)]
+    lines += [chat_line(f"q{i}", f"queued {i}") for i in range(20)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    proc = popen_cli(["in.jsonl", "-q", "-c", "3", "--grace", "0.2", "--no-adapt"])
+    deadline = time.monotonic() + 20
+    while fake.stats()["hang"] < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert fake.stats()["hang"] == 3, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out_b, err_b = proc.communicate(timeout=20)
+    stdout, stderr = out_b.decode(), err_b.decode()
+    assert_clean(tmp_path, stdout, stderr, {TOKEN})
+    batch = batch_from(stdout)
+    assert batch["hfbatch"]["unsent"] == 23 and batch["hfbatch"]["abandoned"] == 3, batch["hfbatch"]
+    assert "3 were sent and got no answer" in stderr and "20 were not sent" in stderr, stderr

@@ -61,6 +61,17 @@ def test_unparseable_lines_are_invalid_json_line(raw: bytes) -> None:
     assert r.custom_id is None
 
 
+@pytest.mark.parametrize(("raw", "why", "where"), [
+    (b'{"custom_id": "x", "body": {"t": "\\ud800"}}', "surrogate", "column 35"),
+    (b'{"custom_id": "x", "body": {"n": 1e400}}', "infinity", "column 34"),
+    (b'{"custom_id": "x",', "end of data", "column 19"),
+])
+def test_unparseable_lines_say_what_is_wrong_and_where(raw: bytes, why: str, where: str) -> None:
+    r = bad(check(None, raw=raw), "invalid_json_line")
+    assert r.message.startswith("This line is not parseable as valid JSON")  # OpenAI's words, then why
+    assert why in r.message and where in r.message, r.message
+
+
 def test_binary_junk_message_says_it_is_not_text() -> None:
     r = bad(check(None, raw=b"\xff\xfe\x00\x81"), "invalid_json_line")
     assert "UTF-8" in r.message
