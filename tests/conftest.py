@@ -259,7 +259,7 @@ def cli_env(tmp_path: Path, fake: ThreadedFakeProvider | None,
            and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
     home = tmp_path / "_home"
     (home / "hf").mkdir(parents=True, exist_ok=True)
-    (home / "hfbatch").mkdir(parents=True, exist_ok=True)
+    # $HFBATCH_HOME itself is left for hfbatch to create (0700): an existing folder is never chmod'ed.
     url = fake.url if fake is not None else NOWHERE
     env.update(
         HF_HOME=str(home / "hf"), HFBATCH_HOME=str(home / "hfbatch"), HF_TOKEN=TOKEN,
