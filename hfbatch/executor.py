@@ -61,6 +61,11 @@ class _Provider:
 Result = tuple[Any, ...]
 
 
+def _release(gate: Gate, provider_gate: Gate) -> None:
+    gate.release()
+    provider_gate.release()
+
+
 class _Group:
     """Identical requests (dedupe): the first is sent, the others get its result. Kept until every
     expected copy was served, so copies read long after the first answer still send nothing."""
@@ -268,8 +273,10 @@ class Executor:
                 # the slot is handed to a waiting request (which would meet the same 429).
                 self._adapt(provider, model, outcome, started)
             finally:
-                self.gate.release()
-                provider.gate.release()
+                # The slots are handed on one loop step later: this answer's line is written before this
+                # task next yields, and its sink's flush is queued before that step, so the next request
+                # leaves after the line reached the OS. A kill -9 then re-sends at most -c requests.
+                asyncio.get_running_loop().call_soon(_release, self.gate, provider.gate)
                 if self.hooks is not None:
                     self.hooks.release(reserved)
             status = outcome.status
