@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import UsageError
+from .limits import Capacity
 
 _HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud", "hf.co")
 
@@ -54,6 +55,7 @@ class RunConfig:
     metadata: dict[str, str] | None = None  # OpenAI's batch metadata (hfbatch serve)
     new_batch_id: str | None = None  # the id a new batch gets (hfbatch serve answers with it at once)
     shutdown: Any = None  # an asyncio.Event: set = stop like SIGTERM (grace for in-flight requests)
+    capacity: Capacity | None = None  # limits shared with other batches (hfbatch serve: -c is server-wide)
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

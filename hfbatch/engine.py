@@ -42,11 +42,11 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
-def first_limit(cfg: RunConfig) -> int:
+def first_limit(concurrency: int, base_url: str | None) -> int:
     """Where each provider's AIMD limit starts. The router's providers are shared and their limits
     unknown: 64, doubling per round trip. A --base-url server is yours and -c is your number for it:
     start there (a 429/503 still shrinks it)."""
-    return cfg.concurrency if cfg.base_url else min(cfg.concurrency, 64)
+    return concurrency if base_url else min(concurrency, 64)
 
 
 class Warmup:
@@ -58,7 +58,7 @@ class Warmup:
                  enabled: bool = True) -> None:
         self.cfg, self.stored_cost, self.enabled = cfg, stored_cost, enabled
         # A batch line is at least ~100 bytes: never more connections than the file can use.
-        self.connections = max(1, min(first_limit(cfg), input_size // 100))
+        self.connections = max(1, min(first_limit(cfg.concurrency, cfg.base_url), input_size // 100))
         self.transport = Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg))
         self._prices: asyncio.Task[CostLedger] | None = None
         self._connect: asyncio.Task[None] | None = None
@@ -148,13 +148,13 @@ async def execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: Batch
         stats.cost = spend
         budget = Budget(cfg.budget, spend) if cfg.budget is not None else None
         limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
-                        fallback=cfg.fallback, coalesce=cfg.coalesce, start=first_limit(cfg))
+                        fallback=cfg.fallback, coalesce=cfg.coalesce, start=first_limit(cfg.concurrency, cfg.base_url))
         hooks = RunHooks(cache=_open_cache() if cfg.cache else None, server=cfg.base_url or "router",
                          ledger=spend, budget=budget, stop=stop)
         executor = Executor(
             transport=transport, router=router, out=out, err=err, stats=stats, stop=stop,
             limits=limits, policy=RetryPolicy(max_attempts=cfg.max_attempts, base=_retry_base()),
-            dedupe_keys=plan.duplicates or None, hooks=hooks,
+            dedupe_keys=plan.duplicates or None, hooks=hooks, capacity=cfg.capacity,
         )
         progress.concurrency = executor.concurrency_now
         work = asyncio.create_task(executor.run(requests()))

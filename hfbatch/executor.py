@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .limits import AIMD, Gate, RateBucket, StopControl
+from .limits import Capacity, Gate, ProviderLimit, RateBucket, StopControl
 from .models import Outcome, Request
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
 from .packing import SOLO, Packs
@@ -44,16 +44,6 @@ class Limits:
     fallback: tuple[str, ...] = ()
     coalesce: int | None = None  # pack up to N single-input embeddings requests into one
     start: int = 64  # where AIMD starts (then doubles per round trip up to `concurrency`)
-
-
-class _Provider:
-    """The gate and AIMD controller of one serving provider."""
-
-    __slots__ = ("gate", "aimd")
-
-    def __init__(self, concurrency: int, adapt: bool, start: int) -> None:
-        self.aimd = AIMD(concurrency, initial=start) if adapt else None
-        self.gate = Gate(self.aimd.value if self.aimd else concurrency)
 
 
 # A finished request, replayable for its duplicates: ("ok", status, request_id, body, (in, out)) |
@@ -82,14 +72,16 @@ class Executor:
     def __init__(
         self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
         err: JsonlSink, stats: Stats, stop: StopControl, limits: Limits,
-        dedupe_keys: dict[int, int] | None = None, hooks: Any = None,
+        dedupe_keys: dict[int, int] | None = None, hooks: Any = None, capacity: Capacity | None = None,
     ) -> None:
         self.transport, self.router, self.policy = transport, router, policy
         self.out, self.err, self.stats, self.stop = out, err, stats, stop
         self.limits = limits
-        self.gate = Gate(limits.concurrency)
-        self.providers: dict[str, _Provider] = {}
-        self.learned: dict[str, str] = {}  # auto-routed model -> the provider that served it
+        # Shared with other batches in `hfbatch serve` (this executor is then one tenant of its gates).
+        self.capacity = capacity or Capacity(limits.concurrency, limits.adapt, limits.start)
+        self.gate = self.capacity.gate
+        self.providers = self.capacity.providers
+        self.learned = self.capacity.learned
         self.rpm = RateBucket(limits.rpm / 60.0) if limits.rpm else None
         self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0) if limits.tpm else None
         self.dedupe_keys = dedupe_keys
@@ -219,11 +211,8 @@ class Executor:
         base, pinned = split_model(model)
         return pinned or self.learned.get(base) or "auto:" + base
 
-    def _provider(self, key: str) -> _Provider:
-        p = self.providers.get(key)
-        if p is None:
-            p = self.providers[key] = _Provider(self.limits.concurrency, self.limits.adapt, self.limits.start)
-        return p
+    def _provider(self, key: str) -> ProviderLimit:
+        return self.capacity.provider(key)
 
     async def _send(self, req: Request, route: Route) -> Outcome | None:
         """Attempts under the limits until a final outcome; None when the run stopped first."""
@@ -247,9 +236,9 @@ class Executor:
                 return None  # the budget said no: the hook stopped the run
             provider = self._provider(self._provider_key(model))
             try:
-                await provider.gate.acquire()
+                await provider.gate.acquire(self)
                 try:
-                    await self.gate.acquire()
+                    await self.gate.acquire(self)
                 except BaseException:
                     provider.gate.release()
                     raise
@@ -308,7 +297,7 @@ class Executor:
                 continue
             return outcome
 
-    def _adapt(self, provider: _Provider, model: str, outcome: Outcome, started: float) -> None:
+    def _adapt(self, provider: ProviderLimit, model: str, outcome: Outcome, started: float) -> None:
         if outcome.provider:
             base, pinned = split_model(model)
             if pinned is None and self.learned.get(base) != outcome.provider:

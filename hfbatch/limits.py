@@ -96,31 +96,42 @@ class AIMD:
 
 
 class Gate:
-    """A counting semaphore whose limit may change while in use (AIMD moves it)."""
+    """A counting semaphore whose limit may change while in use (AIMD moves it), fair between tenants.
 
-    __slots__ = ("limit", "active", "_waiters")
+    Waiters queue per tenant (a batch, in `hfbatch serve`) and freed slots go round-robin across the
+    tenants that wait, so a batch with a long queue cannot starve a small one. With one tenant (a
+    plain `submit`) it is a FIFO semaphore."""
+
+    __slots__ = ("limit", "active", "_queues")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._queues: dict[object, deque[asyncio.Future[None]]] = {}  # insertion order = whose turn
 
-    async def acquire(self) -> None:
-        if self.active < self.limit and not self._waiters:
+    async def acquire(self, tenant: object = None) -> None:
+        if self.active < self.limit and not self._queues:
             self.active += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        q = self._queues.get(tenant)
+        if q is None:
+            q = self._queues[tenant] = deque()
+        q.append(fut)
         try:
             await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # woken and cancelled at once: pass the slot on
             else:
-                try:
-                    self._waiters.remove(fut)
-                except ValueError:
-                    pass
+                q = self._queues.get(tenant)
+                if q is not None:
+                    try:
+                        q.remove(fut)
+                    except ValueError:
+                        pass
+                    if not q:
+                        del self._queues[tenant]
             raise
 
     def release(self) -> None:
@@ -132,11 +143,50 @@ class Gate:
         self.wake()
 
     def wake(self) -> None:
-        while self._waiters and self.active < self.limit:
-            fut = self._waiters.popleft()
+        queues = self._queues
+        while queues and self.active < self.limit:
+            tenant = next(iter(queues))
+            q = queues.pop(tenant)
+            fut = q.popleft()
+            if q:
+                queues[tenant] = q  # to the back: the next slot goes to another tenant
             if not fut.done():
                 self.active += 1
                 fut.set_result(None)
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+
+class ProviderLimit:
+    """The gate and AIMD controller of one serving provider."""
+
+    __slots__ = ("gate", "aimd")
+
+    def __init__(self, concurrency: int, adapt: bool, start: int) -> None:
+        self.aimd = AIMD(concurrency, initial=start) if adapt else None
+        self.gate = Gate(self.aimd.value if self.aimd else concurrency)
+
+
+class Capacity:
+    """What bounds requests in flight: one gate for all (-c) and one ProviderLimit per serving provider.
+
+    One run owns one; `hfbatch serve` shares one across every batch it runs, so -c is server-wide, a
+    provider's learned limit is shared by the batches that use it, and slots go round-robin between
+    batches (each batch is a tenant of the gates)."""
+
+    def __init__(self, concurrency: int, adapt: bool = True, start: int = 64) -> None:
+        self.concurrency, self.adapt, self.start = concurrency, adapt, start
+        self.gate = Gate(concurrency)
+        self.providers: dict[str, ProviderLimit] = {}
+        self.learned: dict[str, str] = {}  # auto-routed model -> the provider that served it
+
+    def provider(self, key: str) -> ProviderLimit:
+        p = self.providers.get(key)
+        if p is None:
+            p = self.providers[key] = ProviderLimit(self.concurrency, self.adapt, self.start)
+        return p
 
 
 @dataclass

@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_window, resolve_token
+from .engine import first_limit
 from .errors import HfbatchError, UsageError
 from .files import (
     BATCH_ID_RE,
@@ -56,6 +57,7 @@ from .files import (
 )
 from .jobs import cancel as cancel_batch
 from .jobs import live_batch
+from .limits import Capacity
 from .owners import API_KEY_OWNER, Caller, Owners
 from .run import submit_async
 from .state import TERMINAL_STATUSES, BatchDir, Registry
@@ -117,6 +119,9 @@ class BatchServer:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, str] = {}  # batch id -> why its task ended without registering it
         self.shutdown = asyncio.Event()  # set when the server stops: batches stop like on SIGTERM
+        # -c is server-wide: every batch takes its slots from one gate (round-robin between batches),
+        # and a provider's learned limit is shared by the batches that use it.
+        self.capacity = Capacity(opts.concurrency, adapt=True, start=first_limit(opts.concurrency, opts.base_url))
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard])
@@ -300,7 +305,7 @@ class BatchServer:
             errors_path=store.create_empty(link["error_file_id"]),
             base_url=self.opts.base_url, concurrency=self.opts.concurrency, endpoint=link["endpoint"],
             completion_window=link["completion_window"], metadata=link["metadata"], new_batch_id=link["id"],
-            quiet=True, handle_signals=False, token=token, shutdown=self.shutdown,
+            quiet=True, handle_signals=False, token=token, shutdown=self.shutdown, capacity=self.capacity,
         )
 
     def _resume_config(self, b: BatchDir, token: str | None) -> RunConfig:
@@ -309,7 +314,7 @@ class BatchServer:
         meta = b.meta()
         return RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
                          errors_path=meta["errors_path"], quiet=True, handle_signals=False, batch_id=b.id,
-                         token=token, shutdown=self.shutdown, **options_from_meta(meta))
+                         token=token, shutdown=self.shutdown, capacity=self.capacity, **options_from_meta(meta))
 
     def _start(self, bid: str, cfg: RunConfig) -> None:
         self.failures.pop(bid, None)

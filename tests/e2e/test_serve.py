@@ -552,3 +552,24 @@ def test_refuses_public_bind_without_key(tmp_path: Path) -> None:
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert "--api-key" in p.stderr and "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "_home" / "hfbatch" / "files")
+
+
+def test_concurrency_is_one_server_wide_limit_shared_fairly(tmp_path: Path) -> None:
+    """`serve -c 4` means 4 requests in flight at the provider whatever the number of batches (before:
+    -c per batch, so 6 batches put 24 in flight)."""
+    fake = ThreadedFakeProvider(FakeConfig(latency=0.05)).start()
+    srv = Server(tmp_path, fake, ["--concurrency", "4"])
+    try:
+        c = srv.client()
+        batches = []
+        for k in range(6):
+            data, _ = chat_jsonl(16, prefix=f"b{k}-")
+            batches.append(c.batches.create(input_file_id=upload(c, data), endpoint=URL, completion_window="24h").id)
+        done = [wait_for(c, bid, timeout=30) for bid in batches]
+        assert all(b.status == "completed" and b.request_counts.completed == 16 for b in done), done
+        st = fake.stats()
+        assert st["requests"] == 96 and st["dup_ok"] == 0
+        assert st["max_inflight"] <= 4, f"{st['max_inflight']} requests in flight with serve -c 4"
+    finally:
+        srv.stop()
+        fake.stop()

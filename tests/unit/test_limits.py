@@ -176,7 +176,7 @@ def test_gate_limit_changes_while_waiters_wait() -> None:
         tasks = [asyncio.create_task(worker(i)) for i in range(6)]
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        assert order == [0, 1] and gate.active == 2 and len(gate._waiters) == 4
+        assert order == [0, 1] and gate.active == 2 and gate.waiting == 4
 
         gate.set_limit(4)  # raised: two waiters start at once, in arrival order
         await asyncio.sleep(0)
@@ -211,10 +211,10 @@ def test_gate_cancelled_waiter_leaves_the_queue_and_loses_no_slot() -> None:
         waiter = asyncio.create_task(gate.acquire())
         other = asyncio.create_task(gate.acquire())
         await asyncio.sleep(0)
-        assert len(gate._waiters) == 2
+        assert gate.waiting == 2
         waiter.cancel()
         await asyncio.sleep(0)
-        assert waiter.cancelled() and len(gate._waiters) == 1
+        assert waiter.cancelled() and gate.waiting == 1
         gate.release()
         await asyncio.sleep(0)
         assert other.done() and gate.active == 1
@@ -258,3 +258,45 @@ def test_aimd_clamp_brings_the_limit_to_what_the_provider_kept() -> None:
     assert not a.clamp(45)  # never raises the limit
     a.clamp(0)
     assert a.value == 1  # never below 1
+
+
+def test_gate_hands_freed_slots_round_robin_between_tenants() -> None:
+    """Two batches share one gate (hfbatch serve): A queued 6 waiters first, B 2; slots alternate A, B, A, B,
+    then A's rest, instead of B waiting behind all of A."""
+    order: list[str] = []
+
+    async def scenario() -> None:
+        gate = Gate(1)
+        await gate.acquire("holder")
+
+        async def one(tenant: str) -> None:
+            await gate.acquire(tenant)
+            order.append(tenant)
+            gate.release()
+
+        tasks = [asyncio.create_task(one("A")) for _ in range(6)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(one("B")) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert gate.waiting == 8
+        gate.release()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert order == ["A", "B", "A", "B", "A", "A", "A", "A"]
+
+
+def test_a_cancelled_waiter_leaves_no_empty_tenant_queue() -> None:
+    async def scenario() -> None:
+        gate = Gate(1)
+        await gate.acquire()
+        t = asyncio.create_task(gate.acquire("X"))
+        await asyncio.sleep(0)
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+        assert gate.waiting == 0
+        gate.release()
+        await gate.acquire("Y")  # the fast path again: nothing queued
+        assert gate.active == 1
+
+    asyncio.run(scenario())
