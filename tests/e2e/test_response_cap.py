@@ -1,6 +1,7 @@
 """End to end: an answer over --max-response-bytes (default 64 MB) ends as one `response_too_large` error line,
 whatever the server sends (a gzip bomb, a 1 GiB Content-Length, an endless chunked body), with the process's
-peak memory measured (the kernel's ru_maxrss of the CLI process).
+peak memory measured (the kernel's ru_maxrss of the CLI process) and the flag's plumbing (env, resume,
+--retry-failed).
 
 The hostile server is raw sockets in a thread of this process, streaming what it sends as it sends it; the CLI
 is killed past CEILING so that a regression cannot take a shared machine down with it.
@@ -8,6 +9,7 @@ is killed past CEILING so that a regression cannot take a shared machine down wi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +29,7 @@ from conftest import (
     chat_line,
     check_error_line,
     cli_env,
+    ids,
     read_jsonl,
     write_jsonl,
 )
@@ -210,3 +213,45 @@ def test_a_hostile_answer_ends_as_response_too_large_in_bounded_memory(
     assert "--max-response-bytes" in line["error"]["message"] and "64 MB" in line["error"]["message"]
     assert srv.posts == 1, "a too-large answer was retried"
     assert batch_from(r.stdout)["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
+
+
+def test_the_flag_env_resume_and_retry_failed(tmp_path: Path, make_fake, run_cli) -> None:
+    """A cap under the fake's answers (~300 bytes): every line is response_too_large, final (neither retried
+    nor re-sent by --retry-failed); the cap is kept in the batch's options for `hfbatch resume`."""
+    fake = make_fake()
+    write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r{i}", f"hello {i}") for i in range(3)])
+    p = run_cli(["in.jsonl", "-q", "--max-response-bytes", "100"])
+    assert p.returncode == 3, p.stderr
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    assert sorted(ids(err)) == ["r0", "r1", "r2"]
+    for line in err:
+        check_error_line(line)
+        assert line["error"]["code"] == "response_too_large"
+        assert "100 bytes" in line["error"]["message"]
+    sent = fake.stats()["requests"]
+    assert sent == 3, "a too-large answer was retried"
+    batch = batch_from(p.stdout)
+    meta_path = tmp_path / "_home" / "hfbatch" / "batches" / batch["id"] / "meta.json"
+    assert json.loads(meta_path.read_text())["options"]["max_response_bytes"] == 100
+
+    p = run_cli(["in.jsonl", "-q", "--max-response-bytes", "100", "--retry-failed"])
+    assert p.returncode == 3, p.stderr
+    assert fake.stats()["requests"] == sent, "--retry-failed re-sent a response_too_large line"
+
+    # The environment variable, with a unit: 1KB is more than the fake's answers, 100 bytes less.
+    (tmp_path / "in2.jsonl").write_bytes((tmp_path / "in.jsonl").read_bytes())
+    p = run_cli(["in2.jsonl", "-q"], env_extra={"HFBATCH_MAX_RESPONSE_BYTES": "1KB"})
+    assert p.returncode == 0, p.stderr
+    p = run_cli(["in2.jsonl", "-q", "-o", "b.out.jsonl", "-e", "b.err.jsonl"],
+                env_extra={"HFBATCH_MAX_RESPONSE_BYTES": "100"})
+    assert p.returncode == 3, p.stderr
+    assert {e["error"]["code"] for e in read_jsonl(tmp_path / "b.err.jsonl")} == {"response_too_large"}
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5MB", "12XB"])
+def test_a_bad_size_is_a_usage_error(tmp_path: Path, fake, run_cli, value: str) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [chat_line("r0")])
+    p = run_cli(["in.jsonl", "-q", "--max-response-bytes", value])
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "--max-response-bytes" in p.stderr and "64MB" in p.stderr
+    assert fake.stats()["requests"] == 0
