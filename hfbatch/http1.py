@@ -13,7 +13,8 @@ BENCHMARKS.md. What it does not do (proxies, credentials in the URL) stays with 
 - Timeouts: one watchdog per pool (not a timer per request) aborts requests past their deadline.
 - Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded. Capped (bodies.py): a
   Content-Length over the cap is refused before the body is read, raw bytes are counted as they
-  arrive, decoding stops past the cap; the connection is then closed (ResponseTooLarge).
+  arrive, decoding stops past the cap; the connection is then closed (ResponseTooLarge). Headers
+  over MAX_HEAD end the answer as a ProtocolError.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 import httptools
 
 # ProtocolError and ResponseTooLarge live in bodies.py, shared with the aiohttp path (importable without httptools).
-from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode
+from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode, format_size
 
 if TYPE_CHECKING:
     import ssl
@@ -38,6 +39,9 @@ WANTED = frozenset({b"x-request-id", b"x-inference-provider", b"retry-after", b"
                     b"location", b"content-length", b"transfer-encoding"})
 IDLE_SECONDS = 60.0
 DNS_TTL = 300.0
+# An answer's status line and headers, at most (aiohttp: 8190 bytes a line, 128 lines). llhttp has no
+# limit of its own and httptools gathers a header in memory until its line ends.
+MAX_HEAD = 1 << 20
 
 
 class Response:
@@ -84,6 +88,7 @@ class _Conn(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
         self.size = 0  # raw body bytes of the current answer
+        self.head_size = 0  # bytes received before its headers were complete
         self.headers_done = False
 
     # asyncio.Protocol
@@ -91,6 +96,12 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.headers_done:
+            self.head_size += len(data)
+            if self.head_size > MAX_HEAD:
+                self._fail(ProtocolError(f"the answer's headers are over {format_size(MAX_HEAD)}"))
+                self.close()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -143,11 +154,12 @@ class _Conn(asyncio.Protocol):
             return
         self.keep = self.parser.should_keep_alive()
         self._complete()
+        self.headers_done = False  # bytes on an idle connection count as a head again
 
     # own
     def send(self, payload: bytes, deadline: float) -> asyncio.Future[Response]:
         assert self.transport is not None
-        self.headers, self.chunks, self.size, self.headers_done, self.keep = {}, [], 0, False, False
+        self.headers, self.chunks, self.size, self.head_size, self.headers_done, self.keep = {}, [], 0, 0, False, False
         self.deadline = deadline
         self.fut = fut = self.loop.create_future()
         self.transport.write(payload)

@@ -455,3 +455,24 @@ def test_the_price_catalog_get_is_capped_too(client: str) -> None:
                         await t.get_json(srv.url + path)
                 assert await t.get_json(srv.url + f"/size/{CAP}/gzip") == orjson.loads(json_of_size(CAP))
     run(main())
+
+
+def test_an_endless_header_is_cut_off_not_held_until_the_timeout(client: str) -> None:
+    """Not the body cap: headers. aiohttp refuses a line over 8190 bytes; the lean client must not
+    gather an endless one (it did, until the timeout: memory at network speed)."""
+    async def endless_header(req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        try:
+            while True:
+                w.write(b"a" * 0x10000)
+                await w.drain()
+        except ConnectionError:
+            return False
+
+    async def main() -> None:
+        async with RawServer(endless_header) as srv:
+            async with capped() as t:
+                o = await t.post(srv.url + "/x", b"{}")
+                assert (o.status, o.error_code) == (None, "connection_error"), (o.status, o.error_code)
+                await until(lambda: srv.ended == 1)
+    run(main())
