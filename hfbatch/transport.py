@@ -6,7 +6,9 @@ aiohttp, as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. a
 only when it is used.
 
 Both clients hold an answer to the same cap (bodies.py; --max-response-bytes): over it, the request
-ends as `response_too_large` (no answer, not retried) and its connection is closed, never reused.
+ends as `response_too_large` (no answer, not retried), the rest of the answer is not read and its
+connection is closed. (aiohttp returns a connection to its pool as soon as it has read an answer to
+its end, well framed: one found too large only when decoded may serve another request.)
 """
 
 from __future__ import annotations
