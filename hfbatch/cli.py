@@ -66,6 +66,9 @@ def submit(
     concurrency: ConcurrencyOpt = 32,
     timeout: TimeoutOpt = 300.0,
     max_attempts: AttemptsOpt = 6,
+    max_response_bytes: Annotated[str, typer.Option(
+        metavar="SIZE", help="Largest answer accepted, after decoding (64MB, 500KB, 1GB or bytes): a larger "
+        "one ends as a response_too_large error line, not retried.", envvar="HFBATCH_MAX_RESPONSE_BYTES")] = "64MB",
     skip_invalid: Annotated[bool, typer.Option(
         help="Write invalid lines to the error file and run the valid ones (default: like OpenAI, "
         "any invalid line fails the batch before anything is sent).")] = False,
@@ -121,7 +124,7 @@ def submit(
     The same command run again resumes an unfinished batch (sending only what has no line yet) or
     prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
     (on stderr when -o - puts the output lines on stdout)."""
-    from .config import RunConfig, default_output_paths, parse_window, resolve_token
+    from .config import RunConfig, default_output_paths, parse_size, parse_window, resolve_token
     from .errors import UsageError
 
     if base_url is not None and not base_url.startswith(("http://", "https://")):
@@ -129,6 +132,7 @@ def submit(
     if input != "-" and not os.path.isfile(input):
         raise UsageError(f"input file not found: {input}")
     parse_window(completion_window)
+    max_body = parse_size(max_response_bytes, "--max-response-bytes")
     default_out, default_err = default_output_paths(input)
     output, errors = output or default_out, errors or default_err
     if errors == "-":
@@ -153,7 +157,8 @@ def submit(
         return
     cfg = RunConfig(
         input_path=input, output_path=output, errors_path=errors, base_url=base_url,
-        concurrency=concurrency, timeout=timeout, max_attempts=max_attempts, skip_invalid=skip_invalid,
+        concurrency=concurrency, timeout=timeout, max_attempts=max_attempts, max_response_bytes=max_body,
+        skip_invalid=skip_invalid,
         endpoint=endpoint, summary_path=summary, quiet=quiet, bill_to=bill_to,
         completion_window=completion_window, grace=grace, overwrite=overwrite,
         retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .bodies import MAX_RESPONSE_BYTES
 from .errors import UsageError
 from .limits import Capacity
 
 _HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud", "hf.co")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+_SIZE_MAX = 1 << 40  # 1 TB: past any real need, and within zlib's max_length (a C ssize_t)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class RunConfig:
     concurrency: int = 32
     timeout: float = 300.0
     max_attempts: int = 6
+    max_response_bytes: int = MAX_RESPONSE_BYTES  # an answer's largest size after decoding; over it: an error line
     skip_invalid: bool = False
     endpoint: str | None = None
     summary_path: str | None = None
@@ -69,7 +73,8 @@ class RunConfig:
         """What `hfbatch resume` needs to run the batch again (never the token)."""
         return {
             "base_url": self.base_url, "concurrency": self.concurrency, "timeout": self.timeout,
-            "max_attempts": self.max_attempts, "skip_invalid": self.skip_invalid,
+            "max_attempts": self.max_attempts, "max_response_bytes": self.max_response_bytes,
+            "skip_invalid": self.skip_invalid,
             "endpoint": self.endpoint, "bill_to": self.bill_to,
             "completion_window": self.completion_window, "grace": self.grace,
             "rpm": self.rpm, "tpm": self.tpm, "adapt": self.adapt, "route": self.route,
@@ -157,6 +162,19 @@ def parse_duration(text: str, what: str) -> int:
     if not (math.isfinite(seconds) and seconds >= 1):
         raise UsageError(f"{what} {text!r}: use a duration such as 30s, 30m, 2h or 7d")
     return int(seconds)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """`64MB`, `500KB`, `1GB` or bytes -> bytes (binary units: 1KB = 1024). `flag` names the option in the error."""
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGB")
+    try:
+        value = int(float(num) * _SIZE_UNITS[t[len(num):]])
+    except (KeyError, ValueError, OverflowError):  # OverflowError: inf
+        value = 0
+    if not 0 < value <= _SIZE_MAX:
+        raise UsageError(f"{flag} {text!r}: use a size such as 64MB, 500KB or 1GB, or a number of bytes")
+    return value
 
 
 def parse_window(text: str) -> int:

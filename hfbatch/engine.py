@@ -59,7 +59,8 @@ class Warmup:
         self.cfg, self.stored_cost, self.enabled = cfg, stored_cost, enabled
         # A batch line is at least ~100 bytes: never more connections than the file can use.
         self.connections = max(1, min(first_limit(cfg.concurrency, cfg.base_url), input_size // 100))
-        self.transport = Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg))
+        self.transport = Transport(cfg.concurrency, cfg.timeout, cfg.token, _extra_headers(cfg),
+                                   max_response_bytes=cfg.max_response_bytes)
         self._prices: asyncio.Task[CostLedger] | None = None
         self._connect: asyncio.Task[None] | None = None
 

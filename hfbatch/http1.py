@@ -11,7 +11,10 @@ BENCHMARKS.md. What it does not do (proxies, credentials in the URL) stays with 
 - DNS is resolved once per host and reused for 5 minutes; TLS uses the system trust store, with
   SNI and hostname checks on.
 - Timeouts: one watchdog per pool (not a timer per request) aborts requests past their deadline.
-- Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded.
+- Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded. Capped (bodies.py): a
+  Content-Length over the cap is refused before the body is read, raw bytes are counted as they
+  arrive, decoding stops past the cap; the connection is then closed (ResponseTooLarge). Headers
+  over MAX_HEAD end the answer as a ProtocolError.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
+# ProtocolError and ResponseTooLarge live in bodies.py, shared with the aiohttp path (importable without httptools).
+from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode, format_size
+
 if TYPE_CHECKING:
     import ssl
 
@@ -33,10 +39,9 @@ WANTED = frozenset({b"x-request-id", b"x-inference-provider", b"retry-after", b"
                     b"location", b"content-length", b"transfer-encoding"})
 IDLE_SECONDS = 60.0
 DNS_TTL = 300.0
-
-
-class ProtocolError(Exception):
-    """The server's bytes are not a valid HTTP/1.1 answer, or the connection ended mid-answer."""
+# An answer's status line and headers, at most (aiohttp: 8190 bytes a line, 128 lines). llhttp has no
+# limit of its own and httptools gathers a header in memory until its line ends.
+MAX_HEAD = 1 << 20
 
 
 class Response:
@@ -69,8 +74,10 @@ class Target:
 class _Conn(asyncio.Protocol):
     """One connection; `send` starts a request and returns the future of its Response."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_body: int = MAX_RESPONSE_BYTES) -> None:
         self.loop = loop
+        self.max_body = max_body
+        self.size_digits = len(str(max_body))  # a Content-Length with fewer digits is under the cap
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.fut: asyncio.Future[Response] | None = None
@@ -80,6 +87,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.headers: dict[str, str] = {}
         self.chunks: list[bytes] = []
+        self.size = 0  # raw body bytes of the current answer
+        self.head_size = 0  # bytes received before its headers were complete
         self.headers_done = False
 
     # asyncio.Protocol
@@ -87,6 +96,12 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.headers_done:
+            self.head_size += len(data)
+            if self.head_size > MAX_HEAD:
+                self._fail(ProtocolError(f"the answer's headers are over {format_size(MAX_HEAD)}"))
+                self.close()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -119,22 +134,32 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        length = self.headers.get("content-length")
+        if length is not None and len(length) >= self.size_digits:
+            try:
+                check_length(length, self.max_body)
+            except ResponseTooLarge as e:
+                self._too_large(e)
 
     def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > self.max_body:
+            self._too_large(ResponseTooLarge(self.max_body, "its body went past it while being read"))
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue): the real one follows
-            self.headers, self.chunks, self.headers_done = {}, [], False
+            self.headers, self.chunks, self.size, self.headers_done = {}, [], 0, False
             return
         self.keep = self.parser.should_keep_alive()
         self._complete()
+        self.headers_done = False  # bytes on an idle connection count as a head again
 
     # own
     def send(self, payload: bytes, deadline: float) -> asyncio.Future[Response]:
         assert self.transport is not None
-        self.headers, self.chunks, self.headers_done, self.keep = {}, [], False, False
+        self.headers, self.chunks, self.size, self.head_size, self.headers_done, self.keep = {}, [], 0, 0, False, False
         self.deadline = deadline
         self.fut = fut = self.loop.create_future()
         self.transport.write(payload)
@@ -145,10 +170,15 @@ class _Conn(asyncio.Protocol):
         if fut is None or fut.done():
             return
         body = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+        self.chunks = []  # the raw chunks go before the body is decoded: one copy at a time
         enc = self.headers.get("content-encoding")
         if enc and body:
             try:
-                body = _decode(enc, body)
+                body = decode(enc, body, self.max_body)
+            except ResponseTooLarge as e:
+                self.keep = False
+                fut.set_exception(e)
+                return
             except (zlib.error, ValueError) as e:
                 self.keep = False
                 fut.set_exception(ProtocolError(f"could not decode a {enc} body: {e}"))
@@ -158,6 +188,12 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError:  # pragma: no cover - headers_done implies a status
             status = 0
         fut.set_result(Response(status, self.headers, body))
+
+    def _too_large(self, e: ResponseTooLarge) -> None:
+        """Fail the answer and stop the parser: raised inside its callback, this ends feed_data, and
+        data_received closes the connection."""
+        self._fail(e)
+        raise e
 
     def _fail(self, exc: BaseException) -> None:
         self.keep = False
@@ -177,20 +213,6 @@ class _Conn(asyncio.Protocol):
                 self.transport.close()
 
 
-def _decode(encoding: str, body: bytes) -> bytes:
-    enc = encoding.strip().lower()
-    if enc in ("gzip", "x-gzip"):
-        return zlib.decompress(body, 47)  # 32 + 15: gzip or zlib header
-    if enc == "deflate":
-        try:
-            return zlib.decompress(body)
-        except zlib.error:
-            return zlib.decompress(body, -15)  # raw deflate, as some servers send it
-    if enc == "identity":
-        return body
-    raise ValueError(f"unsupported content-encoding {encoding!r}")
-
-
 def default_ssl_context() -> ssl.SSLContext:
     """The system trust store (SSL_CERT_FILE / SSL_CERT_DIR honored by OpenSSL), as aiohttp uses."""
     import ssl
@@ -202,11 +224,14 @@ class Pool:
     """Keep-alive connections per origin, a DNS cache, and one timeout watchdog."""
 
     def __init__(self, headers: dict[str, str], timeout: float, connect_timeout: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, max_body: int = MAX_RESPONSE_BYTES) -> None:
+        """`max_body`: the largest answer body accepted, after decoding (bytes); past it a request
+        raises ResponseTooLarge."""
         self._headers = {"accept-encoding": "gzip, deflate", **{k.lower(): v for k, v in headers.items()}}
         if any(c in text for kv in self._headers.items() for text in kv for c in "\r\n\0"):
             raise ValueError("a header name or value contains a line break")  # (RunConfig refuses these first)
         self.timeout = timeout
+        self.max_body = max_body
         self.connect_timeout = min(connect_timeout, timeout)
         self._ssl = ssl_context
         self._targets: dict[str, Target] = {}
@@ -226,7 +251,8 @@ class Pool:
         return t
 
     async def request(self, method: str, url: str, body: bytes = b"") -> Response:
-        """Send one request; raises TimeoutError, OSError or ProtocolError when there is no answer."""
+        """Send one request; raises TimeoutError, OSError or ProtocolError when there is no answer,
+        ResponseTooLarge when the answer is over the cap."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -285,7 +311,8 @@ class Pool:
             if self._ssl is None:
                 self._ssl = default_ssl_context()
             ssl_ctx = self._ssl
-        factory: Callable[[], _Conn] = lambda: _Conn(loop)  # noqa: E731
+        max_body = self.max_body
+        factory: Callable[[], _Conn] = lambda: _Conn(loop, max_body)  # noqa: E731
         budget = max(0.001, min(self.connect_timeout, deadline - loop.time()))
         async with asyncio.timeout(budget):
             last: OSError | None = None

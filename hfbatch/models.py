@@ -35,7 +35,8 @@ class LineError:
 class Outcome:
     """The result of the last attempt of one request.
 
-    status None means no HTTP answer (then `error_code` is request_timeout | connection_error | ...).
+    status None means no usable HTTP answer (then `error_code` is request_timeout | connection_error |
+    response_too_large | ...).
     `body` is the raw answer; `parsed` its JSON when it parsed (a dict or list), else None.
     """
 

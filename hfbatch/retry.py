@@ -3,6 +3,8 @@
 Classification follows Hugging Face's own chat-ui (utils/upstreamRetry.ts): retry 429, 502, 503,
 504, timeouts and connection errors; the router answers 500 when the upstream model rejected the
 request, so a 500 is retried once only. A 2xx whose body is not JSON is a broken answer: retried.
+Any other no-answer code is final: `response_too_large` (over --max-response-bytes) would come back
+as large, and `--retry-failed` does not re-send it either (ledger.is_retryable_line).
 """
 
 from __future__ import annotations

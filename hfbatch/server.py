@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_window, resolve_token
+from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
 from .engine import first_limit
 from .errors import HfbatchError, UsageError
 from .files import (
@@ -67,7 +67,6 @@ from .validate import _PATH_RE, HF_TASK_RE, OPENAI_ENDPOINTS, normalize_url
 GRACE_SECONDS = 10.0  # RunConfig.grace's default: in-flight requests' time to finish at shutdown
 log = logging.getLogger("hfbatch.serve")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +86,6 @@ class ServeOptions:
     concurrency: int = 32
     api_key: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)  # --token (a flag; resolved at start)
-
-
-def parse_size(text: str) -> int:
-    """`200MB`, `64KB`, `1GB` or bytes -> bytes (binary units)."""
-    t = text.strip().upper().replace(" ", "")
-    num = t.rstrip("KMGB")
-    try:
-        value = int(float(num) * _SIZE_UNITS[t[len(num):]])
-    except (KeyError, ValueError):
-        value = 0
-    if value <= 0:
-        raise UsageError(f"--max-upload {text!r}: use a size such as 200MB, 64KB or 1GB")
-    return value
 
 
 def is_loopback(host: str) -> bool:
@@ -383,7 +369,7 @@ def serve(opts: ServeOptions) -> None:
         raise UsageError("--api-key is empty")
     if opts.base_url is not None and not opts.base_url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url {opts.base_url!r} must start with http:// or https://")
-    max_upload = parse_size(opts.max_upload)
+    max_upload = parse_size(opts.max_upload, "--max-upload")
     if opts.api_key is not None:
         token = resolve_token(opts.token, opts.base_url)  # batches run on it: required against the router
     else:

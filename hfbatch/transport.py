@@ -4,17 +4,24 @@ Plain http(s) origins go through the lean keep-alive client in http1.py; an orig
 (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, minus NO_PROXY) or with credentials in its URL goes through
 aiohttp, as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. aiohttp is imported
 only when it is used.
+
+Both clients hold an answer to the same cap (bodies.py; --max-response-bytes): over it, the request
+ends as `response_too_large` (no answer, not retried), the rest of the answer is not read and its
+connection is closed. (aiohttp returns a connection to its pool as soon as it has read an answer to
+its end, well framed: one found too large only when decoded may serve another request.)
 """
 
 from __future__ import annotations
 
 import os
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import __version__
+from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode
 from .models import Outcome
 from .retry import parse_retry_after
 
@@ -31,7 +38,8 @@ class Transport:
     """One connection pool per run, sized by the callers' concurrency, keep-alive on."""
 
     def __init__(
-        self, concurrency: int, timeout: float, token: str | None, extra_headers: dict[str, str] | None = None
+        self, concurrency: int, timeout: float, token: str | None, extra_headers: dict[str, str] | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         headers = {"user-agent": f"hfbatch/{__version__}", "content-type": "application/json"}
         if token:
@@ -40,6 +48,7 @@ class Transport:
         self._headers = headers
         self._timeout = timeout
         self._concurrency = concurrency
+        self._max_body = max_response_bytes
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
         self._proxies: dict[str, str | None] = {}
@@ -52,7 +61,7 @@ class Transport:
             except ImportError:  # httptools missing (an unusual platform): aiohttp does everything
                 pass
             else:
-                self._pool = Pool(self._headers, self._timeout)
+                self._pool = Pool(self._headers, self._timeout, max_body=self._max_body)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -83,6 +92,9 @@ class Transport:
                 None, latency=time.perf_counter() - t0, error_code="request_timeout",
                 error_message="The underlying call to the model timed out.",
             )
+        except ResponseTooLarge as e:
+            return Outcome(None, latency=time.perf_counter() - t0, error_code="response_too_large",
+                           error_message=str(e))
         except Exception as e:
             if not _is_connection_error(e):
                 raise
@@ -102,7 +114,8 @@ class Transport:
                        latency)
 
     async def get_json(self, url: str) -> Any:
-        """GET a JSON document (catalogs, prices); raises on a failure or a non-2xx answer."""
+        """GET a JSON document (catalogs, prices); raises on a failure, a non-2xx answer or an answer over
+        the cap (ResponseTooLarge)."""
         if self._pool is not None and self._uses_lean(url):
             status, _, body = await self._lean_request("GET", url, b"")
         else:
@@ -134,8 +147,31 @@ class Transport:
 
     async def _aiohttp_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
         session = await self._aiohttp()
+        limit = self._max_body
         async with session.request(method, url, data=data or None, proxy=self._proxy_for(url)) as resp:
-            return resp.status, resp.headers, await resp.read()
+            # The same cap as the lean client: Content-Length first, raw bytes as they arrive, then a
+            # bounded decode (the session does not decompress). Over it, resp.close() drops the
+            # connection without reading the rest.
+            try:
+                check_length(resp.headers.get("content-length"), limit)
+                chunks, size = [], 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ResponseTooLarge(limit, "its body went past it while being read")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                del chunks
+                enc = resp.headers.get("content-encoding")
+                if enc and body:
+                    try:
+                        body = decode(enc, body, limit)
+                    except (zlib.error, ValueError) as e:
+                        raise ProtocolError(f"could not decode a {enc} body: {e}") from None
+            except (ResponseTooLarge, ProtocolError):
+                resp.close()
+                raise
+            return resp.status, resp.headers, body
 
     async def _aiohttp(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -146,9 +182,12 @@ class Transport:
             )
             # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a
             # thread) for every request. Proxies are resolved once per origin instead (_proxy_for).
+            # auto_decompress=False: bodies are decoded by bodies.decode, bounded by the cap; so only the
+            # encodings it reads are asked for.
             self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=self._timeout),
-                skip_auto_headers=("user-agent",), trust_env=False,
+                connector=connector, headers={"accept-encoding": "gzip, deflate", **self._headers},
+                timeout=aiohttp.ClientTimeout(total=self._timeout), skip_auto_headers=("user-agent",),
+                trust_env=False, auto_decompress=False,
             )
         return self._session
 
@@ -171,8 +210,6 @@ class Transport:
 def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return True
-    from .http1 import ProtocolError
-
     if isinstance(e, ProtocolError):
         return True
     import sys

@@ -7,15 +7,18 @@ no Python traceback on stderr, and the token never appears in any stream or file
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,54 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
 
 def parse_jsonl_text(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- hostile answers
+
+MIB = 1 << 20
+_ZERO_MIB = bytes(MIB)
+
+
+@functools.cache
+def _bomb_parts(wbits: int) -> tuple[bytes, bytes, bytes]:
+    """A deflate stream in three parts: its start (with the gzip/zlib header), a segment that inflates to
+    1 MiB of zeros and can be repeated (a full flush byte-aligns it and resets the window), its final block."""
+    c = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    head = c.compress(_ZERO_MIB) + c.flush(zlib.Z_FULL_FLUSH)
+    seg = c.compress(_ZERO_MIB) + c.flush(zlib.Z_FULL_FLUSH)
+    tail = c.flush()
+    trailer = {31: 8, 15: 4, -15: 0}[wbits]
+    return head, seg, tail[:len(tail) - trailer]
+
+
+@functools.cache
+def _zeros_check(wbits: int, mib: int) -> bytes:
+    """The trailer of a stream of `mib` MiB of zeros: gzip's CRC-32 and size, zlib's Adler-32, nothing for raw."""
+    if wbits == -15:
+        return b""
+    value = 0 if wbits == 31 else 1
+    fold = zlib.crc32 if wbits == 31 else zlib.adler32
+    for _ in range(mib):
+        value = fold(_ZERO_MIB, value)
+    if wbits == 31:
+        return struct.pack("<II", value, (mib * MIB) & 0xFFFFFFFF)
+    return struct.pack(">I", value)
+
+
+def deflate_bomb(mib: int, wbits: int = 31) -> tuple[int, Iterator[bytes]]:
+    """A valid gzip (wbits 31), zlib (15) or raw deflate (-15) stream that inflates to `mib` MiB of zeros,
+    as (its length, its parts): about 1 KB per MiB, generated while it is sent (nothing big is held)."""
+    head, seg, end = _bomb_parts(wbits)
+    trailer = _zeros_check(wbits, mib)
+    length = len(head) + (mib - 1) * len(seg) + len(end) + len(trailer)
+
+    def parts() -> Iterator[bytes]:
+        yield head
+        for _ in range(mib - 1):
+            yield seg
+        yield end + trailer
+
+    return length, parts()
 
 
 # --------------------------------------------------------------------------- oracles

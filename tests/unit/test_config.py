@@ -1,10 +1,19 @@
-"""Durations: the completion window's range (CLI and serve) and plain durations (--older-than)."""
+"""config.py: durations (the completion window's range, --older-than), sizes (--max-response-bytes,
+serve's --max-upload) and the options a batch is resumed with."""
 
 from __future__ import annotations
 
 import pytest
 
-from hfbatch.config import MAX_WINDOW, MIN_WINDOW, parse_duration, parse_window
+from hfbatch.config import (
+    MAX_WINDOW,
+    MIN_WINDOW,
+    RunConfig,
+    options_from_meta,
+    parse_duration,
+    parse_size,
+    parse_window,
+)
 from hfbatch.errors import UsageError
 
 
@@ -33,3 +42,29 @@ def test_plain_durations_have_no_upper_bound_but_must_be_finite() -> None:
     for text in ("inf", "nan", "1e309d", "0s", "-2h", "x"):
         with pytest.raises(UsageError, match="^--older-than "):
             parse_duration(text, "--older-than")
+
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("64MB", 64 << 20), ("1GB", 1 << 30), ("500KB", 500 << 10), ("100", 100), ("100B", 100),
+    ("1.5MB", 3 << 19), (" 64 mb ", 64 << 20),
+])
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text, "--max-response-bytes") == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "0", "-5MB", "12XB", "MB", "inf", "nan", "5000GB"])
+def test_bad_sizes_name_the_flag(text: str) -> None:
+    with pytest.raises(UsageError, match="^--max-upload .*64MB"):
+        parse_size(text, "--max-upload")
+
+
+def test_the_response_cap_defaults_to_64_mb_and_is_kept_for_resume() -> None:
+    cfg = RunConfig("in.jsonl", "out.jsonl", "err.jsonl")
+    assert cfg.max_response_bytes == 64 << 20
+    cfg = RunConfig("in.jsonl", "out.jsonl", "err.jsonl", max_response_bytes=1000, token="hf_x")
+    opts = options_from_meta({"options": cfg.options()})
+    assert opts["max_response_bytes"] == 1000 and "token" not in opts
+    # a batch registered before the flag existed resumes with the default
+    old = RunConfig("in.jsonl", "o", "e", **options_from_meta({"options": {"timeout": 5}}))
+    assert old.max_response_bytes == 64 << 20

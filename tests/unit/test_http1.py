@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import MIB, deflate_bomb
 
 from hfbatch.http1 import Pool, ProtocolError
 from hfbatch.transport import Transport
@@ -30,6 +31,7 @@ class RawServer:
         self.handler = handler
         self.requests: list[bytes] = []
         self.connections = 0
+        self.ended = 0  # connections over (either side closed them)
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -63,6 +65,7 @@ class RawServer:
                 if not await self.handler(head + body, writer):
                     return
         finally:
+            self.ended += 1
             writer.close()
 
 
@@ -314,4 +317,162 @@ def test_prewarm_opens_the_first_waves_connections_ahead() -> None:
             assert [r.status for r in rs] == [200] * 5
             assert srv.connections == 5 and pool.connections_opened == 5
             await pool.close()
+    run(main())
+
+
+# --------------------------------------------------------------------------- the answer size cap (both clients)
+
+CAP = MIB  # small in unit tests; the CLI's default is 64 MB (tests/e2e/test_response_cap.py)
+BOMB_MIB = 200  # ~200 KB on the wire, 200 MiB inflated
+BOMBS = {b"/gzip-bomb": ("gzip", 31), b"/deflate-bomb": ("deflate", 15), b"/raw-deflate-bomb": ("deflate", -15)}
+
+
+def json_of_size(n: int) -> bytes:
+    """A JSON document of exactly n bytes."""
+    return b'{"x":"' + b"a" * (n - 8) + b'"}'
+
+
+async def sized(w: asyncio.StreamWriter, size: int, framing: str) -> None:
+    """Answer a JSON body of `size` bytes (after decoding), framed or encoded as `framing`."""
+    body = json_of_size(size)
+    if framing == "plain":
+        w.write(answer(200, body))
+    elif framing == "chunked":
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(body), 100_000):
+            part = body[i:i + 100_000]
+            w.write(b"%x\r\n%b\r\n" % (len(part), part))
+        w.write(b"0\r\n\r\n")
+    elif framing == "gzip":
+        w.write(answer(200, gzip.compress(body), "Content-Encoding: gzip"))
+    elif framing == "deflate":
+        w.write(answer(200, zlib.compress(body), "Content-Encoding: deflate"))
+    await w.drain()
+
+
+async def hostile(req: bytes, w: asyncio.StreamWriter) -> bool:
+    """Answers by path: what a broken or hostile server may send, and answers just under or over the cap."""
+    path = req.split(b" ")[1]
+    try:
+        if path == b"/huge-length":  # announces 1 GiB, sends a little, then waits: the client must not wait
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n" + bytes(1000))
+            await w.drain()
+        elif path == b"/endless":  # a chunked body that never ends
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"10000\r\n" + bytes(0x10000) + b"\r\n"
+            while True:
+                w.write(piece)
+                await w.drain()
+        elif path in BOMBS:  # ~200 KB that inflate to 200 MiB
+            encoding, wbits = BOMBS[path]
+            length, parts = deflate_bomb(BOMB_MIB, wbits)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %b\r\nContent-Length: %d\r\n\r\n"
+                    % (encoding.encode(), length))
+            for part in parts:
+                w.write(part)
+            await w.drain()
+        elif path.startswith(b"/size/"):  # /size/<bytes>/<plain|chunked|gzip|deflate>
+            _, _, size, framing = path.decode().split("/")
+            await sized(w, int(size), framing)
+        else:
+            w.write(answer(200, b'{"ok":true}'))
+            await w.drain()
+    except ConnectionError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through Transport with each HTTP client: one cap, the same behaviour."""
+    if request.param == "aiohttp":
+        monkeypatch.setenv("HFBATCH_HTTP", "aiohttp")
+    else:
+        monkeypatch.delenv("HFBATCH_HTTP", raising=False)
+    return str(request.param)
+
+
+def capped() -> Transport:
+    # A 3 s timeout: a client that waited for a body it should have refused ends as request_timeout.
+    return Transport(4, 3.0, None, max_response_bytes=CAP)
+
+
+async def until(check: Callable[[], bool], seconds: float = 3.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within the time allowed")
+
+
+# Answers the client cannot have read to their end when it refuses them (1 GiB announced, or no end at all).
+UNFINISHED = ("/huge-length", "/endless")
+
+
+@pytest.mark.parametrize("path", [
+    *UNFINISHED, "/gzip-bomb", "/deflate-bomb", "/raw-deflate-bomb",
+    f"/size/{CAP + 1}/plain", f"/size/{CAP + 1}/chunked", f"/size/{CAP + 1}/gzip", f"/size/{CAP + 1}/deflate",
+])
+def test_an_answer_over_the_cap_is_response_too_large_and_its_connection_closed(client: str, path: str) -> None:
+    async def main() -> None:
+        async with RawServer(hostile) as srv:
+            async with capped() as t:
+                o = await t.post(srv.url + path, b"{}")
+                assert (o.status, o.error_code) == (None, "response_too_large"), (o.status, o.error_code, o.body[:80])
+                assert "--max-response-bytes" in (o.error_message or "") and "1 MB" in (o.error_message or "")
+                o = await t.post(srv.url + "/ok", b"{}")
+                assert (o.status, o.parsed) == (200, {"ok": True})
+                assert (t._pool is None) == (client == "aiohttp")
+                if client == "lean" or path in UNFINISHED:
+                    await until(lambda: srv.ended == 1)  # the client closed it (the server did not)
+                    assert srv.connections == 2, "a connection was reused after a too-large answer"
+                # else aiohttp read that answer to its end (well framed) and put its connection back in
+                # its pool at that end, before the body was found too large: it may serve the next request.
+    run(main())
+
+
+@pytest.mark.parametrize("framing", ["plain", "chunked", "gzip", "deflate"])
+def test_an_answer_exactly_at_the_cap_passes_and_keeps_its_connection(client: str, framing: str) -> None:
+    async def main() -> None:
+        async with RawServer(hostile) as srv:
+            async with capped() as t:
+                for _ in range(2):
+                    o = await t.post(srv.url + f"/size/{CAP}/{framing}", b"{}")
+                    assert o.status == 200 and o.error_code is None, (o.error_code, o.error_message)
+                    assert o.body == json_of_size(CAP) and o.parsed == orjson.loads(o.body)
+                assert srv.connections == 1
+    run(main())
+
+
+def test_the_price_catalog_get_is_capped_too(client: str) -> None:
+    from hfbatch.bodies import ResponseTooLarge
+
+    async def main() -> None:
+        async with RawServer(hostile) as srv:
+            async with capped() as t:
+                for path in ("/gzip-bomb", "/huge-length", "/endless"):
+                    with pytest.raises(ResponseTooLarge, match="1 MB"):
+                        await t.get_json(srv.url + path)
+                assert await t.get_json(srv.url + f"/size/{CAP}/gzip") == orjson.loads(json_of_size(CAP))
+    run(main())
+
+
+def test_an_endless_header_is_cut_off_not_held_until_the_timeout(client: str) -> None:
+    """Not the body cap: headers. aiohttp refuses a line over 8190 bytes; the lean client must not
+    gather an endless one (it did, until the timeout: memory at network speed)."""
+    async def endless_header(req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        try:
+            while True:
+                w.write(b"a" * 0x10000)
+                await w.drain()
+        except ConnectionError:
+            return False
+
+    async def main() -> None:
+        async with RawServer(endless_header) as srv:
+            async with capped() as t:
+                o = await t.post(srv.url + "/x", b"{}")
+                assert (o.status, o.error_code) == (None, "connection_error"), (o.status, o.error_code)
+                await until(lambda: srv.ended == 1)
     run(main())

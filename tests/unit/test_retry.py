@@ -52,6 +52,17 @@ def test_unknown_no_answer_code_is_final() -> None:
     assert isinstance(P.decide(Outcome(None, error_code="unsupported_endpoint"), 1, rand=half), GiveUp)
 
 
+def test_an_answer_over_the_size_cap_is_final_and_not_resent_by_retry_failed() -> None:
+    from hfbatch.ledger import is_retryable_line
+
+    o = Outcome(None, error_code="response_too_large", error_message="the answer is larger than the 64 MB cap")
+    assert not is_retryable(o)
+    assert isinstance(P.decide(o, 1, rand=half), GiveUp)
+    line = {"custom_id": "a", "response": None, "error": {"code": "response_too_large", "message": "..."}}
+    assert not is_retryable_line(line)
+    assert is_retryable_line({**line, "error": {"code": "connection_error", "message": "..."}})
+
+
 def test_2xx_with_non_json_body_is_retried_2xx_json_is_final() -> None:
     assert isinstance(P.decide(answer(200, parsed=None), 1, rand=half), Retry)
     assert isinstance(P.decide(answer(200), 1, rand=half), GiveUp)
