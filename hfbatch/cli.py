@@ -14,9 +14,9 @@ from .config import WINDOW_RANGE
 EXIT_CODES_HELP = """\
 Exit codes: 0 every request succeeded · 1 internal error · 2 usage error (bad flag, missing file,
 missing or rejected token, output files of another batch) · 3 finished, some requests failed ·
-4 input failed validation, nothing sent · 5 stopped early, resumable (credits exhausted, batch
-already running) · 6 expired or cancelled · 130/143 interrupted by SIGINT/SIGTERM (after a clean
-stop; rerun to resume)."""
+4 input failed validation, nothing sent · 5 stopped early, resumable (credits exhausted, budget,
+batch already running, a file could not be written) · 6 expired or cancelled · 130/143 interrupted
+by SIGINT/SIGTERM (after a clean stop; rerun to resume)."""
 
 app = typer.Typer(
     name="hfbatch",

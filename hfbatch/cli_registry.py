@@ -9,7 +9,7 @@ from typing import Annotated
 import orjson
 import typer
 
-from .cli import BaseUrlOpt, BatchIdArg, ConcurrencyOpt, QuietOpt, TokenOpt, app, emit_json
+from .cli import BaseUrlOpt, BatchIdArg, QuietOpt, TokenOpt, app, emit_json
 
 cache_app = typer.Typer(help="The local response cache (submit --cache).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -159,7 +159,9 @@ def serve(
         "and batch. Without it the client's key is its Hugging Face token, passed through, and each token "
         "sees only its own.", envvar="HFBATCH_API_KEY", show_default=False)] = None,
     max_upload: Annotated[str, typer.Option(help="Largest file upload (KB, MB, GB or bytes).")] = "200MB",
-    concurrency: ConcurrencyOpt = 32,
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most, across every batch the "
+        "server runs (shared round-robin between them).", envvar="HFBATCH_CONCURRENCY")] = 32,
     token: TokenOpt = None,
 ) -> None:
     """Serve OpenAI's Files and Batches API: code written for OpenAI's Batch API runs here by changing
