@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
+from hfbatch.testing.fake_provider import FakeConfig, ThreadedFakeProvider
 
 REFEREE = Path(os.environ.get("HFBATCH_REFEREE", Path(__file__).resolve().parents[2] / "shared" / "referee"))
 

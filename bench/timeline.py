@@ -33,8 +33,8 @@ def child(args: list[str]) -> None:
     def mark(name: str) -> None:
         marks.setdefault(name, time.perf_counter() - T0)
 
-    import hfbatch.http1 as http1
-    import hfbatch.run as run
+    import hfbatch.batches.run as run
+    import hfbatch.http.lean as http1
 
     scan = run.scan_input
 

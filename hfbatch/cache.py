@@ -56,7 +56,7 @@ def request_key(url: str, body: dict[str, Any]) -> bytes:
 
 def default_path() -> Path:
     """$HFBATCH_HOME/cache.sqlite3 (the home directory is created 0700)."""
-    from hfbatch.state import home
+    from hfbatch.batches.registry import home
 
     return home() / CACHE_FILE
 
@@ -94,7 +94,7 @@ class ResponseCache:
         self._hits: dict[bytes, int] = {}
         self._last_flush = monotonic()
         if not self.path.parent.exists():
-            from hfbatch.state import private_dir
+            from hfbatch.batches.registry import private_dir
 
             private_dir(self.path.parent)
         import sqlite3

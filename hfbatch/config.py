@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .bodies import MAX_RESPONSE_BYTES
 from .errors import UsageError
+from .http.bodies import MAX_RESPONSE_BYTES
 from .limits import Capacity
 
 _HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud", "hf.co")

@@ -20,14 +20,14 @@ from typing import Any
 
 import orjson
 
+from .http.transport import Transport
 from .limits import Capacity, Gate, ProviderLimit, RateBucket, StopControl
 from .models import Outcome, Request
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
 from .packing import SOLO, Packs
-from .providers import Route, Router, Unroutable, split_model
 from .retry import Retry, RetryPolicy
+from .routing import Route, Router, Unroutable, split_model
 from .summary import Stats, usage_tokens
-from .transport import Transport
 from .writer import JsonlSink, error_line, success_line
 
 THROTTLE_STATUSES = frozenset({429, 503})
@@ -164,7 +164,7 @@ class Executor:
             return
         key = None
         if self.dedupe_keys:
-            from .repeats import canonical_request, request_fingerprint
+            from .fingerprints import canonical_request, request_fingerprint
 
             key = canonical_request(req.url, req.body)  # groups match on it exactly
             occurrences = self.dedupe_keys.get(request_fingerprint(key))

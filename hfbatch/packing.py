@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .models import Request
-from .providers import Unroutable
+from .routing import Unroutable
 from .summary import usage_tokens
 
 if TYPE_CHECKING:

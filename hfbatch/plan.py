@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 
+from .fingerprints import ExactIds, FingerprintIds, RepeatFinder, canonical_request, request_fingerprint
 from .models import LineError, Request
 from .reader import iter_lines
-from .repeats import ExactIds, FingerprintIds, RepeatFinder, canonical_request, request_fingerprint
 from .summary import MAX_REPORTED_ERRORS, usage_tokens
 from .validate import validate_line
 
@@ -123,7 +123,7 @@ class RunHooks:
         is stopped). Waits while in-flight requests settle if that could make room."""
         if self.budget is None:
             return 0.0
-        from .estimate import estimate_tokens
+        from .cost.estimate import estimate_tokens
 
         body = route.body if route.body is not None else req.body
         inp, out = estimate_tokens(body, req.url, conservative=True)
@@ -166,7 +166,7 @@ class RunHooks:
         catalog = self.ledger.catalog
         base, pinned = catalog.split(req.model)
         provider = pinned or catalog.implied_provider(req.model)[0]
-        from .pricing import request_cost
+        from .cost.pricing import request_cost
 
         cost = request_cost(catalog.price(base, provider) if provider else None, *tokens)
         self.saved_usd += cost or 0.0

@@ -8,9 +8,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from .fingerprints import MASK64
 from .models import LineError, Request
 from .reader import MAX_LINE_BYTES, LineTooLong
-from .repeats import MASK64
 
 # OpenAI's batch endpoints (openai SDK batch_create_params). Which of them the router can serve is
 # decided later (providers.py); validation only says whether the line is a well-formed batch line.

@@ -28,7 +28,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 from openai.types.shared import ErrorObject
 
-from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
+from hfbatch.testing.fake_provider import FakeConfig, ThreadedFakeProvider
 
 TOKEN = "hf_test_secret_token_123"
 CHAT_MODEL = "test-org/tiny-chat"

@@ -21,7 +21,7 @@ from conftest import (
     write_jsonl,
 )
 
-from hfbatch.fake_provider import FakeConfig, FakeProvider, ThreadedFakeProvider, _chat
+from hfbatch.testing.fake_provider import FakeConfig, FakeProvider, ThreadedFakeProvider, _chat
 
 PRICES = {"fake-a": (0.2, 0.6), "fake-b": (0.1, 0.3)}  # USD per 1M tokens, as the fake's /v1/models lists
 CHAT_URL = "/v1/chat/completions"

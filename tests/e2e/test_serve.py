@@ -40,7 +40,7 @@ from conftest import (
     parse_jsonl_text,
 )
 
-from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
+from hfbatch.testing.fake_provider import FakeConfig, ThreadedFakeProvider
 
 CLIENT_KEY = "hf_client_passthrough_key_456"  # the client's API key = its HF token (pass-through)
 OTHER_KEY = "hf_other_client_key_321"  # a second pass-through client: must never see the first's objects

@@ -23,7 +23,7 @@ from conftest import (
     write_jsonl,
 )
 
-from hfbatch.fake_provider import ThreadedFakeProvider
+from hfbatch.testing.fake_provider import ThreadedFakeProvider
 
 CHAT_URL = "/v1/chat/completions"
 

@@ -13,15 +13,15 @@ from typing import Any
 import orjson
 import pytest
 
-from hfbatch.errors import UsageError
-from hfbatch.estimate import (
+from hfbatch.cost.estimate import (
     DEFAULT_MAX_OUTPUT,
     estimate_file,
     estimate_tokens,
     find_local_tokenizer,
     render_table,
 )
-from hfbatch.pricing import Catalog
+from hfbatch.cost.pricing import Catalog
+from hfbatch.errors import UsageError
 
 CHAT, EMBED = "test-org/tiny-chat", "test-org/tiny-embed"
 FAKE_MODELS = {"object": "list", "data": [

@@ -13,8 +13,8 @@ import orjson
 from hfbatch.executor import Executor, Limits
 from hfbatch.limits import StopControl
 from hfbatch.models import Outcome, Request
-from hfbatch.providers import Router
 from hfbatch.retry import RetryPolicy
+from hfbatch.routing import Router
 from hfbatch.summary import Stats
 from hfbatch.writer import JsonlSink
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hfbatch.fake_provider import FakeConfig, ThreadedFakeProvider
+from hfbatch.testing.fake_provider import FakeConfig, ThreadedFakeProvider
 
 CHAT = "test-org/tiny-chat"
 

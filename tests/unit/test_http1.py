@@ -18,8 +18,8 @@ import orjson
 import pytest
 from conftest import MIB, deflate_bomb
 
-from hfbatch.http1 import Pool, ProtocolError
-from hfbatch.transport import Transport
+from hfbatch.http.lean import Pool, ProtocolError
+from hfbatch.http.transport import Transport
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open
 
@@ -445,7 +445,7 @@ def test_an_answer_exactly_at_the_cap_passes_and_keeps_its_connection(client: st
 
 
 def test_the_price_catalog_get_is_capped_too(client: str) -> None:
-    from hfbatch.bodies import ResponseTooLarge
+    from hfbatch.http.bodies import ResponseTooLarge
 
     async def main() -> None:
         async with RawServer(hostile) as srv:

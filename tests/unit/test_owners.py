@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hfbatch.errors import UsageError
-from hfbatch.owners import API_KEY_OWNER, SALT_BYTES, Caller, Owners
+from hfbatch.serve.owners import API_KEY_OWNER, SALT_BYTES, Caller, Owners
 
 
 def test_owner_ids_are_salted_stable_and_private(tmp_path: Path) -> None:

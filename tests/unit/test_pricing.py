@@ -12,9 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from hfbatch.cost import Budget, CostLedger
-from hfbatch.errors import UsageError
-from hfbatch.pricing import (
+from hfbatch.cost.pricing import (
     Catalog,
     Price,
     ProviderInfo,
@@ -23,6 +21,8 @@ from hfbatch.pricing import (
     models_url,
     request_cost,
 )
+from hfbatch.cost.spend import Budget, CostLedger
+from hfbatch.errors import UsageError
 from hfbatch.summary import usage_tokens
 
 CHAT, EMBED = "test-org/tiny-chat", "test-org/tiny-embed"

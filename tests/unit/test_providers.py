@@ -12,7 +12,7 @@ from openai.types import CreateEmbeddingResponse
 from hfbatch.config import default_output_paths, is_hf_host, resolve_token
 from hfbatch.errors import UsageError
 from hfbatch.models import Request
-from hfbatch.providers import Route, Router, Unroutable, hf_features_to_openai, split_model
+from hfbatch.routing import Route, Router, Unroutable, hf_features_to_openai, split_model
 
 
 def req(url: str, model: str = "org/m", **body: object) -> Request:

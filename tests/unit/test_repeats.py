@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from hfbatch.repeats import MASK64, ExactIds, FingerprintIds, RepeatFinder
+from hfbatch.fingerprints import MASK64, ExactIds, FingerprintIds, RepeatFinder
 
 
 @pytest.mark.parametrize("run", [7, 64, 1 << 17])  # many spilled runs, a few, none (all in memory)
@@ -51,7 +51,7 @@ def test_a_fingerprint_collision_is_not_a_duplicate() -> None:
 
 
 def test_canonical_requests_ignore_key_order_but_not_values() -> None:
-    from hfbatch.repeats import canonical_request, request_fingerprint
+    from hfbatch.fingerprints import canonical_request, request_fingerprint
 
     a = canonical_request("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     b = canonical_request("/v1/chat/completions", {"messages": [{"content": "hi", "role": "user"}], "model": "m"})

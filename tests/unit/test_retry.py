@@ -53,7 +53,7 @@ def test_unknown_no_answer_code_is_final() -> None:
 
 
 def test_an_answer_over_the_size_cap_is_final_and_not_resent_by_retry_failed() -> None:
-    from hfbatch.ledger import is_retryable_line
+    from hfbatch.batches.ledger import is_retryable_line
 
     o = Outcome(None, error_code="response_too_large", error_message="the answer is larger than the 64 MB cap")
     assert not is_retryable(o)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hfbatch.batches.registry import home
 from hfbatch.errors import UsageError
-from hfbatch.state import home
 
 
 def mode(p: Path) -> int:

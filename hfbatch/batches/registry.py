@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .errors import UsageError
+from ..errors import UsageError
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 

@@ -9,9 +9,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .config import RunConfig
-from .cost import Budget, CostLedger
-from .errors import (
+from ..batches.ledger import Ledger, scan
+from ..batches.registry import TERMINAL_STATUSES, BatchDir, Registry
+from ..cli.ui import Progress
+from ..config import RunConfig
+from ..cost.estimate import DEFAULT_MAX_OUTPUT
+from ..cost.spend import Budget, CostLedger
+from ..errors import (
     AuthError,
     EndedEarly,
     ExitCode,
@@ -21,21 +25,17 @@ from .errors import (
     StoppedEarly,
     WriteError,
 )
-from .estimate import DEFAULT_MAX_OUTPUT
-from .executor import Executor, Limits
-from .ledger import Ledger, scan
-from .limits import StopControl
-from .models import LineError, Request, RunResult
-from .plan import InputPlan, RunHooks
-from .providers import Router, router_root
-from .reader import iter_lines
-from .retry import RetryPolicy
-from .state import TERMINAL_STATUSES, BatchDir, Registry
-from .summary import BatchInfo, Stats, batch_object
-from .transport import Transport
-from .ui import Progress
-from .validate import validate_line
-from .writer import JsonlSink, error_line
+from ..executor import Executor, Limits
+from ..http.transport import Transport
+from ..limits import StopControl
+from ..models import LineError, Request, RunResult
+from ..plan import InputPlan, RunHooks
+from ..reader import iter_lines
+from ..retry import RetryPolicy
+from ..routing import Router, router_root
+from ..summary import BatchInfo, Stats, batch_object
+from ..validate import validate_line
+from ..writer import JsonlSink, error_line
 
 SAVE_EVERY = 2.0  # seconds between live batch.json updates
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -344,7 +344,7 @@ async def _guard(stop: StopControl, work: asyncio.Task[None], grace: float) -> N
 
 async def _cost_ledger(cfg: RunConfig, transport: Transport, stored: dict[str, Any] | None) -> CostLedger:
     """Prices for this run (router catalog, its cache when offline, or --prices), and the spend so far."""
-    from .pricing import default_cache_path, load_catalog, models_url
+    from ..cost.pricing import default_cache_path, load_catalog, models_url
 
     url = models_url(cfg.base_url)
     catalog = await load_catalog(transport.get_json, url, default_cache_path(url), cfg.prices)
@@ -355,14 +355,14 @@ async def _cost_ledger(cfg: RunConfig, transport: Transport, stored: dict[str, A
 
 
 def _open_cache() -> Any:
-    from .cache import ResponseCache, default_path
+    from ..cache import ResponseCache, default_path
 
     return ResponseCache(default_path())
 
 
 def _token_estimator() -> Any:
     """What --tpm books before a request: the prompt estimate plus the output cap (estimate.py's rules)."""
-    from .estimate import estimate_tokens
+    from ..cost.estimate import estimate_tokens
 
     def estimate(body: dict[str, Any], url: str) -> int:
         inp, out = estimate_tokens(body, url)
@@ -373,7 +373,7 @@ def _token_estimator() -> Any:
 
 def _retry_base() -> float:
     """Backoff base in seconds; HFBATCH_RETRY_BASE shortens it (tests, local servers)."""
-    from .config import env_float
+    from ..config import env_float
 
     return env_float("HFBATCH_RETRY_BASE", 0.5)
 

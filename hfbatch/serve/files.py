@@ -27,8 +27,8 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..batches.registry import home, private_dir, read_json, write_json
 from .owners import Caller
-from .state import home, private_dir, read_json, write_json
 
 FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9]+$")
 BATCH_ID_RE = re.compile(r"^batch_[0-9a-f]+$")

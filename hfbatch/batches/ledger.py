@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .retry import NO_ANSWER_CODES, RETRY_STATUSES
-from .summary import Stats
-from .validate import IdSet
+from ..retry import NO_ANSWER_CODES, RETRY_STATUSES
+from ..summary import Stats
+from ..validate import IdSet
 
 VALIDATION_CODES = frozenset(
     {"invalid_json_line", "invalid_request", "duplicate_custom_id", "url_mismatch", "empty_file"}

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import UsageError
-from .models import LineError
+from ..errors import UsageError
+from ..models import LineError
+from ..reader import iter_lines, open_input
+from ..routing import split_model
+from ..validate import IdSet, validate_line
 from .pricing import Catalog, ProviderInfo, iso, request_cost, round_usd
-from .providers import split_model
-from .reader import iter_lines, open_input
-from .validate import IdSet, validate_line
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -291,8 +291,8 @@ def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: 
     """`hfbatch estimate`: fetch the price catalog (one GET, no inference) and estimate the file."""
     import asyncio
 
+    from ..http.transport import Transport
     from .pricing import default_cache_path, load_catalog, models_url
-    from .transport import Transport
 
     async def catalog() -> Catalog:
         async with Transport(1, 30.0, token) as t:

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SALT_BYTES = 32
 API_KEY_OWNER = "api-key"  # not hex: never the id of a token

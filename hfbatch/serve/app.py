@@ -41,9 +41,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
-from .engine import first_limit
-from .errors import HfbatchError, UsageError
+from ..batches.control import cancel as cancel_batch
+from ..batches.control import live_batch
+from ..batches.registry import TERMINAL_STATUSES, BatchDir, Registry
+from ..batches.run import submit_async
+from ..config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
+from ..engines.http import first_limit
+from ..errors import HfbatchError, UsageError
+from ..limits import Capacity
+from ..summary import BatchInfo, Stats, batch_object
+from ..validate import _PATH_RE, HF_TASK_RE, OPENAI_ENDPOINTS, normalize_url
 from .files import (
     BATCH_ID_RE,
     OWNER_SALT,
@@ -55,14 +62,7 @@ from .files import (
     new_file_id,
     page,
 )
-from .jobs import cancel as cancel_batch
-from .jobs import live_batch
-from .limits import Capacity
 from .owners import API_KEY_OWNER, Caller, Owners
-from .run import submit_async
-from .state import TERMINAL_STATUSES, BatchDir, Registry
-from .summary import BatchInfo, Stats, batch_object
-from .validate import _PATH_RE, HF_TASK_RE, OPENAI_ENDPOINTS, normalize_url
 
 GRACE_SECONDS = 10.0  # RunConfig.grace's default: in-flight requests' time to finish at shutdown
 log = logging.getLogger("hfbatch.serve")
@@ -295,7 +295,7 @@ class BatchServer:
         )
 
     def _resume_config(self, b: BatchDir, token: str | None) -> RunConfig:
-        from .config import options_from_meta
+        from ..config import options_from_meta
 
         meta = b.meta()
         return RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],

@@ -6,8 +6,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import UsageError
-from .state import TERMINAL_STATUSES, BatchDir, Registry, pid_alive
+from ..errors import UsageError
+from .registry import TERMINAL_STATUSES, BatchDir, Registry, pid_alive
 
 
 def get(batch_id: str, reg: Registry | None = None) -> BatchDir:

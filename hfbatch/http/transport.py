@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import __version__
+from .. import __version__
+from ..models import Outcome
+from ..retry import parse_retry_after
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode
-from .models import Outcome
-from .retry import parse_retry_after
 
 if TYPE_CHECKING:
     import aiohttp
 
-    from .http1 import Pool
+    from .lean import Pool
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -57,7 +57,7 @@ class Transport:
     async def __aenter__(self) -> Transport:
         if os.environ.get("HFBATCH_HTTP", "").lower() != "aiohttp":
             try:
-                from .http1 import Pool
+                from .lean import Pool
             except ImportError:  # httptools missing (an unusual platform): aiohttp does everything
                 pass
             else:

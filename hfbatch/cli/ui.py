@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .summary import Stats
+from ..summary import Stats
 
 
 class Progress:

@@ -1,4 +1,4 @@
-"""Command line: flags -> a frozen RunConfig -> one core call -> print. No network I/O here."""
+"""Commands that run a batch: submit, resume, estimate. Flags -> a frozen RunConfig -> one core call -> print."""
 
 from __future__ import annotations
 
@@ -9,52 +9,23 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from .config import WINDOW_RANGE
-
-EXIT_CODES_HELP = """\
-Exit codes: 0 every request succeeded · 1 internal error · 2 usage error (bad flag, missing file,
-missing or rejected token, output files of another batch) · 3 finished, some requests failed ·
-4 input failed validation, nothing sent · 5 stopped early, resumable (credits exhausted, budget,
-batch already running, a file could not be written) · 6 expired or cancelled · 130/143 interrupted
-by SIGINT/SIGTERM (after a clean stop; rerun to resume)."""
-
-app = typer.Typer(
-    name="hfbatch",
-    help="Run OpenAI Batch API files against Hugging Face Inference Providers.",
-    epilog=EXIT_CODES_HELP,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
+from ..config import WINDOW_RANGE
+from .options import (
+    AttemptsOpt,
+    BaseUrlOpt,
+    BatchIdArg,
+    ConcurrencyOpt,
+    GraceOpt,
+    PricesOpt,
+    QuietOpt,
+    RetryFailedOpt,
+    TimeoutOpt,
+    TokenOpt,
+    WaitOpt,
 )
-
-# Options shared by `submit` and `resume` (defined once, same help everywhere).
-BaseUrlOpt = Annotated[str | None, typer.Option(
-    help="An OpenAI-compatible root ending in /v1 (vLLM, TGI, llama.cpp, an Inference Endpoint); "
-    "every endpoint is passed through. Default: the Hugging Face router.", envvar="HFBATCH_BASE_URL")]
-ConcurrencyOpt = Annotated[int, typer.Option(
-    "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most.",
-    envvar="HFBATCH_CONCURRENCY")]
-TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds per HTTP attempt.", envvar="HFBATCH_TIMEOUT")]
-AttemptsOpt = Annotated[int, typer.Option(
-    min=1, max=100, help="Attempts per request (429, 5xx, timeouts, resets are retried).",
-    envvar="HFBATCH_MAX_ATTEMPTS")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
-TokenOpt = Annotated[str | None, typer.Option(
-    help="Hugging Face token [default: $HF_TOKEN, else the `hf auth login` token].", show_default=False)]
-GraceOpt = Annotated[float, typer.Option(
-    min=0, help="Seconds in-flight requests get to finish after Ctrl-C, SIGTERM or expiry.")]
-RetryFailedOpt = Annotated[bool, typer.Option(
-    help="Resume and re-send the lines whose error was retryable (429, 5xx, timeout, connection).")]
-WaitOpt = Annotated[bool, typer.Option(
-    help="If another process is running this batch, wait for it to end instead of exiting with 5.")]
-BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfbatch list` shows.")]
-PricesOpt = Annotated[str | None, typer.Option(
-    help="Prices for custom servers: a /v1/models JSON file or {model: {provider: {input, output}}} "
-    "(USD per 1M tokens).")]
+from .output import emit_json
 
 
-@app.command(epilog=EXIT_CODES_HELP)
 def submit(
     input: Annotated[str, typer.Argument(help="OpenAI batch input file (JSONL); - reads stdin.")],
     output: Annotated[str | None, typer.Option(
@@ -124,8 +95,8 @@ def submit(
     The same command run again resumes an unfinished batch (sending only what has no line yet) or
     prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
     (on stderr when -o - puts the output lines on stdout)."""
-    from .config import RunConfig, default_output_paths, parse_size, parse_window, resolve_token
-    from .errors import UsageError
+    from ..config import RunConfig, default_output_paths, parse_size, parse_window, resolve_token
+    from ..errors import UsageError
 
     if base_url is not None and not base_url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url {base_url!r} must start with http:// or https://")
@@ -171,7 +142,7 @@ def submit(
 
 
 def _run_and_print(cfg: Any) -> None:
-    from .run import submit as run_submit
+    from ..batches.run import submit as run_submit
     from .ui import final_table
 
     result = run_submit(cfg)
@@ -184,7 +155,6 @@ def _run_and_print(cfg: Any) -> None:
         raise result.error
 
 
-@app.command(epilog=EXIT_CODES_HELP)
 def resume(
     batch_id: BatchIdArg,
     concurrency: Annotated[int | None, typer.Option(
@@ -195,8 +165,8 @@ def resume(
     token: TokenOpt = None,
 ) -> None:
     """Continue an unfinished batch with the options it was submitted with."""
-    from .config import RunConfig, options_from_meta, resolve_token
-    from .jobs import get
+    from ..batches.control import get
+    from ..config import RunConfig, options_from_meta, resolve_token
 
     meta = get(batch_id).meta()
     opts = options_from_meta(meta)
@@ -212,7 +182,7 @@ def resume(
 
 def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
     """--metadata KEY=VALUE ... -> OpenAI's metadata map (16 keys, key <= 64 chars, value <= 512)."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if not pairs:
         return None
@@ -227,7 +197,6 @@ def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-@app.command()
 def estimate(
     input: Annotated[str, typer.Argument(help="OpenAI batch input file (JSONL).")],
     base_url: BaseUrlOpt = None,
@@ -240,9 +209,9 @@ def estimate(
 
     Input tokens come from a tokenizer in the local Hugging Face cache when one is there, else
     characters / 4; output tokens are bounded by each body's max_tokens (512 when absent)."""
-    from .config import resolve_token
-    from .errors import UsageError
-    from .estimate import render_table, run_estimate
+    from ..config import resolve_token
+    from ..cost.estimate import render_table, run_estimate
+    from ..errors import UsageError
 
     if input == "-" or not os.path.isfile(input):
         raise UsageError(f"input file not found: {input} (estimate reads a file, not stdin)")
@@ -260,22 +229,3 @@ def estimate(
     console.print(render_table(est))
     for note in est.get("notes") or []:
         console.print(f"note: {note}", style="dim")
-
-
-def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None) -> None:
-    """The Batch object as one JSON line: stdout is data, unless stdout carries the output lines."""
-    from .writer import escape_separators
-
-    data = escape_separators(orjson.dumps(batch)) + b"\n"
-    if path:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    stream = sys.stderr.buffer if to_stderr else sys.stdout.buffer
-    stream.write(data)
-    stream.flush()
-
-
-# The registry, cache and service commands live in their own module; importing it registers them.
-from . import cli_registry  # noqa: E402,F401

@@ -15,13 +15,13 @@ import sys
 import time
 from typing import Any
 
-from .config import RunConfig, parse_duration
-from .errors import AlreadyRunning, ExitCode, InputError, UsageError, error_for_code
+from ..config import RunConfig, parse_duration
+from ..errors import AlreadyRunning, ExitCode, InputError, UsageError, error_for_code
+from ..models import RunResult
+from ..plan import scan_input
+from ..summary import BatchInfo, Stats, batch_object
 from .ledger import Ledger, scan
-from .models import RunResult
-from .plan import scan_input
-from .state import TERMINAL_STATUSES, BatchDir, Registry, unlock
-from .summary import BatchInfo, Stats, batch_object
+from .registry import TERMINAL_STATUSES, BatchDir, Registry, unlock
 
 
 def submit(cfg: RunConfig) -> RunResult:
@@ -260,7 +260,7 @@ async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *
     meta["pid"] = os.getpid()
     b.save_meta(meta)
     stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
-    from .engine import Warmup
+    from ..engines.http import Warmup
 
     # While the input is scanned (a thread), the prices load and the first connections open.
     async with Warmup(cfg, stored_cost, os.path.getsize(meta["input_file"]), enabled=not cfg.detach) as warm:
@@ -280,7 +280,7 @@ async def _scan_and_execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], w
             info.set_status("failed")
             info.state = "failed"
             stats.total = plan.total
-            from .engine import finish
+            from ..engines.http import finish
 
             return finish(b, meta, info, stats, window, InputError(_invalid_message(cfg, info)))
         meta["total"] = plan.total
@@ -298,7 +298,7 @@ async def _scan_and_execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], w
     if b.cancel_requested():
         info.set_status("cancelling")
     b.save_batch(batch_object(info, stats, window))
-    from .engine import execute
+    from ..engines.http import execute
 
     return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, warm)
 

@@ -1,0 +1,39 @@
+"""Command line options shared by several commands (defined once, same help everywhere)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+EXIT_CODES_HELP = """\
+Exit codes: 0 every request succeeded · 1 internal error · 2 usage error (bad flag, missing file,
+missing or rejected token, output files of another batch) · 3 finished, some requests failed ·
+4 input failed validation, nothing sent · 5 stopped early, resumable (credits exhausted, budget,
+batch already running, a file could not be written) · 6 expired or cancelled · 130/143 interrupted
+by SIGINT/SIGTERM (after a clean stop; rerun to resume)."""
+
+# Options shared by `submit` and `resume` (defined once, same help everywhere).
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    help="An OpenAI-compatible root ending in /v1 (vLLM, TGI, llama.cpp, an Inference Endpoint); "
+    "every endpoint is passed through. Default: the Hugging Face router.", envvar="HFBATCH_BASE_URL")]
+ConcurrencyOpt = Annotated[int, typer.Option(
+    "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most.",
+    envvar="HFBATCH_CONCURRENCY")]
+TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds per HTTP attempt.", envvar="HFBATCH_TIMEOUT")]
+AttemptsOpt = Annotated[int, typer.Option(
+    min=1, max=100, help="Attempts per request (429, 5xx, timeouts, resets are retried).",
+    envvar="HFBATCH_MAX_ATTEMPTS")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    help="Hugging Face token [default: $HF_TOKEN, else the `hf auth login` token].", show_default=False)]
+GraceOpt = Annotated[float, typer.Option(
+    min=0, help="Seconds in-flight requests get to finish after Ctrl-C, SIGTERM or expiry.")]
+RetryFailedOpt = Annotated[bool, typer.Option(
+    help="Resume and re-send the lines whose error was retryable (429, 5xx, timeout, connection).")]
+WaitOpt = Annotated[bool, typer.Option(
+    help="If another process is running this batch, wait for it to end instead of exiting with 5.")]
+BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfbatch list` shows.")]
+PricesOpt = Annotated[str | None, typer.Option(
+    help="Prices for custom servers: a /v1/models JSON file or {model: {provider: {input, output}}} "
+    "(USD per 1M tokens).")]

@@ -1,0 +1,50 @@
+"""Service commands: serve (OpenAI's Files and Batches API) and the fake provider (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .options import BaseUrlOpt, TokenOpt
+
+
+def fake_provider(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    latency: Annotated[float, typer.Option(help="Seconds before each answer.")] = 0.0,
+    fail_429: Annotated[float, typer.Option(help="Fraction answered 429.")] = 0.0,
+    fail_500: Annotated[float, typer.Option(help="Fraction answered 500.")] = 0.0,
+    hang: Annotated[float, typer.Option(help="Fraction never answered.")] = 0.0,
+    reset: Annotated[float, typer.Option(help="Fraction whose connection is reset.")] = 0.0,
+    garbage: Annotated[float, typer.Option(help="Fraction answered 200 with a non-JSON body.")] = 0.0,
+) -> None:
+    """Run the local fake Inference Providers router (tests, demo, benchmarks)."""
+    from ..testing.fake_provider import FakeConfig, serve
+
+    serve(port, config=FakeConfig(latency=latency, fail_429=fail_429, fail_500=fail_500, hang=hang,
+                                  reset=reset, garbage=garbage))
+
+
+def serve(
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; anything but loopback requires --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        min=0, max=65535, help="Port (0 picks a free one; the URL is printed on stderr).")] = 8787,
+    base_url: BaseUrlOpt = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="Key clients must send; batches then run on the server's token, and the key sees every file "
+        "and batch. Without it the client's key is its Hugging Face token, passed through, and each token "
+        "sees only its own.", envvar="HFBATCH_API_KEY", show_default=False)] = None,
+    max_upload: Annotated[str, typer.Option(help="Largest file upload (KB, MB, GB or bytes).")] = "200MB",
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", "-c", min=1, max=10_000, help="Requests in flight at most, across every batch the "
+        "server runs (shared round-robin between them).", envvar="HFBATCH_CONCURRENCY")] = 32,
+    token: TokenOpt = None,
+) -> None:
+    """Serve OpenAI's Files and Batches API: code written for OpenAI's Batch API runs here by changing
+    only base_url. Unfinished batches resume when the server restarts."""
+    from ..serve.app import ServeOptions
+    from ..serve.app import serve as run_server
+
+    run_server(ServeOptions(host=host, port=port, base_url=base_url, api_key=api_key, token=token,
+                            max_upload=max_upload, concurrency=concurrency))
