@@ -1,4 +1,5 @@
-"""Coalesce stage: single-input /v1/embeddings bodies -> one packed body with a list input; its answer -> one per line.
+"""Coalesce stage (--coalesce N): single-input /v1/embeddings requests -> one request with a list input; its
+answer -> one per line. `Packs` groups live requests (up to N, or until a group has waited 50 ms).
 
 `coalesce_key` says which bodies may share a request (same model, same input kind, same other parameters),
 `Packer` groups them up to N (or until a group has waited `max_wait`), `pack` builds the request and `split`
@@ -8,11 +9,18 @@ embedding at index 0, with the usage split so the parts sum exactly to what the 
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, Generic, TypeVar
+from dataclasses import replace
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
+
+from .models import Answer, NoAnswer, Outcome, Request, Success
+from .routing import Route, Router, Unroutable
+from .summary import Stats, usage_tokens
 
 T = TypeVar("T")
 
@@ -189,3 +197,117 @@ class Packer(Generic[T]):
         groups = [items for _, items in self._groups.values()]
         self._groups.clear()
         return groups
+
+
+# -- packing live requests (--coalesce N) ----------------------------------------------------------------
+
+SOLO = NoAnswer("solo", "")  # a pack member told to go on alone
+
+
+class PackSender(Protocol):
+    """What a pack needs from the executor that owns it (executor.Executor)."""
+
+    router: Router
+    stats: Stats
+
+    async def send(self, req: Request, route: Route) -> Outcome | None: ...
+
+    def answer_of(self, req: Request, route: Route, o: Outcome) -> Answer: ...
+
+    def account(self, req: Request, route: Route, o: Outcome, usage_of: object) -> None: ...
+
+    def internal_error(self, e: BaseException) -> None: ...
+
+
+class _Pack:
+    """Single-input embeddings requests waiting to be sent as one."""
+
+    __slots__ = ("members", "timer")
+
+    def __init__(self) -> None:
+        self.members: list[tuple[Request, asyncio.Future[Answer | None]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Packs:
+    """The open packs of one run; `join(req)` waits for this member's share of its pack's answer."""
+
+    def __init__(self, sender: PackSender, size: int, wait: float = 0.05) -> None:
+        self.sender = sender
+        self.size = size
+        self.wait = wait  # seconds a partial pack waits for more members
+        self.packs: dict[tuple[str, bytes], _Pack] = {}
+
+    async def join(self, req: Request) -> Answer | None:
+        """Join a pack of identical-parameter embeddings requests; returns this member's answer, None
+        (stopped: no line), or SOLO (send it alone)."""
+        key = coalesce_key(req.body)
+        if key is None:
+            return SOLO
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Answer | None] = loop.create_future()
+        pack = self.packs.get(key)
+        if pack is None:
+            pack = self.packs[key] = _Pack()
+            pack.timer = loop.call_later(self.wait, self._flush, key)
+        pack.members.append((req, fut))
+        if len(pack.members) >= self.size:
+            self._flush(key)
+        return await fut
+
+    def _flush(self, key: tuple[str, bytes]) -> None:
+        pack = self.packs.pop(key, None)
+        if pack is None:
+            return
+        if pack.timer is not None:
+            pack.timer.cancel()
+        if len(pack.members) == 1:
+            pack.members[0][1].set_result(SOLO)
+            return
+        task = asyncio.ensure_future(self._send(pack.members))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.sender.internal_error(task.exception())  # type: ignore[arg-type]
+
+    async def _send(self, members: list[tuple[Request, asyncio.Future[Answer | None]]]) -> None:
+        reqs = [r for r, _ in members]
+        answers: list[Answer | None] = [SOLO] * len(members)
+        sender = self.sender
+        try:
+            lead = reqs[0]
+            body = pack([r.body for r in reqs])
+            route = await sender.router.route(replace(lead, body=body))
+            if isinstance(route, Unroutable):
+                answers = [NoAnswer(route.code, route.message)] * len(reqs)
+                return
+            outcome = await sender.send(lead, route)
+            if outcome is None:
+                answers = [None] * len(reqs)
+                return
+            status = outcome.status
+            if status is not None and 200 <= status < 300 and outcome.parsed is not None:
+                answer = route.adapt(outcome.parsed, lead) if route.adapt is not None else outcome.parsed
+                try:
+                    if not isinstance(answer, dict):
+                        raise ValueError("not an embeddings answer")
+                    parts = split(answer, len(reqs), weights=[input_weight(r.body) for r in reqs])
+                except ValueError:
+                    return  # an answer we cannot split: every member goes alone
+                sender.stats.latency.add(outcome.latency)
+                request_id = outcome.request_id or "req_" + os.urandom(12).hex()
+                answers = []
+                for r, part in zip(reqs, parts, strict=True):
+                    sender.account(r, route, outcome, part)
+                    answers.append(Success(status, request_id, part, usage_tokens(part)))
+                sender.stats.coalesced += len(reqs) - 1
+                return
+            if status is not None and 400 <= status < 500 and status != 429:
+                return  # one bad input fails a pack: let each member get its own answer
+            sender.stats.latency.add(outcome.latency)
+            answers = [sender.answer_of(lead, route, outcome)] * len(reqs)
+        finally:
+            for (_, fut), res in zip(members, answers, strict=True):
+                if not fut.done():
+                    fut.set_result(res)

@@ -5,27 +5,33 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from .errors import UsageError
 from .http.bodies import MAX_RESPONSE_BYTES
-from .limits import Capacity
 
 _HF_HOST_SUFFIXES = ("huggingface.co", "hf.space", "huggingface.cloud", "hf.co")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 _SIZE_MAX = 1 << 40  # 1 TB: past any real need, and within zlib's max_length (a C ssize_t)
 
 
+_ONCE = {"once": True}  # a field of one invocation: not stored with the batch, not used by `resume`
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
-    """Everything `hfbatch submit` needs; built by the CLI, read by the core (never typer types)."""
+    """Everything a run needs; built by the CLI (or serve), read by the core (never typer types).
 
-    input_path: str
-    output_path: str  # "-" = stdout
-    errors_path: str
+    Every field is an option stored with the batch (meta.json "options") and used again by `resume`,
+    except those marked `_ONCE` (paths, per-invocation switches, the token): a new flag is one field."""
+
+    input_path: str = field(metadata=_ONCE)
+    output_path: str = field(metadata=_ONCE)  # "-" = stdout
+    errors_path: str = field(metadata=_ONCE)
+    engine: str = "http"
     base_url: str | None = None
     concurrency: int = 32
     timeout: float = 300.0
@@ -33,16 +39,9 @@ class RunConfig:
     max_response_bytes: int = MAX_RESPONSE_BYTES  # an answer's largest size after decoding; over it: an error line
     skip_invalid: bool = False
     endpoint: str | None = None
-    summary_path: str | None = None
-    quiet: bool = False
     bill_to: str | None = None
     completion_window: str = "24h"
     grace: float = 10.0
-    overwrite: bool = False
-    retry_failed: bool = False
-    wait: bool = False
-    detach: bool = False
-    batch_id: str | None = None  # `hfbatch resume ID`: this batch, found by id rather than by identity
     rpm: float | None = None
     tpm: float | None = None
     adapt: bool = True
@@ -54,13 +53,20 @@ class RunConfig:
     coalesce: int | None = None
     budget: float | None = None
     prices: str | None = None
-    dry_run: bool = False
-    handle_signals: bool = True  # False inside `hfbatch serve`, whose process owns SIGINT/SIGTERM
-    metadata: dict[str, str] | None = None  # OpenAI's batch metadata (hfbatch serve)
-    new_batch_id: str | None = None  # the id a new batch gets (hfbatch serve answers with it at once)
-    shutdown: Any = None  # an asyncio.Event: set = stop like SIGTERM (grace for in-flight requests)
-    capacity: Capacity | None = None  # limits shared with other batches (hfbatch serve: -c is server-wide)
-    token: str | None = field(default=None, repr=False)
+    summary_path: str | None = field(default=None, metadata=_ONCE)
+    quiet: bool = field(default=False, metadata=_ONCE)
+    overwrite: bool = field(default=False, metadata=_ONCE)
+    retry_failed: bool = field(default=False, metadata=_ONCE)
+    wait: bool = field(default=False, metadata=_ONCE)
+    detach: bool = field(default=False, metadata=_ONCE)
+    dry_run: bool = field(default=False, metadata=_ONCE)
+    # `hfbatch resume ID`: this batch, found by id rather than by identity
+    batch_id: str | None = field(default=None, metadata=_ONCE)
+    # OpenAI's batch metadata (kept in the Batch object)
+    metadata: dict[str, str] | None = field(default=None, metadata=_ONCE)
+    # the id a new batch gets (hfbatch serve answers with it at once)
+    new_batch_id: str | None = field(default=None, metadata=_ONCE)
+    token: str | None = field(default=None, repr=False, metadata=_ONCE)
 
     def __post_init__(self) -> None:
         # Both become HTTP header values: a line break would end the header (and smuggle others).
@@ -70,17 +76,30 @@ class RunConfig:
                                  "(a token file or variable with a trailing newline inside quotes?)")
 
     def options(self) -> dict[str, object]:
-        """What `hfbatch resume` needs to run the batch again (never the token)."""
-        return {
-            "base_url": self.base_url, "concurrency": self.concurrency, "timeout": self.timeout,
-            "max_attempts": self.max_attempts, "max_response_bytes": self.max_response_bytes,
-            "skip_invalid": self.skip_invalid,
-            "endpoint": self.endpoint, "bill_to": self.bill_to,
-            "completion_window": self.completion_window, "grace": self.grace,
-            "rpm": self.rpm, "tpm": self.tpm, "adapt": self.adapt, "route": self.route,
-            "fallback": list(self.fallback), "max_tokens": self.max_tokens, "dedupe": self.dedupe,
-            "cache": self.cache, "coalesce": self.coalesce, "budget": self.budget, "prices": self.prices,
-        }
+        """What `hfbatch resume` needs to run the batch again (never the token): every stored field."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            if not f.metadata.get("once"):
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], **overrides: Any) -> RunConfig:
+        """The batch registered with `meta` (its meta.json), run again with its stored options; `overrides`
+        are this invocation's (quiet, token, --concurrency...). Options an older hfbatch did not store keep
+        their defaults; ones this hfbatch does not know are ignored."""
+        stored = meta.get("options") or {}
+        opts: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.metadata.get("once") or f.name not in stored:
+                continue
+            value = stored[f.name]
+            opts[f.name] = tuple(value) if isinstance(f.default, tuple) and isinstance(value, list) else value
+        opts.update(input_path=meta["input_file"], output_path=meta["output_path"],
+                    errors_path=meta["errors_path"], batch_id=meta["id"])
+        opts.update(overrides)
+        return cls(**opts)
 
 
 def default_output_paths(input_path: str) -> tuple[str, str]:
@@ -183,14 +202,3 @@ def parse_window(text: str) -> int:
     if not (math.isfinite(seconds) and MIN_WINDOW <= seconds <= MAX_WINDOW):
         raise UsageError(f"--completion-window {text!r}: use a duration {WINDOW_RANGE}, such as 30m, 2h or 24h")
     return int(seconds)
-
-
-def options_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """The options a batch was submitted with (its meta.json), as RunConfig fields."""
-    from dataclasses import fields
-
-    known = {f.name for f in fields(RunConfig)}
-    opts = {k: v for k, v in (meta.get("options") or {}).items() if k in known}
-    if isinstance(opts.get("fallback"), list):
-        opts["fallback"] = tuple(opts["fallback"])
-    return opts

@@ -1,36 +1,90 @@
-"""Execute stage: validated Requests -> HTTP attempts under the limits -> one line per request in the sinks.
+"""Execute stage: validated Requests -> HTTP attempts under the limits -> one Answer per request, written.
 
 Every request ends as exactly one line in exactly one file, or (when the run stops early) as no
 line at all, so that a rerun sends it. A 401/403 stops everything at once; a 402 (or the budget)
-stops dispatching and lets in-flight requests finish.
+stops dispatching and lets in-flight requests finish. A bug in a request's handling stops the run
+too (resumable, exit 1): it is never turned into a quiet data line.
 
 Each request is a task; a read-ahead window bounds how many exist (memory stays flat), a global
 gate bounds what is in flight (-c), and a per-provider gate, moved by AIMD, keeps one throttling
-provider from slowing requests that go elsewhere.
+provider from slowing requests that go elsewhere (limits.Capacity, which `hfbatch serve` shares
+between batches). Time comes from the event loop's clock, so a virtual-time loop drives every
+policy here in tests (hfbatch.testing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from .http.transport import Transport
+from .coalesce import SOLO, Packs
+from .fingerprints import canonical_request, request_fingerprint
 from .limits import Capacity, Gate, ProviderLimit, RateBucket, StopControl
-from .models import Outcome, Request
+from .models import Answer, Failure, NoAnswer, Outcome, Request, StopReason, Success
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
-from .packing import SOLO, Packs
 from .retry import Retry, RetryPolicy
 from .routing import Route, Router, Unroutable, split_model
 from .summary import Stats, usage_tokens
-from .writer import JsonlSink, error_line, success_line
+from .writer import Answers
 
 THROTTLE_STATUSES = frozenset({429, 503})
+
+
+class Transport(Protocol):
+    """One POST -> its Outcome (hfbatch.http's clients; an in-memory one in hfbatch.testing)."""
+
+    async def post(self, url: str, data: bytes) -> Outcome: ...
+
+
+class RunHooks(Protocol):
+    """What the executor asks around each request: a cached answer? may it start (budget)? what did it
+    cost? (engines.http.Accounting: the response cache, the cost ledger and the budget.)"""
+
+    caching: bool  # False: cached() is never asked
+    budgeted: bool  # False: reserve()/release() are never called
+
+    async def cached(self, req: Request) -> Success | None: ...
+
+    async def reserve(self, req: Request, route: Route) -> float | None:
+        """Book the worst-case cost of one attempt; None: refused (the hook stopped the run)."""
+        ...
+
+    def release(self, amount: float) -> None: ...
+
+    def answered(self, req: Request, route: Route, outcome: Outcome, body: dict[str, Any]) -> None:
+        """A 2xx answer: its cost, and into the cache."""
+        ...
+
+    def saved(self, req: Request, tokens: tuple[int, int]) -> None:
+        """A copy answered by dedupe or the cache: what it would have cost."""
+        ...
+
+
+class NoHooks:
+    """No cache, no budget, no cost ledger."""
+
+    caching = False
+    budgeted = False
+
+    async def cached(self, req: Request) -> Success | None:
+        return None
+
+    async def reserve(self, req: Request, route: Route) -> float | None:
+        return 0.0
+
+    def release(self, amount: float) -> None:
+        pass
+
+    def answered(self, req: Request, route: Route, outcome: Outcome, body: dict[str, Any]) -> None:
+        pass
+
+    def saved(self, req: Request, tokens: tuple[int, int]) -> None:
+        pass
 
 
 @dataclass(slots=True)
@@ -46,48 +100,44 @@ class Limits:
     start: int = 64  # where AIMD starts (then doubles per round trip up to `concurrency`)
 
 
-# A finished request, replayable for its duplicates: ("ok", status, request_id, body, (in, out)) |
-# ("http", response) | ("error", code, message).
-Result = tuple[Any, ...]
-
-
 def _release(gate: Gate, provider_gate: Gate) -> None:
     gate.release()
     provider_gate.release()
 
 
 class _Group:
-    """Identical requests (dedupe): the first is sent, the others get its result. Kept until every
+    """Identical requests (dedupe): the first is sent, the others get its answer. Kept until every
     expected copy was served, so copies read long after the first answer still send nothing."""
 
-    __slots__ = ("result", "done", "remaining")
+    __slots__ = ("answer", "done", "remaining")
 
     def __init__(self, copies: int) -> None:
-        self.result: Result | None = None
+        self.answer: Answer | None = None
         self.done = asyncio.Event()
         self.remaining = copies
 
 
 class Executor:
     def __init__(
-        self, *, transport: Transport, router: Router, policy: RetryPolicy, out: JsonlSink,
-        err: JsonlSink, stats: Stats, stop: StopControl, limits: Limits,
-        dedupe_keys: dict[int, int] | None = None, hooks: Any = None, capacity: Capacity | None = None,
+        self, *, transport: Transport, router: Router, policy: RetryPolicy, answers: Answers, stats: Stats,
+        stop: StopControl, limits: Limits, capacity: Capacity | None = None,
+        dedupe_keys: dict[int, int] | None = None, hooks: RunHooks | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.transport, self.router, self.policy = transport, router, policy
-        self.out, self.err, self.stats, self.stop = out, err, stats, stop
+        self.answers, self.stats, self.stop = answers, stats, stop
         self.limits = limits
+        self.clock = clock or asyncio.get_running_loop().time
         # Shared with other batches in `hfbatch serve` (this executor is then one tenant of its gates).
-        self.capacity = capacity or Capacity(limits.concurrency, limits.adapt, limits.start)
+        self.capacity = capacity or Capacity(limits.concurrency, limits.adapt, limits.start, clock=self.clock)
         self.gate = self.capacity.gate
-        self.providers = self.capacity.providers
-        self.learned = self.capacity.learned
-        self.rpm = RateBucket(limits.rpm / 60.0) if limits.rpm else None
-        self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0) if limits.tpm else None
+        self.rpm = RateBucket(limits.rpm / 60.0, clock=self.clock) if limits.rpm else None
+        self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0, clock=self.clock) if limits.tpm else None
         self.dedupe_keys = dedupe_keys
         self.groups: dict[tuple[str, bytes], _Group] = {}
-        self.hooks = hooks  # cost ledger / budget / cache (optional)
-        self.packs = Packs(self) if limits.coalesce else None
+        self.hooks: RunHooks = hooks or NoHooks()
+        self.packs = Packs(self, limits.coalesce) if limits.coalesce else None
+        self.internal_errors: list[BaseException] = []  # bugs met in request tasks (the run stops on the first)
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -120,18 +170,23 @@ class Executor:
                 await room[0]
             return self.stop.reason is None
 
+        def spawn(req: Request) -> None:
+            t = loop.create_task(self._task(req))
+            tasks.add(t)
+            t.add_done_callback(finished)
+
         self.stop.wakeups.append(wake)
         try:
             if isinstance(requests, AsyncIterator):
                 async for req in requests:
                     if not await admit():
                         break
-                    self._spawn(req, tasks, finished)
+                    spawn(req)
             else:
                 for req in requests:
                     if not await admit():
                         break
-                    self._spawn(req, tasks, finished)
+                    spawn(req)
             while tasks:
                 await asyncio.wait(tuple(tasks))
         finally:
@@ -142,30 +197,28 @@ class Executor:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, req: Request, tasks: set[asyncio.Task[None]], finished: Any) -> None:
-        t = asyncio.create_task(self._task(req))
-        tasks.add(t)
-        t.add_done_callback(finished)
-
     async def _task(self, req: Request) -> None:
         try:
             await self._one(req)
         except asyncio.CancelledError:
             raise  # cancelled in flight: no line, a rerun sends it
-        except Exception as e:  # noqa: BLE001 - a bug must not lose the line
-            self._write(req.custom_id, ("error", "internal_error", f"hfbatch internal error: {e!r}"[:300]))
+        except Exception as e:  # noqa: BLE001 - a bug: stop the run, never a quiet data line
+            self.internal_error(e)
+
+    def internal_error(self, e: BaseException) -> None:
+        """A bug in a request's handling: no line for it (a rerun sends it), and the run stops (exit 1)."""
+        self.internal_errors.append(e)
+        self.stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
 
     # -- one request ---------------------------------------------------------------------------
 
     async def _one(self, req: Request) -> None:
         route = await self.router.route(req)
         if isinstance(route, Unroutable):
-            self._write(req.custom_id, ("error", route.code, route.message))
+            self.answers.write(req.custom_id, NoAnswer(route.code, route.message))
             return
         key = None
         if self.dedupe_keys:
-            from .fingerprints import canonical_request, request_fingerprint
-
             key = canonical_request(req.url, req.body)  # groups match on it exactly
             occurrences = self.dedupe_keys.get(request_fingerprint(key))
             if occurrences is not None:
@@ -175,48 +228,59 @@ class Executor:
                     group.remaining -= 1
                     if group.remaining <= 0:
                         self.groups.pop(key, None)
-                    if group.result is not None:
-                        self._write(req.custom_id, group.result, copy=True, req=req)
+                    if group.answer is not None:
+                        self._copy(req, group.answer, cached=False)
                     return
                 self.groups[key] = _Group(occurrences - 1)
             else:
                 key = None
-        result = None
+        answer: Answer | None = None
         try:
-            cached = self.hooks.cached(req) if self.hooks is not None else None
-            if cached is not None:
-                result = cached
-                self._write(req.custom_id, result, copy=True, cache=True, req=req)
-                return
+            if self.hooks.caching:
+                hit = await self.hooks.cached(req)
+                if hit is not None:
+                    answer = hit
+                    self._copy(req, hit, cached=True)
+                    return
             if self.packs is not None and req.url == "/v1/embeddings":
                 packed = await self.packs.join(req)
                 if packed is not SOLO:
-                    result = packed
-                    if result is not None:
-                        self._write(req.custom_id, result)
+                    answer = packed
+                    if answer is not None:
+                        self.answers.write(req.custom_id, answer)
                     return
-            outcome = await self._send(req, route)
+            outcome = await self.send(req, route)
             if outcome is None:
                 return  # stopped: no line
-            result = self._record(req, route, outcome)
+            self.stats.latency.add(outcome.latency)
+            answer = self.answer_of(req, route, outcome)
+            self.answers.write(req.custom_id, answer)
         finally:
             if key is not None:
                 group = self.groups[key]
-                group.result = result
+                group.answer = answer
                 group.done.set()
-                if result is None:
+                if answer is None:
                     self.groups.pop(key, None)  # stopped before an answer: copies stay unsent too
+
+    def _copy(self, req: Request, answer: Answer, *, cached: bool) -> None:
+        """An answer this request did not pay for (a deduped copy, a cache hit)."""
+        self.answers.write(req.custom_id, answer)
+        if cached:
+            self.stats.cache_hits += 1
+        else:
+            self.stats.deduped += 1
+        if isinstance(answer, Success):
+            self.stats.add_saved(answer.tokens)
+            self.hooks.saved(req, answer.tokens)
 
     def _provider_key(self, model: str) -> str:
         base, pinned = split_model(model)
-        return pinned or self.learned.get(base) or "auto:" + base
+        return pinned or self.capacity.learned.get(base) or "auto:" + base
 
-    def _provider(self, key: str) -> ProviderLimit:
-        return self.capacity.provider(key)
-
-    async def _send(self, req: Request, route: Route) -> Outcome | None:
+    async def send(self, req: Request, route: Route) -> Outcome | None:
         """Attempts under the limits until a final outcome; None when the run stopped first."""
-        stats, stop = self.stats, self.stop
+        stats, stop, hooks = self.stats, self.stop, self.hooks
         attempt = answers_500 = 0
         chain = list(self.limits.fallback)
         model = route.model or req.model
@@ -229,12 +293,13 @@ class Executor:
                 booked = route.token_estimate
                 if await stop.sleep(self.tpm.reserve(booked)):
                     return None
-            reserved: float | None = 0.0
-            if self.hooks is not None and self.hooks.budget is not None:
-                reserved = await self.hooks.reserve(req, route)
-            if reserved is None:
-                return None  # the budget said no: the hook stopped the run
-            provider = self._provider(self._provider_key(model))
+            reserved = 0.0
+            if hooks.budgeted:
+                booking = await hooks.reserve(req, route)
+                if booking is None:
+                    return None  # the budget said no: the hook stopped the run
+                reserved = booking
+            provider = self.capacity.provider(self._provider_key(model))
             try:
                 await provider.gate.acquire(self)
                 try:
@@ -243,13 +308,13 @@ class Executor:
                     provider.gate.release()
                     raise
             except BaseException:
-                if self.hooks is not None:
-                    self.hooks.release(reserved)
+                if hooks.budgeted:
+                    hooks.release(reserved)
                 raise
             try:
                 if stop.reason is not None:
                     return None
-                started = time.monotonic()
+                started = self.clock()
                 stats.sent += 1
                 stats.in_flight += 1
                 try:
@@ -266,16 +331,16 @@ class Executor:
                 # task next yields, and its sink's flush is queued before that step, so the next request
                 # leaves after the line reached the OS. A kill -9 then re-sends at most -c requests.
                 asyncio.get_running_loop().call_soon(_release, self.gate, provider.gate)
-                if self.hooks is not None:
-                    self.hooks.release(reserved)
+                if hooks.budgeted:
+                    hooks.release(reserved)
             status = outcome.status
             if self.tpm is not None and status is not None and 200 <= status < 300:
                 self.tpm.refund(booked - tokens_used(outcome.parsed, booked))
             if status in (401, 403):
-                stop.stop("auth", auth_message(status, outcome), hard=True)
+                stop.stop(StopReason.AUTH, auth_message(status, outcome), hard=True)
                 return None
             if status == 402:
-                stop.stop("credits", "credits exhausted (HTTP 402): top up your Hugging Face "
+                stop.stop(StopReason.CREDITS, "credits exhausted (HTTP 402): top up your Hugging Face "
                           "credits or subscribe to PRO, then rerun the same command to send the rest")
                 return None
             answers_500 += status == 500
@@ -300,13 +365,15 @@ class Executor:
     def _adapt(self, provider: ProviderLimit, model: str, outcome: Outcome, started: float) -> None:
         if outcome.provider:
             base, pinned = split_model(model)
-            if pinned is None and self.learned.get(base) != outcome.provider:
-                self.learned[base] = outcome.provider
+            learned = self.capacity.learned
+            if pinned is None and learned.get(base) != outcome.provider:
+                learned[base] = outcome.provider
                 # One provider, one controller: requests that queued on the placeholder before the
                 # router told us who serves this model share the provider's gate and AIMD.
-                auto = self.providers.get("auto:" + base)
-                if auto is not None and outcome.provider not in self.providers:
-                    self.providers[outcome.provider] = auto
+                providers = self.capacity.providers
+                auto = providers.get("auto:" + base)
+                if auto is not None and outcome.provider not in providers:
+                    providers[outcome.provider] = auto
         aimd = provider.aimd
         if aimd is None or outcome.status is None:
             return
@@ -320,73 +387,50 @@ class Executor:
             if aimd.value != before:
                 provider.gate.set_limit(aimd.value)
 
-    # -- results -------------------------------------------------------------------------------
+    # -- answers -------------------------------------------------------------------------------
 
-    def _record(self, req: Request, route: Route, o: Outcome) -> Result:
-        self.stats.latency.add(o.latency)
-        result = self._result_of(req, route, o)
-        self._write(req.custom_id, result)
-        return result
-
-    def _result_of(self, req: Request, route: Route, o: Outcome) -> Result:
+    def answer_of(self, req: Request, route: Route, o: Outcome) -> Answer:
         """The line an outcome becomes (and, for a 2xx, its usage, provider and cost recorded)."""
-        stats = self.stats
         status = o.status
         request_id = o.request_id or "req_" + os.urandom(12).hex()
-        result: Result
         if status is not None and 200 <= status < 300 and o.parsed is not None:
             if route.adapt is not None:
-                body: Any = route.adapt(o.parsed, req)
-                usage_of = body
+                adapted = route.adapt(o.parsed, req)
+                body: orjson.Fragment | dict[str, Any] = adapted
+                usage_of: object = adapted
             else:
                 # Pass the provider's bytes through unchanged, unless pretty-printed (newlines would
                 # break JSONL): then re-serialize.
-                body = o.parsed if (b"\n" in o.body or b"\r" in o.body) else orjson.Fragment(o.body)
+                if b"\n" in o.body or b"\r" in o.body:
+                    assert isinstance(o.parsed, dict)
+                    body = o.parsed
+                else:
+                    body = orjson.Fragment(o.body)
                 usage_of = o.parsed
-            result = ("ok", status, request_id, body, usage_tokens(usage_of))
-            stats.add_usage(usage_of)
-            stats.providers[o.provider or "unknown"] += 1
-            if self.hooks is not None:
-                self.hooks.answered(req, route, o, usage_of)
-        elif status is None:
-            result = ("error", o.error_code or "connection_error", o.error_message or "")
-        elif 200 <= status < 300:
+            self.account(req, route, o, usage_of)
+            return Success(status, request_id, body, usage_tokens(usage_of))
+        if status is None:
+            return NoAnswer(o.error_code or "connection_error", o.error_message or "")
+        if 200 <= status < 300:
             snippet = o.body[:200].decode("utf-8", "replace")
-            result = ("error", "invalid_response",
-                      f"the provider answered HTTP {status} with a body that is not a JSON object: {snippet!r}")
-        else:
-            result = ("http", {"status_code": status, "request_id": request_id, "body": error_body(status, o)})
-        return result
+            return NoAnswer("invalid_response",
+                            f"the provider answered HTTP {status} with a body that is not a JSON object: {snippet!r}")
+        return Failure(status, request_id, error_body(status, o))
 
-    def _write(self, custom_id: str, result: Result, copy: bool = False, cache: bool = False,
-               req: Request | None = None) -> None:
-        stats = self.stats
-        kind = result[0]
-        if kind == "ok":
-            self.out.write(success_line(custom_id, result[1], result[2], result[3]))
-            stats.completed += 1
-        elif kind == "http":
-            self.err.write(error_line(custom_id, "", "", result[1]))
-            stats.failed += 1
-        else:
-            self.err.write(error_line(custom_id, result[1], result[2]))
-            stats.failed += 1
-        if copy:
-            if cache:
-                stats.cache_hits += 1
-            else:
-                stats.deduped += 1
-            if kind == "ok":
-                stats.add_saved(result[4])
-                if self.hooks is not None and req is not None:
-                    self.hooks.saved(req, result[4])
+    def account(self, req: Request, route: Route, o: Outcome, usage_of: object) -> None:
+        """A 2xx answer (or a packed request's share of one): usage, the serving provider, cost and cache."""
+        self.stats.add_usage(usage_of)
+        self.stats.providers[o.provider or "unknown"] += 1
+        if isinstance(usage_of, dict):
+            self.hooks.answered(req, route, o, usage_of)
 
     def concurrency_now(self) -> dict[str, int]:
         """The live limit per provider (what AIMD allows right now)."""
         named: dict[int, str] = {}
-        for k, p in self.providers.items():  # a placeholder shared with a provider shows as the provider
-            if k.startswith("auto:") and k[5:] in self.learned and self.learned[k[5:]] in self.providers:
+        providers, learned = self.capacity.providers, self.capacity.learned
+        for k, p in providers.items():  # a placeholder shared with a provider shows as the provider
+            if k.startswith("auto:") and k[5:] in learned and learned[k[5:]] in providers:
                 continue  # the model's provider is known (and listed): its placeholder only held early requests
             if id(p) not in named or named[id(p)].startswith("auto:"):
                 named[id(p)] = k
-        return {k: self.providers[k].gate.limit for k in named.values()}
+        return {k: providers[k].gate.limit for k in named.values()}

@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .models import StopReason
+
 
 class RateBucket:
     """A virtual-scheduling token bucket: `rate` units per second with a small burst allowance.
@@ -164,8 +166,9 @@ class ProviderLimit:
 
     __slots__ = ("gate", "aimd")
 
-    def __init__(self, concurrency: int, adapt: bool, start: int) -> None:
-        self.aimd = AIMD(concurrency, initial=start) if adapt else None
+    def __init__(self, concurrency: int, adapt: bool, start: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.aimd = AIMD(concurrency, initial=start, clock=clock) if adapt else None
         self.gate = Gate(self.aimd.value if self.aimd else concurrency)
 
 
@@ -176,8 +179,9 @@ class Capacity:
     provider's learned limit is shared by the batches that use it, and slots go round-robin between
     batches (each batch is a tenant of the gates)."""
 
-    def __init__(self, concurrency: int, adapt: bool = True, start: int = 64) -> None:
-        self.concurrency, self.adapt, self.start = concurrency, adapt, start
+    def __init__(self, concurrency: int, adapt: bool = True, start: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.concurrency, self.adapt, self.start, self.clock = concurrency, adapt, start, clock
         self.gate = Gate(concurrency)
         self.providers: dict[str, ProviderLimit] = {}
         self.learned: dict[str, str] = {}  # auto-routed model -> the provider that served it
@@ -185,7 +189,7 @@ class Capacity:
     def provider(self, key: str) -> ProviderLimit:
         p = self.providers.get(key)
         if p is None:
-            p = self.providers[key] = ProviderLimit(self.concurrency, self.adapt, self.start)
+            p = self.providers[key] = ProviderLimit(self.concurrency, self.adapt, self.start, self.clock)
         return p
 
 
@@ -193,13 +197,13 @@ class Capacity:
 class StopControl:
     """Why and how the run stops early. `reason` set = dispatch no more; `hard` = cancel in-flight."""
 
-    reason: str | None = None
+    reason: StopReason | None = None
     message: str | None = None
     hard: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
     wakeups: list[Callable[[], None]] = field(default_factory=list)  # called once a stop is asked
 
-    def stop(self, reason: str, message: str | None = None, hard: bool = False) -> None:
+    def stop(self, reason: StopReason, message: str | None = None, hard: bool = False) -> None:
         if self.reason is None:
             self.reason, self.message = reason, message
         self.hard = self.hard or hard

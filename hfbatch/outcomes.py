@@ -15,7 +15,7 @@ _HTTP_TYPES = {
     413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
 
-def tokens_used(parsed: Any, default: int) -> int:
+def tokens_used(parsed: object, default: int) -> int:
     if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
         u = parsed["usage"]
         total = u.get("total_tokens")
@@ -34,7 +34,7 @@ def provider_side_failure(o: Outcome) -> bool:
     return False
 
 
-def error_body(status: int, o: Outcome) -> Any:
+def error_body(status: int, o: Outcome) -> dict[str, Any]:
     """The provider's error answer in OpenAI's envelope {"error": {message, type, param, code}}.
 
     OpenAI-shaped answers pass through unchanged; Hugging Face's `{"error": "text"}`, `{"detail":

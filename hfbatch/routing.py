@@ -46,7 +46,7 @@ class Route:
     url: str
     data: bytes
     # Turns the provider's parsed 2xx answer into the OpenAI body to write; None: pass bytes through.
-    adapt: Callable[[Any, Request], Any] | None = None
+    adapt: Callable[[object, Request], dict[str, Any]] | None = None
     model: str | None = None  # the model as sent (with the --route suffix, after a fallback)
     body: dict[str, Any] | None = None  # the body as sent (after --route / --max-tokens)
     token_estimate: int = 0  # prompt estimate + output cap, for --tpm (0 when not asked for)
@@ -225,7 +225,7 @@ class Router:
         return _EmbeddingTarget(self._to_root(params.url), payload, key, openai_shaped=(key == "input"))
 
 
-def hf_features_to_openai(parsed: Any, req: Request) -> Any:
+def hf_features_to_openai(parsed: object, req: Request) -> dict[str, Any]:
     """hf-inference feature-extraction answer ([[floats], ...]) -> an OpenAI CreateEmbeddingResponse.
 
     hf-inference reports no token usage (it bills compute time), so usage counts are 0."""

@@ -7,11 +7,21 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
-from .models import LineError
+from . import __version__
+from .models import BatchStatus, LineError, RunState, StopReason
 
 MAX_REPORTED_ERRORS = 10_000
+
+
+class CostReport(Protocol):
+    """What an engine spent: `spent` (USD so far) and the JSON report under the Batch object's hfbatch.cost."""
+
+    @property
+    def spent(self) -> float: ...
+
+    def summary(self) -> dict[str, Any]: ...
 
 
 class LatencyHistogram:
@@ -62,7 +72,7 @@ class Stats:
     saved_output_tokens: int = 0
     capped: int = 0  # bodies whose output cap --max-tokens lowered or set
     saved_usd: float = 0.0  # what the deduped copies and cache hits would have cost
-    cost: Any = None  # cost.CostLedger of the run
+    cost: CostReport | None = None  # what the run spent (token prices, or GPU time)
     concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
@@ -112,41 +122,94 @@ class BatchInfo:
     completion_window: str = "24h"
     created_at: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
-    status: str = "validating"
-    stamps: dict[str, int | None] = field(default_factory=dict)
+    status: BatchStatus = BatchStatus.VALIDATING
+    stamps: dict[BatchStatus, int] = field(default_factory=dict)
     errors: list[LineError] = field(default_factory=list)
     errors_dropped: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
     metadata: dict[str, str] | None = None
-    state: str = "running"  # ours: running | finished | stopped | failed
-    stop_reason: str | None = None
+    state: RunState = RunState.RUNNING
+    stop_reason: StopReason | None = None
     unsent: int = 0
+    engine: str = "http"
 
-    def set_status(self, status: str) -> None:
+    def set_status(self, status: BatchStatus) -> None:
         self.status = status
         self.stamps[status] = int(time.time())
 
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any], completion_window: str) -> BatchInfo:
+        """The identity and stamps of a stored Batch object (a batch being resumed)."""
+        info = cls(id=stored["id"], input_file_id=stored["input_file_id"],
+                   completion_window=stored.get("completion_window", completion_window),
+                   created_at=stored["created_at"], status=BatchStatus(stored["status"]),
+                   metadata=stored.get("metadata"))
+        for status in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+            stamp = stored.get(_STAMP_KEYS[status])
+            if stamp:
+                info.stamps[status] = stamp
+        return info
+
 
 _STAMP_KEYS = {
-    "in_progress": "in_progress_at",
-    "finalizing": "finalizing_at",
-    "completed": "completed_at",
-    "failed": "failed_at",
-    "expired": "expired_at",
-    "cancelling": "cancelling_at",
-    "cancelled": "cancelled_at",
+    BatchStatus.IN_PROGRESS: "in_progress_at",
+    BatchStatus.FINALIZING: "finalizing_at",
+    BatchStatus.COMPLETED: "completed_at",
+    BatchStatus.FAILED: "failed_at",
+    BatchStatus.EXPIRED: "expired_at",
+    BatchStatus.CANCELLING: "cancelling_at",
+    BatchStatus.CANCELLED: "cancelled_at",
 }
 
 
+class LatencyMs(TypedDict):
+    p50: float | None
+    p95: float | None
+
+
+class Savings(TypedDict):
+    deduped_requests: int
+    coalesced_requests: int
+    cache_hits: int
+    saved_input_tokens: int
+    saved_output_tokens: int
+    max_tokens_capped: int
+    estimated_saved_usd: float
+
+
+class HfbatchFigures(TypedDict):
+    """Our own block of the Batch object (`"hfbatch"`): OpenAI's readers ignore it."""
+
+    version: str
+    engine: str
+    state: RunState
+    stop_reason: StopReason | None
+    unsent: int
+    abandoned: int
+    elapsed_seconds: float
+    requests_per_second: float | None
+    http_requests: int
+    retries: int
+    latency_ms: LatencyMs
+    estimated_cost_usd: float | None
+    cost: dict[str, Any] | None
+    providers: dict[str, int]
+    concurrency: dict[str, int]
+    fallbacks: int
+    savings: Savings
+    models: dict[str, int]
+    endpoints: dict[str, int]
+
+
 def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> dict[str, Any]:
-    """The Batch object, valid for `openai.types.Batch.model_validate`."""
+    """The Batch object, valid for `openai.types.Batch.model_validate` (our figures under "hfbatch")."""
     stamps = {key: info.stamps.get(status) for status, key in _STAMP_KEYS.items()}
     elapsed = time.monotonic() - info.started
     endpoint = stats.endpoints.most_common(1)[0][0] if stats.endpoints else "/v1/chat/completions"
     errors = None
     if info.errors:
-        data = [
+        data: list[dict[str, Any]] = [
             {"code": e.code, "line": e.line_no, "message": e.message, "param": e.param} for e in info.errors
         ]
         if info.errors_dropped:
@@ -157,6 +220,38 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
         errors = {"object": "list", "data": data}
     p50, p95 = stats.latency.quantile(0.5), stats.latency.quantile(0.95)
     cost = stats.cost.summary() if stats.cost is not None else None
+    figures: HfbatchFigures = {
+        "version": __version__,
+        "engine": info.engine,
+        "state": info.state,
+        "stop_reason": info.stop_reason,
+        "unsent": info.unsent,
+        "abandoned": stats.abandoned,
+        "elapsed_seconds": round(elapsed, 3),
+        "requests_per_second": round((stats.completed + stats.failed) / elapsed, 2) if elapsed > 0 else None,
+        "http_requests": stats.sent,
+        "retries": stats.retries,
+        "latency_ms": {
+            "p50": round(p50 * 1000, 1) if p50 is not None else None,
+            "p95": round(p95 * 1000, 1) if p95 is not None else None,
+        },
+        "estimated_cost_usd": cost["estimated_cost_usd"] if cost else None,
+        "cost": cost,
+        "providers": dict(stats.providers),
+        "concurrency": stats.concurrency,
+        "fallbacks": stats.fallbacks,
+        "savings": {
+            "deduped_requests": stats.deduped,
+            "coalesced_requests": stats.coalesced,
+            "cache_hits": stats.cache_hits,
+            "saved_input_tokens": stats.saved_input_tokens,
+            "saved_output_tokens": stats.saved_output_tokens,
+            "max_tokens_capped": stats.capped,
+            "estimated_saved_usd": round(stats.saved_usd, 10),
+        },
+        "models": dict(stats.models),
+        "endpoints": dict(stats.endpoints),
+    }
     return {
         "id": info.id,
         "object": "batch",
@@ -181,34 +276,5 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
             "total_tokens": stats.input_tokens + stats.output_tokens,
         },
         "metadata": info.metadata,
-        "hfbatch": {
-            "state": info.state,
-            "stop_reason": info.stop_reason,
-            "unsent": info.unsent,
-            "abandoned": stats.abandoned,
-            "elapsed_seconds": round(elapsed, 3),
-            "requests_per_second": round((stats.completed + stats.failed) / elapsed, 2) if elapsed > 0 else None,
-            "http_requests": stats.sent,
-            "retries": stats.retries,
-            "latency_ms": {
-                "p50": round(p50 * 1000, 1) if p50 is not None else None,
-                "p95": round(p95 * 1000, 1) if p95 is not None else None,
-            },
-            "estimated_cost_usd": cost["estimated_cost_usd"] if cost else None,
-            "cost": cost,
-            "providers": dict(stats.providers),
-            "concurrency": stats.concurrency,
-            "fallbacks": stats.fallbacks,
-            "savings": {
-                "deduped_requests": stats.deduped,
-                "coalesced_requests": stats.coalesced,
-                "cache_hits": stats.cache_hits,
-                "saved_input_tokens": stats.saved_input_tokens,
-                "saved_output_tokens": stats.saved_output_tokens,
-                "max_tokens_capped": stats.capped,
-                "estimated_saved_usd": round(stats.saved_usd, 10),
-            },
-            "models": dict(stats.models),
-            "endpoints": dict(stats.endpoints),
-        },
+        "hfbatch": figures,
     }

@@ -25,6 +25,9 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
+from .models import Answer, Failure, Success
+from .summary import Stats
+
 _FLUSH_BYTES = 1 << 20
 
 
@@ -281,3 +284,29 @@ def error_line(
             "error": {"code": code, "message": message},
         }
     ))
+
+
+class Answers:
+    """Where a request's answer goes: exactly one line, in the output file (a 2xx) or the error file, counted."""
+
+    __slots__ = ("out", "err", "stats")
+
+    def __init__(self, out: JsonlSink, err: JsonlSink, stats: Stats) -> None:
+        self.out, self.err, self.stats = out, err, stats
+
+    def write(self, custom_id: str | None, answer: Answer) -> None:
+        if isinstance(answer, Success):
+            self.out.write(success_line(custom_id or "", answer.status, answer.request_id, answer.body))
+            self.stats.completed += 1
+            return
+        if isinstance(answer, Failure):
+            response = {"status_code": answer.status, "request_id": answer.request_id, "body": answer.body}
+            self.err.write(error_line(custom_id, "", "", response))
+        else:
+            self.err.write(error_line(custom_id, answer.code, answer.message))
+        self.stats.failed += 1
+
+    @property
+    def broken(self) -> bool:
+        """A write failed (see JsonlSink.error)."""
+        return self.out.error is not None or self.err.error is not None

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import EndedEarly, UsageError
 from .registry import TERMINAL_STATUSES, BatchDir, Registry, pid_alive
 
 
@@ -49,9 +49,24 @@ def list_batches(limit: int | None = None) -> Iterator[dict[str, Any]]:
     yield from (batch for _, batch in (rows[:limit] if limit else rows))
 
 
-def cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
+async def cancel(batch_id: str, token: str | None = None) -> dict[str, Any]:
+    """Cancel a batch: the process running it stops dispatching (in-flight requests finish); when none
+    runs it, it is closed out here (sends nothing, writes the batch_cancelled lines). Its Batch object."""
+    batch, finish_here = request_cancel(batch_id)
+    if not finish_here:
+        return batch
+    from ..config import RunConfig
+    from .run import BatchRun
+
+    result = await BatchRun(RunConfig.from_meta(get(batch_id).meta(), quiet=True, token=token)).execute()
+    if result.error is not None and not isinstance(result.error, EndedEarly):
+        raise result.error
+    return result.batch
+
+
+def request_cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
     """Ask for a cancel. Returns (batch, finish_here): True when no process runs it, so the caller
-    closes it out in this process (writes batch_cancelled lines) by resuming it."""
+    closes it out (writes batch_cancelled lines) by running it: the run sees the request at once."""
     b = get(batch_id)
     batch = live_batch(b)
     status = batch["status"]

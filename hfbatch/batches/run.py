@@ -1,8 +1,15 @@
-"""The pipeline for one `hfbatch submit`: registry -> validate -> resume ledger -> execute -> write -> summary.
+"""BatchRun: one batch's life in this process. registry -> validate -> resume ledger -> engine -> conclude.
 
-A batch's identity is its input content (sha256) plus its output and error paths: the same
-command run again finds the same batch and resumes it, or replays its stored result when it has
-already ended, sending nothing.
+A batch's identity is its input content (sha256) plus its output and error paths: the same command
+run again finds the same batch and resumes it, or replays its stored result when it has already ended,
+sending nothing. The lifecycle is the same for every engine (engines/): a BatchRun registers or finds
+the batch (start / resume / replay), validates the input, opens the output and error files (the
+ledger), hands the pending requests to the engine, watches for cancel, expiry and shutdown while it
+runs, and concludes: status, counts, the exit error.
+
+The core never touches a terminal, stdin/stdout, signal handlers or the CLI's syntax: the caller passes
+what only it knows in a RunIO (the CLI: stdin, stdout, a progress bar; serve: its shutdown event and
+shared limits) and calls `interrupt(signum)` from its own signal handlers.
 """
 
 from __future__ import annotations
@@ -11,87 +18,140 @@ import asyncio
 import hashlib
 import os
 import shutil
-import sys
+import signal
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
 
 from ..config import RunConfig, parse_duration
-from ..errors import AlreadyRunning, ExitCode, InputError, UsageError, error_for_code
-from ..models import RunResult
-from ..plan import scan_input
+from ..engines import Engine, Work, for_config
+from ..errors import (
+    AlreadyRunning,
+    AuthError,
+    EndedEarly,
+    ExitCode,
+    HfbatchError,
+    InputError,
+    Interrupted,
+    SomeFailed,
+    StoppedEarly,
+    UsageError,
+    WriteError,
+    error_for_code,
+)
+from ..limits import Capacity, StopControl
+from ..models import (
+    TERMINAL_STATUSES,
+    BatchStatus,
+    LineError,
+    NoAnswer,
+    Request,
+    RunResult,
+    RunState,
+    StopReason,
+)
+from ..plan import InputPlan, scan_input
+from ..reader import iter_lines
 from ..summary import BatchInfo, Stats, batch_object
+from ..validate import validate_line
+from ..writer import Answers, JsonlSink
+from . import claims
 from .ledger import Ledger, scan
-from .registry import TERMINAL_STATUSES, BatchDir, Registry, unlock
+from .registry import BatchDir, Registry, unlock
+
+SAVE_EVERY = 2.0  # seconds between live batch.json updates
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 
 
-def submit(cfg: RunConfig) -> RunResult:
-    """Run (or resume, or replay) one batch and return its Batch object."""
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(submit_async(cfg))
+class ProgressView(Protocol):
+    """A live view of a run (the CLI's progress bar): started once, updated every 100 ms, stopped."""
+
+    def start(self, stats: Stats, live: Callable[[], dict[str, int]]) -> None: ...
+
+    def update(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
-def _loop_factory() -> Any:
-    """uvloop when installed (pip install "hfbatch[fast]"); no measurable CPU gain yet here
-    (BENCHMARKS.md); HFBATCH_UVLOOP=0 turns it off."""
-    if os.environ.get("HFBATCH_UVLOOP", "1") == "0":
-        return None
-    import importlib
+@dataclass
+class RunIO:
+    """What only the caller knows; the core touches nothing else of its process."""
 
-    try:
-        uvloop = importlib.import_module("uvloop")  # optional: not a static import
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+    stdin: BinaryIO | None = None  # the input when input_path is "-"
+    stdout: BinaryIO | None = None  # the output lines when output_path is "-"
+    progress: ProgressView | None = None
+    shutdown: asyncio.Event | None = None  # set: stop like SIGTERM (hfbatch serve is stopping)
+    capacity: Capacity | None = None  # limits shared with other runs (hfbatch serve: -c is server-wide)
+    engine: Callable[[RunConfig, int], Engine] | None = None  # (cfg, input size) -> engine; default by --engine
+    # --detach: start the process that runs the batch (the CLI knows how) and return its pid; called once
+    # the batch is registered and valid, while this process still holds the batch's lock.
+    launch: Callable[[str], int] | None = None
+    on_registered: Callable[[str], None] | None = None  # the batch exists in the registry (its id)
 
 
-async def submit_async(cfg: RunConfig) -> RunResult:
-    """The same as submit(), inside a running event loop (hfbatch serve)."""
-    # New batches' windows are checked against the range where they come in (the CLI flag, serve's
-    # POST /v1/batches); here a stored batch keeps the window it was created with.
-    window = parse_duration(cfg.completion_window, "--completion-window")
-    reg = Registry()
-    # Hashing (and the scan below) read the whole file: in a thread, so a server's loop stays responsive.
-    input_file, digest = await asyncio.to_thread(_materialize_input, cfg.input_path, reg)
-    key = f"{digest}|{_abs(cfg.output_path)}|{_abs(cfg.errors_path)}"
-    if cfg.output_path == "-":
-        key += f"|stdout:{os.urandom(8).hex()}"  # no durable ledger for stdout: never resumed
-    registry_fd = reg.lock()
-    try:
-        found = reg.get(cfg.batch_id) if cfg.batch_id else reg.find(key)
-        if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
-            raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
-        if found is not None:
-            _keep_claims(cfg, reg, found)
-            fd = found.lock()
-        else:
-            replaced = _take_outputs(cfg, reg, digest)
-            info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window,
-                             metadata=cfg.metadata)
-            if cfg.new_batch_id:
-                info.id = cfg.new_batch_id
-            b = reg.create(info.id)
-            if cfg.input_path == "-":
-                shutil.move(input_file, b.path / "input.jsonl")
-                input_file = str(b.path / "input.jsonl")
-            meta = {
-                "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
-                "input_sha256": digest, "output_path": _abs(cfg.output_path),
-                "errors_path": _abs(cfg.errors_path), "options": cfg.options(), "created_at": info.created_at,
-                "created_ns": time.time_ns(), "expires_at": info.created_at + window, "pid": os.getpid(),
-                "exit_code": None, "total": None,
-            }
-            # batch.json first: meta.json is what makes a batch exist, so a crash in between leaves
-            # nothing half-registered.
-            b.save_batch(batch_object(info, Stats(), window))
-            b.save_meta(meta)
-            for path in _claimed_paths(cfg):
-                reg.claim(path, info.id)  # released when the batch ends (engine.finish)
-            for old in replaced:
-                _supersede(old, info.id)
-            fd = b.lock(wait=True)  # new: only an instant's probe (list/status) can hold it
-    finally:
-        unlock(registry_fd)
-    if found is not None:
+@dataclass
+class _Batch:
+    """The registered batch this run works on."""
+
+    dir: BatchDir
+    meta: dict[str, Any]
+    info: BatchInfo
+    stored: dict[str, Any] | None = None  # its Batch object as stored (None: just registered)
+    resume: bool = False
+    stats: Stats = field(default_factory=Stats)
+
+
+class BatchRun:
+    """Run (or resume, or replay) one batch: `await BatchRun(cfg, io).execute()` -> its RunResult."""
+
+    def __init__(self, cfg: RunConfig, io: RunIO | None = None) -> None:
+        self.cfg = cfg
+        self.io = io or RunIO()
+        self.stop = StopControl()
+        self.signals: list[int] = []
+        self.input_file = ""  # the batch's input (its own copy for stdin), once found or registered
+        # New batches' windows are checked against the range where they come in (the CLI flag, serve's
+        # POST /v1/batches); here a stored batch keeps the window it was created with.
+        self.window = parse_duration(cfg.completion_window, "--completion-window")
+
+    def interrupt(self, signum: int) -> None:
+        """SIGINT/SIGTERM (the caller's handler): dispatching stops, in-flight requests get the grace
+        period; a second signal cancels them at once."""
+        self.signals.append(signum)
+        self.stop.stop(StopReason.SIGNAL, f"stopped by {signal.Signals(signum).name}", hard=len(self.signals) > 1)
+
+    # -- start, resume or replay ----------------------------------------------------------------
+
+    async def execute(self) -> RunResult:
+        cfg = self.cfg
+        reg = Registry()
+        # Hashing (and the scan below) read the whole file: in a thread, so a server's loop stays responsive.
+        input_file, digest = await asyncio.to_thread(self._materialize, reg)
+        key = f"{digest}|{claims.abs_path(cfg.output_path)}|{claims.abs_path(cfg.errors_path)}"
+        if cfg.output_path == "-":
+            key += f"|stdout:{os.urandom(8).hex()}"  # no durable ledger for stdout: never resumed
+        registry_fd = reg.lock()
+        try:
+            found = reg.get(cfg.batch_id) if cfg.batch_id else reg.find(key)
+            if cfg.batch_id and (found is None or found.meta().get("input_sha256") != digest):
+                raise UsageError(f"batch {cfg.batch_id}: not found, or its input changed since it was created")
+            if found is not None:
+                claims.keep_claims(cfg, reg, found)
+                fd = found.lock()
+            else:
+                batch = self._register(reg, key, digest, input_file)
+                fd = batch.dir.lock(wait=True)  # new: only an instant's probe (list/status) can hold it
+        finally:
+            unlock(registry_fd)
+        if self.io.on_registered is not None:
+            self.io.on_registered(found.id if found is not None else batch.info.id)
+        if found is None:
+            try:
+                return await self._run(batch)
+            finally:
+                unlock(fd)
         if cfg.input_path == "-":
             os.unlink(input_file)  # the batch kept its own copy of this exact content
         if fd is None:
@@ -104,249 +164,372 @@ async def submit_async(cfg: RunConfig) -> RunResult:
             fd = await asyncio.to_thread(found.lock, True)
         try:
             meta = found.meta()
-            stored = _stored_batch(found, meta, window)
-            retry = cfg.retry_failed and stored["status"] == "completed"
-            if stored["status"] in TERMINAL_STATUSES and not retry:
-                return _replay(found, meta, stored)
-            return await _run(cfg, found, meta, window, resume=True)
+            stored = self._stored(found, meta)
+            reopen = cfg.retry_failed and stored["status"] == BatchStatus.COMPLETED
+            if stored["status"] in TERMINAL_STATUSES and not reopen:
+                return self._replay(found, meta, stored)
+            info = BatchInfo.from_stored(stored, cfg.completion_window)
+            info.engine = cfg.engine
+            if reopen:
+                info.status, info.state = BatchStatus.IN_PROGRESS, RunState.RUNNING  # for the retryable lines
+            return await self._run(_Batch(found, meta, info, stored, resume=True))
         finally:
             unlock(fd)
-    try:
-        return await _run(cfg, b, meta, window, resume=False, info=info)
-    finally:
-        unlock(fd)
 
-
-def _stored_batch(b: BatchDir, meta: dict[str, Any], window: int) -> dict[str, Any]:
-    """The batch's stored object; rebuilt as freshly created if a crash left it missing or torn."""
-    try:
-        return b.batch()
-    except (OSError, ValueError):
-        info = BatchInfo(id=b.id, input_file_id=meta.get("input_path", "-"), created_at=meta["created_at"],
-                         completion_window=meta.get("options", {}).get("completion_window", "24h"))
-        batch = batch_object(info, Stats(), window)
-        b.save_batch(batch)
-        return batch
-
-
-def _materialize_input(path: str, reg: Registry) -> tuple[str, str]:
-    """(a file to read, sha256 of its content); stdin is spooled to a private file first."""
-    h = hashlib.sha256()
-    if path == "-":
-        tmp = reg.tmp_dir() / f"stdin-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            while chunk := sys.stdin.buffer.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        return str(tmp), h.hexdigest()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    return os.path.abspath(path), h.hexdigest()
-
-
-def _claimed_paths(cfg: RunConfig) -> list[str]:
-    """The files a batch writes (and so owns while it is unfinished): absolute paths, stdout excluded."""
-    return [_abs(p) for p in (cfg.output_path, cfg.errors_path) if p != "-"]
-
-
-def _take_outputs(cfg: RunConfig, reg: Registry, digest: str) -> list[BatchDir]:
-    """A new batch may write its files unless another batch owns them. Under the registry lock, so two
-    submits started at the same moment cannot both pass. Refused (exit 2, naming the owner): files a
-    running batch writes, files of an unfinished batch, files holding another batch's lines. --overwrite
-    takes over all but the first; returns the batches whose files are taken (to be marked)."""
-    taken: dict[str, BatchDir] = {}
-    for path in _claimed_paths(cfg):
-        holder = reg.claimant(path)
-        owner = reg.get(holder) if holder is not None else None
-        if owner is None:
-            continue
-        if owner.running():
-            raise UsageError(f"{path} is being written by batch {holder}, which is running; nothing was sent. "
-                             f"Choose other paths with -o/-e, or wait for it: `hfbatch wait {holder}`")
-        if not cfg.overwrite:
-            raise UsageError(f"{path} belongs to batch {holder}, which has not finished; nothing was sent. "
-                             f"Resume it (`hfbatch resume {holder}`), cancel it, choose other paths with -o/-e, "
-                             "or pass --overwrite to take the files over")
-        taken[owner.id] = owner
-    for path in (cfg.output_path, cfg.errors_path):
-        if path == "-" or not os.path.exists(path) or os.path.getsize(path) == 0:
-            continue
-        owner = next((b for b in reg.all() if _abs(path) in (_abs(_meta_or_empty(b).get("output_path", "-")),
-                                                             _abs(_meta_or_empty(b).get("errors_path", "-")))), None)
-        if cfg.overwrite:
-            if owner is not None:
-                taken[owner.id] = owner
-            continue
-        if owner is None:
-            whose = "no batch hfbatch knows of"
-        else:
-            m = _meta_or_empty(owner)
-            changed = ", since changed" if m.get("input_sha256") != digest else ""
-            whose = f"batch {owner.id} (input {m.get('input_path')}{changed})"
-        raise UsageError(
-            f"{path} already holds lines from {whose}; nothing was sent. Choose other paths "
-            "with -o/-e, or pass --overwrite to replace them"
-        )
-    return list(taken.values())
-
-
-def _supersede(old: BatchDir, by: str) -> None:
-    """`old`'s files were taken over (--overwrite): it can never write to them again. Unfinished, it ends
-    as cancelled (our stop_reason: overwritten); finished, it keeps its status but --retry-failed is refused."""
-    try:
-        meta = old.meta()
-        meta["overwritten_by"] = by
-        batch = old.batch()
-    except (OSError, ValueError):
-        return
-    if batch.get("status") not in TERMINAL_STATUSES:
-        now = int(time.time())
-        batch["status"], batch["cancelled_at"] = "cancelled", now
-        batch["cancelling_at"] = batch.get("cancelling_at") or now
-        hb = batch.setdefault("hfbatch", {})
-        hb["state"], hb["stop_reason"] = "finished", "overwritten"
-        meta["exit_code"] = int(ExitCode.EXPIRED_OR_CANCELLED)
-        old.save_batch(batch)
-    old.save_meta(meta)
-
-
-def _keep_claims(cfg: RunConfig, reg: Registry, found: BatchDir) -> None:
-    """A batch about to run again still owns its files, unless another batch took them over (--overwrite)."""
-    meta = _meta_or_empty(found)
-    try:
-        status = found.batch().get("status")
-    except (OSError, ValueError):
-        status = None
-    if status in TERMINAL_STATUSES and not (cfg.retry_failed and status == "completed"):
-        return  # it will only be replayed: it writes nothing
-    if meta.get("overwritten_by"):
-        raise UsageError(f"batch {found.id} cannot run again: its files now hold batch {meta['overwritten_by']}'s "
-                         "lines (taken over with --overwrite); nothing was sent")
-    for path in _claimed_paths(cfg):
-        holder = reg.claimant(path)
-        if holder is None:
-            reg.claim(path, found.id)
-        elif holder != found.id:
-            raise UsageError(f"batch {found.id} cannot run again: {path} now belongs to batch {holder}; "
-                             "nothing was sent")
-
-
-def _meta_or_empty(b: BatchDir) -> dict[str, Any]:
-    try:
-        return b.meta()
-    except (OSError, ValueError):
-        return {}
-
-
-def _replay(b: BatchDir, meta: dict[str, Any], stored: dict[str, Any]) -> RunResult:
-    code = int(meta.get("exit_code") or 0)
-    note = (f"batch {b.id} already ended ({stored['status']}); nothing was sent. "
-            + ("Pass --retry-failed to re-send its retryable failures" if code == 3 else
-               "Its stored result follows"))
-    return RunResult(stored, error_for_code(code, note), replayed=True)
-
-
-async def _run(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, *, resume: bool,
-               info: BatchInfo | None = None) -> RunResult:
-    stored = b.batch() if info is None else None
-    if info is None:
-        info = _info_from(stored or {}, cfg)
-    stats = Stats()
-    meta["pid"] = os.getpid()
-    b.save_meta(meta)
-    stored_cost = ((stored or {}).get("hfbatch") or {}).get("cost") if resume else None
-    from ..engines.http import Warmup
-
-    # While the input is scanned (a thread), the prices load and the first connections open.
-    async with Warmup(cfg, stored_cost, os.path.getsize(meta["input_file"]), enabled=not cfg.detach) as warm:
-        return await _scan_and_execute(cfg, b, meta, window, info, stats, warm, resume=resume)
-
-
-async def _scan_and_execute(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], window: int, info: BatchInfo,
-                            stats: Stats, warm: Any, *, resume: bool) -> RunResult:
-    input_file, pass_through = meta["input_file"], cfg.base_url is not None
-    validating = info.status == "validating"
-    plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
-                                   dedupe=cfg.dedupe, pass_through=pass_through, endpoint=cfg.endpoint,
-                                   ids=cfg.skip_invalid)
-    if validating:
-        info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
-        if info.errors:
-            info.set_status("failed")
-            info.state = "failed"
-            stats.total = plan.total
-            from ..engines.http import finish
-
-            return finish(b, meta, info, stats, window, InputError(_invalid_message(cfg, info)))
-        meta["total"] = plan.total
+    def _register(self, reg: Registry, key: str, digest: str, input_file: str) -> _Batch:
+        """A new batch (under the registry lock): claims its files, writes batch.json, then meta.json."""
+        cfg = self.cfg
+        replaced = claims.take_outputs(cfg, reg, digest)
+        info = BatchInfo(input_file_id=cfg.input_path, completion_window=cfg.completion_window,
+                         metadata=cfg.metadata, engine=cfg.engine)
+        if cfg.new_batch_id:
+            info.id = cfg.new_batch_id
+        b = reg.create(info.id)
+        if cfg.input_path == "-":
+            shutil.move(input_file, b.path / "input.jsonl")
+            input_file = str(b.path / "input.jsonl")
+        meta: dict[str, Any] = {
+            "id": info.id, "key": key, "input_path": cfg.input_path, "input_file": input_file,
+            "input_sha256": digest, "output_path": claims.abs_path(cfg.output_path),
+            "errors_path": claims.abs_path(cfg.errors_path), "options": cfg.options(),
+            "created_at": info.created_at, "created_ns": time.time_ns(),
+            "expires_at": info.created_at + self.window, "pid": os.getpid(), "exit_code": None, "total": None,
+        }
+        # batch.json first: meta.json is what makes a batch exist, so a crash in between leaves
+        # nothing half-registered.
+        b.save_batch(batch_object(info, Stats(), self.window))
         b.save_meta(meta)
-        info.set_status("in_progress")
-    stats.total = int(meta.get("total") or 0)
-    if cfg.detach:
-        return _detach(cfg, b, meta, info, stats, window)
-    ledger = Ledger()
-    if resume:
-        ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
-                      retry_failed=cfg.retry_failed)
-        if cfg.retry_failed and info.status == "completed":
-            info.status, info.state = "in_progress", "running"  # reopened for the retryable lines
-    if b.cancel_requested():
-        info.set_status("cancelling")
-    b.save_batch(batch_object(info, stats, window))
-    from ..engines.http import execute
+        for path in claims.claimed_paths(cfg):
+            reg.claim(path, info.id)  # released when the batch ends (_finish)
+        for old in replaced:
+            claims.supersede(old, info.id)
+        return _Batch(b, meta, info)
 
-    return await execute(cfg, b, meta, info, stats, ledger, window, resume, plan, warm)
+    def _stored(self, b: BatchDir, meta: dict[str, Any]) -> dict[str, Any]:
+        """The batch's stored object; rebuilt as freshly created if a crash left it missing or torn."""
+        try:
+            return b.batch()
+        except (OSError, ValueError):
+            info = BatchInfo(id=b.id, input_file_id=meta.get("input_path", "-"), created_at=meta["created_at"],
+                             completion_window=meta.get("options", {}).get("completion_window", "24h"))
+            batch = batch_object(info, Stats(), self.window)
+            b.save_batch(batch)
+            return batch
+
+    def _materialize(self, reg: Registry) -> tuple[str, str]:
+        """(a file to read, sha256 of its content); stdin is spooled to a private file first."""
+        path = self.cfg.input_path
+        h = hashlib.sha256()
+        if path == "-":
+            stdin = self.io.stdin
+            if stdin is None:
+                raise UsageError("the input is - (stdin) but no standard input was given")
+            tmp = reg.tmp_dir() / f"stdin-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stdin.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+            return str(tmp), h.hexdigest()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        return os.path.abspath(path), h.hexdigest()
+
+    def _replay(self, b: BatchDir, meta: dict[str, Any], stored: dict[str, Any]) -> RunResult:
+        code = int(meta.get("exit_code") or 0)
+        note = (f"batch {b.id} already ended ({stored['status']}); nothing was sent. "
+                + ("Pass --retry-failed to re-send its retryable failures" if code == ExitCode.SOME_FAILED else
+                   "Its stored result follows"))
+        return RunResult(stored, error_for_code(code, note), replayed=True)
+
+    # -- run -----------------------------------------------------------------------------------
+
+    async def _run(self, batch: _Batch) -> RunResult:
+        cfg, b, meta, info, stats = self.cfg, batch.dir, batch.meta, batch.info, batch.stats
+        meta["pid"] = os.getpid()
+        b.save_meta(meta)
+        input_file = self.input_file = meta["input_file"]
+        size = os.path.getsize(input_file)
+        make = self.io.engine or (lambda c, n: for_config(c, input_size=n, capacity=self.io.capacity,
+                                                          warm=not c.detach))
+        # While the input is scanned (a thread), the engine warms up (prices, connections).
+        async with make(cfg, size) as engine:
+            validating = info.status == BatchStatus.VALIDATING
+            plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
+                                           dedupe=cfg.dedupe, pass_through=cfg.base_url is not None,
+                                           endpoint=cfg.endpoint, ids=cfg.skip_invalid)
+            if validating:
+                info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
+                if info.errors:
+                    info.set_status(BatchStatus.FAILED)
+                    info.state = RunState.FAILED
+                    stats.total = plan.total
+                    return self._finish(batch, InputError(self._invalid_message(info)))
+                meta["total"] = plan.total
+                b.save_meta(meta)
+                info.set_status(BatchStatus.IN_PROGRESS)
+            stats.total = int(meta.get("total") or 0)
+            if cfg.detach:
+                if self.io.launch is None:
+                    raise UsageError("--detach: this caller cannot start a background run")
+                result = batch_object(info, stats, self.window)
+                b.save_batch(result)
+                meta["pid"] = self.io.launch(info.id)
+                b.save_meta(meta)
+                return RunResult(result, None, detached=True)
+            ledger = Ledger()
+            if batch.resume:
+                ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
+                              retry_failed=cfg.retry_failed)
+            if b.cancel_requested():
+                info.set_status(BatchStatus.CANCELLING)
+                self.stop.stop(StopReason.CANCELLED, "cancelled")
+            b.save_batch(batch_object(info, stats, self.window))
+            return await self._execute(batch, engine, plan, ledger)
+
+    async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger) -> RunResult:
+        cfg, stop, stats = self.cfg, self.stop, batch.stats
+
+        def write_failed(sink: JsonlSink, e: OSError) -> None:
+            # Like an interruption: dispatching stops at once, in-flight answers are kept in memory and
+            # retried to disk until the grace ends; the batch stays resumable.
+            stop.stop(StopReason.WRITE_ERROR, sink.describe_error())
+
+        if cfg.output_path == "-":
+            if self.io.stdout is None:
+                raise UsageError("-o - (stdout) but no standard output was given")
+            out = JsonlSink.stream(self.io.stdout, on_error=write_failed)
+        else:
+            out = JsonlSink.open(cfg.output_path, append=batch.resume, on_error=write_failed)
+        err = JsonlSink.open(cfg.errors_path, append=batch.resume, on_error=write_failed)
+        answers = Answers(out, err, stats)
+        work = Work(self._pending(plan, ledger, answers), answers, stats, stop, plan.duplicates, batch.stored)
+        progress = self.io.progress
+        failure: BaseException | None = None
+        try:
+            task = asyncio.create_task(engine.run(work))
+            ticker = asyncio.create_task(self._tick(batch, answers, progress))
+            guard = asyncio.create_task(self._guard(task))
+            if progress is not None:
+                progress.start(stats, engine.live)
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+            except Exception as e:  # noqa: BLE001 - an engine's bug: the run ends resumable, exit 1
+                failure = e
+                stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
+            finally:
+                guard.cancel()
+                ticker.cancel()
+                if progress is not None:
+                    progress.stop()
+            if stop.reason in (StopReason.EXPIRED, StopReason.CANCELLED) and not answers.broken:
+                out.flush()
+                err.flush()
+                self._close_unanswered(plan, answers, stop.reason)
+        finally:
+            out.close()
+            err.close()
+        if answers.broken:
+            self._recount(stats, out, err)
+        return self._conclude(batch, answers, failure)
+
+    def _pending(self, plan: InputPlan, ledger: Ledger, answers: Answers) -> Iterator[Request]:
+        """The requests with no line yet, read lazily in file order; lines refused under --skip-invalid get
+        their error line here (once: a resume knows them by line number)."""
+        cfg, stats = self.cfg, answers.stats
+        seen = plan.unique_ids() if cfg.skip_invalid else None
+        done, rejected = ledger.done, ledger.rejected
+        with open(self.input_file, "rb") as f:
+            for line_no, raw in iter_lines(f):
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                if isinstance(r, LineError):
+                    if line_no not in rejected:
+                        answers.write(r.custom_id, NoAnswer(r.code, f"line {r.line_no}: {r.message}"))
+                    continue
+                if r.custom_id in done:
+                    continue
+                stats.endpoints[r.url] += 1
+                stats.models[r.model] += 1
+                yield r
+
+    async def _tick(self, batch: _Batch, answers: Answers, progress: ProgressView | None) -> None:
+        """Every 100 ms: hand finished lines to the OS and refresh the progress bar. Every 0.5 s: look
+        for a cancel request, the completion window and a shutdown. Every 2 s: publish live counts."""
+        b, info, stop = batch.dir, batch.info, self.stop
+        expires_at = info.created_at + self.window
+        shutdown = self.io.shutdown
+        loop = asyncio.get_running_loop()
+        last_save = last_check = loop.time()
+        while True:
+            await asyncio.sleep(0.1)
+            answers.out.flush()
+            answers.err.flush()
+            if progress is not None:
+                progress.update()
+            now = loop.time()
+            if now - last_check >= 0.5:
+                last_check = now
+                if stop.reason is None and shutdown is not None and shutdown.is_set():
+                    stop.stop(StopReason.SHUTDOWN, "the server is stopping")
+                elif stop.reason is None and b.cancel_requested():
+                    stop.stop(StopReason.CANCELLED, "cancelled")
+                    info.set_status(BatchStatus.CANCELLING)
+                    self._save(batch)
+                    last_save = now
+                elif stop.reason is None and time.time() >= expires_at:
+                    stop.stop(StopReason.EXPIRED, "the completion window expired")
+            if now - last_save >= SAVE_EVERY:
+                last_save = now
+                self._save(batch)
+
+    def _save(self, batch: _Batch) -> None:
+        try:
+            batch.dir.save_batch(batch_object(batch.info, batch.stats, self.window))
+        except OSError as e:
+            self.stop.stop(StopReason.WRITE_ERROR, f"cannot write {e.filename or batch.dir.batch_file}: "
+                           f"{e.strerror or e}")
+
+    async def _guard(self, work: asyncio.Task[None]) -> None:
+        """How a stop ends in-flight requests: at once (auth, second signal), after the grace period
+        (signal, expiry, budget, shutdown, write error, internal error), or when they finish by themselves
+        (credits, cancel)."""
+        stop = self.stop
+        await stop.event.wait()
+        loop = asyncio.get_running_loop()
+        if stop.reason in (StopReason.CREDITS, StopReason.CANCELLED):
+            while not stop.hard and not work.done():
+                await asyncio.sleep(0.05)
+            work.cancel()
+            return
+        deadline = loop.time() + (0 if stop.reason == StopReason.AUTH else self.cfg.grace)
+        while not stop.hard and loop.time() < deadline and not work.done():
+            await asyncio.sleep(0.05)
+        work.cancel()
+
+    def _close_unanswered(self, plan: InputPlan, answers: Answers, reason: StopReason) -> None:
+        """Expiry or cancel: every valid request with no line yet gets batch_expired / batch_cancelled."""
+        cfg = self.cfg
+        answer = (NoAnswer("batch_expired", EXPIRED_MESSAGE) if reason == StopReason.EXPIRED
+                  else NoAnswer("batch_cancelled", CANCELLED_MESSAGE))
+        done = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, Stats()).done
+        seen = plan.unique_ids()
+        with open(self.input_file, "rb") as f:
+            for line_no, raw in iter_lines(f):
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                if isinstance(r, Request) and r.custom_id not in done:
+                    answers.write(r.custom_id, answer)
+
+    def _recount(self, stats: Stats, out: JsonlSink, err: JsonlSink) -> None:
+        """After a failed write the files, not the counters, say what is done: count their lines again (a
+        torn last line is cut, as a rerun would), so the summary never claims a line that is not on disk."""
+        cfg = self.cfg
+        try:
+            disk = Stats()
+            scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, disk)
+        except OSError:
+            stats.completed -= out.unwritten_lines()
+            stats.failed -= err.unwritten_lines()
+            return
+        if cfg.output_path == "-":
+            disk.completed = stats.completed - out.unwritten_lines()
+            disk.input_tokens, disk.output_tokens = stats.input_tokens, stats.output_tokens
+            disk.cached_tokens, disk.reasoning_tokens = stats.cached_tokens, stats.reasoning_tokens
+        stats.completed, stats.failed = disk.completed, disk.failed
+        stats.input_tokens, stats.output_tokens = disk.input_tokens, disk.output_tokens
+        stats.cached_tokens, stats.reasoning_tokens = disk.cached_tokens, disk.reasoning_tokens
+
+    # -- conclude ------------------------------------------------------------------------------
+
+    def _conclude(self, batch: _Batch, answers: Answers, failure: BaseException | None) -> RunResult:
+        cfg, info, stats, stop = self.cfg, batch.info, batch.stats, self.stop
+        info.unsent = max(0, stats.total - stats.completed - stats.failed)
+        error: HfbatchError | None = None
+        if answers.broken or stop.reason == StopReason.WRITE_ERROR:
+            # Whatever else happened (even expiry or a cancel), lines that did not reach the disk keep the
+            # batch resumable: a rerun with space sends exactly what has no line.
+            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.WRITE_ERROR
+            what = next((s.describe_error() for s in (answers.out, answers.err) if s.error is not None),
+                        stop.message)
+            error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
+                               f"the same command (or `hfbatch resume {info.id}`) to send only those")
+        elif stop.reason == StopReason.INTERNAL_ERROR:
+            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INTERNAL_ERROR
+            error = HfbatchError(f"{stop.message} (set HFBATCH_DEBUG=1 for the traceback, and please report it); "
+                                 f"the batch is resumable: {_unanswered(info.unsent, stats.abandoned)}")
+            error.__cause__ = failure
+        elif stop.reason is None:
+            info.set_status(BatchStatus.FINALIZING)
+            info.set_status(BatchStatus.COMPLETED)
+            info.state = RunState.FINISHED
+            if stats.failed:
+                error = SomeFailed(f"{stats.failed} of {stats.total} requests failed; see {cfg.errors_path}")
+        elif stop.reason == StopReason.EXPIRED:
+            info.set_status(BatchStatus.EXPIRED)
+            info.state = RunState.FINISHED
+            error = EndedEarly(f"the completion window ({info.completion_window}) expired; requests not "
+                               f"run are in {cfg.errors_path} as batch_expired")
+        elif stop.reason == StopReason.CANCELLED:
+            info.set_status(BatchStatus.CANCELLED)
+            info.state = RunState.FINISHED
+            error = EndedEarly(f"batch {info.id} was cancelled; requests not run are in {cfg.errors_path} "
+                               "as batch_cancelled")
+        else:
+            # Stopped early: the batch stays in_progress (resumable); our state says why.
+            info.state, info.stop_reason = RunState.INTERRUPTED, stop.reason
+            unanswered = _unanswered(info.unsent, stats.abandoned)
+            message = (f"{stop.message}; {unanswered}. Rerun the same command "
+                       f"(or `hfbatch resume {info.id}`) to send only those")
+            if stop.reason == StopReason.AUTH:
+                error = AuthError(message)
+            elif stop.reason == StopReason.SIGNAL:
+                error = Interrupted(self.signals[0] if self.signals else signal.SIGTERM, message)
+            elif stop.reason == StopReason.BUDGET:
+                error = StoppedEarly(f"{stop.message} ({unanswered})")
+            else:
+                error = StoppedEarly(message)
+        return self._finish(batch, error, answers)
+
+    def _finish(self, batch: _Batch, error: HfbatchError | None, answers: Answers | None = None) -> RunResult:
+        b, meta, info, stats = batch.dir, batch.meta, batch.info, batch.stats
+        out_path, err_path = meta["output_path"], meta["errors_path"]
+        if info.status != BatchStatus.FAILED:
+            out_lines = answers.out.lines if answers is not None else 0
+            err_lines = answers.err.lines if answers is not None else 0
+            info.output_file_id = out_path if (stats.completed or out_lines) else None
+            info.error_file_id = err_path if (stats.failed or err_lines) else None
+        result = batch_object(info, stats, self.window)
+        try:
+            b.save_batch(result)
+            meta["exit_code"] = int(error.exit_code) if error is not None else int(ExitCode.OK)
+            meta["pid"] = None
+            b.save_meta(meta)
+            if info.status in TERMINAL_STATUSES:
+                Registry(b.path.parent.parent).release([p for p in (out_path, err_path) if p != "-"], b.id)
+        except OSError as e:
+            # The registry says the batch still runs: the rerun resumes it from its files.
+            raise WriteError(f"cannot write {e.filename or b.path}: {e.strerror or e}; the batch's lines are "
+                             f"in its files. Fix that, then rerun the same command") from None
+        return RunResult(result, error)
+
+    def _invalid_message(self, info: BatchInfo) -> str:
+        first = info.errors[0]
+        n = len(info.errors) + info.errors_dropped
+        where = "<stdin>" if self.cfg.input_path == "-" else self.cfg.input_path
+        more = f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else ""
+        return (f"{where}:{first.line_no}: {first.message}{more}; nothing was sent. Fix the file, "
+                "or pass --skip-invalid to run the valid lines")
 
 
-def _info_from(stored: dict[str, Any], cfg: RunConfig) -> BatchInfo:
-    info = BatchInfo(
-        id=stored["id"], input_file_id=stored["input_file_id"],
-        completion_window=stored.get("completion_window", cfg.completion_window),
-        created_at=stored["created_at"], status=stored["status"], metadata=stored.get("metadata"),
-    )
-    for status, key in (("in_progress", "in_progress_at"), ("cancelling", "cancelling_at")):
-        if stored.get(key):
-            info.stamps[status] = stored[key]
-    return info
-
-
-def _invalid_message(cfg: RunConfig, info: BatchInfo) -> str:
-    first = info.errors[0]
-    n = len(info.errors) + info.errors_dropped
-    where = "<stdin>" if cfg.input_path == "-" else cfg.input_path
-    more = f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else ""
-    return (f"{where}:{first.line_no}: {first.message}{more}; nothing was sent. Fix the file, "
-            "or pass --skip-invalid to run the valid lines")
-
-
-def _detach(cfg: RunConfig, b: BatchDir, meta: dict[str, Any], info: BatchInfo, stats: Stats,
-            window: int) -> RunResult:
-    """Start `hfbatch resume ID` in its own session (it survives the terminal and its hang-up)."""
-    import subprocess
-
-    batch = batch_object(info, stats, window)
-    b.save_batch(batch)
-    env = dict(os.environ)
-    if cfg.token:
-        env["HF_TOKEN"] = cfg.token  # handed over in the child's environment only, never a file
-    log = os.open(b.path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "hfbatch", "resume", b.id, "--quiet", "--wait"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
-        )
-    finally:
-        os.close(log)
-    meta["pid"] = child.pid
-    b.save_meta(meta)
-    return RunResult(batch, None)
-
-
-def _abs(path: str) -> str:
-    return path if path == "-" else os.path.abspath(path)
-
+def _unanswered(unsent: int, abandoned: int) -> str:
+    """How many requests have no line, telling the ones sent and never answered from the ones never sent."""
+    if not abandoned:
+        return f"{unsent} requests were not sent"
+    return (f"{unsent} requests have no answer: {abandoned} were sent and got no answer before the stop, "
+            f"{max(0, unsent - abandoned)} were not sent")

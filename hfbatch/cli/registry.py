@@ -77,24 +77,10 @@ def status(batch_id: BatchIdArg) -> None:
 def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False) -> None:
     """Cancel a batch: in-flight requests finish, the rest end as batch_cancelled."""
     from ..batches.control import cancel as cancel_batch
-    from ..batches.control import get
-    from ..config import RunConfig, options_from_meta
+    from .running import run_loop
 
-    batch, finish_here = cancel_batch(batch_id)
-    if not finish_here:
-        emit_json(batch, to_stderr=False, path=None)
-        return
-    # No process runs it: close it out here (sends nothing, writes the batch_cancelled lines).
-    meta = get(batch_id).meta()
-    cfg = RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
-                    errors_path=meta["errors_path"], quiet=True, batch_id=batch_id, **options_from_meta(meta))
-    from ..batches.run import submit as run_submit
-    from ..errors import EndedEarly
-
-    result = run_submit(cfg)
-    emit_json(result.batch, to_stderr=False, path=None)
-    if result.error is not None and not isinstance(result.error, EndedEarly):
-        raise result.error
+    batch = run_loop(lambda: cancel_batch(batch_id))
+    emit_json(batch, to_stderr=False, path=None)
 
 
 def wait(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
@@ -24,6 +24,9 @@ from .options import (
     WaitOpt,
 )
 from .output import emit_json
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def submit(
@@ -141,15 +144,15 @@ def submit(
     _run_and_print(cfg)
 
 
-def _run_and_print(cfg: Any) -> None:
-    from ..batches.run import submit as run_submit
+def _run_and_print(cfg: RunConfig) -> None:
+    from .running import run_batch
     from .ui import final_table
 
-    result = run_submit(cfg)
+    result = run_batch(cfg)
     if result.replayed and result.error is None and not cfg.quiet:
         print(f"hfbatch: batch {result.batch['id']} already ended ({result.batch['status']}); nothing was "
               "sent. Its stored result follows", file=sys.stderr)
-    final_table(result.batch, enabled=not cfg.quiet and not result.replayed)
+    final_table(result.batch, enabled=not cfg.quiet and not result.replayed and not result.detached)
     emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path)
     if result.error is not None:
         raise result.error
@@ -166,17 +169,13 @@ def resume(
 ) -> None:
     """Continue an unfinished batch with the options it was submitted with."""
     from ..batches.control import get
-    from ..config import RunConfig, options_from_meta, resolve_token
+    from ..config import RunConfig, resolve_token
 
     meta = get(batch_id).meta()
-    opts = options_from_meta(meta)
-    if concurrency is not None:
-        opts["concurrency"] = concurrency
-    cfg = RunConfig(
-        input_path=meta["input_file"], output_path=meta["output_path"], errors_path=meta["errors_path"],
-        quiet=quiet, retry_failed=retry_failed, wait=wait, batch_id=batch_id,
-        token=resolve_token(token, opts.get("base_url")), **opts,
-    )
+    overrides: dict[str, object] = {"concurrency": concurrency} if concurrency is not None else {}
+    stored = RunConfig.from_meta(meta)
+    cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait,
+                              token=resolve_token(token, stored.base_url), **overrides)
     _run_and_print(cfg)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..summary import Stats
@@ -11,14 +12,15 @@ from ..summary import Stats
 class Progress:
     """A rich progress bar on stderr, refreshed from the run's counters (never per request)."""
 
-    def __init__(self, enabled: bool, stats: Stats) -> None:
+    def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr.isatty()
-        self.stats = stats
+        self.stats = Stats()
         self._bar: Any = None
         self._task: Any = None
-        self.concurrency: Any = None  # () -> {provider: live limit}, set by the run
+        self.concurrency: Callable[[], dict[str, int]] | None = None  # {provider: live limit}
 
-    def start(self) -> None:
+    def start(self, stats: Stats, live: Callable[[], dict[str, int]]) -> None:
+        self.stats, self.concurrency = stats, live
         if not self.enabled:
             return
         from rich.console import Console

@@ -41,14 +41,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..batches.control import cancel as cancel_batch
-from ..batches.control import live_batch
+from ..batches.control import live_batch, request_cancel
 from ..batches.registry import TERMINAL_STATUSES, BatchDir, Registry
-from ..batches.run import submit_async
+from ..batches.run import BatchRun, RunIO
 from ..config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
 from ..engines.http import first_limit
 from ..errors import HfbatchError, UsageError
 from ..limits import Capacity
+from ..models import BatchStatus, RunState
 from ..summary import BatchInfo, Stats, batch_object
 from ..validate import _PATH_RE, HF_TASK_RE, OPENAI_ENDPOINTS, normalize_url
 from .files import (
@@ -104,6 +104,7 @@ class BatchServer:
         self.owners = Owners(self.store.links_dir / OWNER_SALT)
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.failures: dict[str, str] = {}  # batch id -> why its task ended without registering it
+        self.registered: dict[str, asyncio.Event] = {}  # batch id -> set once its task registered it
         self.shutdown = asyncio.Event()  # set when the server stops: batches stop like on SIGTERM
         # -c is server-wide: every batch takes its slots from one gate (round-robin between batches),
         # and a provider's learned limit is shared by the batches that use it.
@@ -205,10 +206,12 @@ class BatchServer:
     async def cancel_batch(self, request: web.Request) -> web.Response:
         link = self._link(request)
         bid = link["id"]
-        for _ in range(500):  # a batch created a moment ago: its task registers it at its first step
-            if self.reg.get(bid) is not None or bid not in self.tasks:
-                break
-            await asyncio.sleep(0.01)
+        task, registered = self.tasks.get(bid), self.registered.get(bid)
+        if task is not None and registered is not None and not registered.is_set():
+            # A batch created a moment ago: its task registers it at its first step (or fails first).
+            waiter = asyncio.ensure_future(registered.wait())
+            await asyncio.wait((waiter, task), return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
         b = self.reg.get(bid)
         if b is None:
             raise ApiError(409, f"Batch {bid} cannot be cancelled: it never started ({self.failures.get(bid)}).")
@@ -216,7 +219,7 @@ class BatchServer:
         if status in TERMINAL_STATUSES and status != "cancelled":
             raise ApiError(409, f"Cannot cancel a batch with status '{status}'.")
         try:
-            _, finish_here = cancel_batch(bid)
+            _, finish_here = request_cancel(bid)
         except UsageError:  # it ended a moment ago
             raise ApiError(409, f"Cannot cancel a batch with status '{live_batch(b)['status']}'.") from None
         if status != "cancelled" and (finish_here or (bid not in self.tasks and not b.running())):
@@ -249,8 +252,8 @@ class BatchServer:
         info = BatchInfo(id=link["id"], input_file_id=link["input_file_id"], created_at=link["created_at"],
                          completion_window=link["completion_window"], metadata=link["metadata"])
         if failed is not None:
-            info.set_status("failed")
-            info.state = "failed"
+            info.set_status(BatchStatus.FAILED)
+            info.state = RunState.FAILED
         batch = batch_object(info, Stats(), parse_duration(link["completion_window"], "completion_window"))
         if failed is not None:
             batch["errors"] = {"object": "list", "data": [
@@ -291,24 +294,22 @@ class BatchServer:
             errors_path=store.create_empty(link["error_file_id"]),
             base_url=self.opts.base_url, concurrency=self.opts.concurrency, endpoint=link["endpoint"],
             completion_window=link["completion_window"], metadata=link["metadata"], new_batch_id=link["id"],
-            quiet=True, handle_signals=False, token=token, shutdown=self.shutdown, capacity=self.capacity,
+            quiet=True, token=token,
         )
 
     def _resume_config(self, b: BatchDir, token: str | None) -> RunConfig:
-        from ..config import options_from_meta
-
-        meta = b.meta()
-        return RunConfig(input_path=meta["input_file"], output_path=meta["output_path"],
-                         errors_path=meta["errors_path"], quiet=True, handle_signals=False, batch_id=b.id,
-                         token=token, shutdown=self.shutdown, capacity=self.capacity, **options_from_meta(meta))
+        return RunConfig.from_meta(b.meta(), quiet=True, token=token)
 
     def _start(self, bid: str, cfg: RunConfig) -> None:
         self.failures.pop(bid, None)
+        self.registered[bid] = asyncio.Event()
         self.tasks[bid] = asyncio.get_running_loop().create_task(self._run(bid, cfg), name=f"hfbatch {bid}")
 
     async def _run(self, bid: str, cfg: RunConfig) -> None:
+        registered = self.registered[bid]
+        io = RunIO(shutdown=self.shutdown, capacity=self.capacity, on_registered=lambda _: registered.set())
         try:
-            result = await submit_async(cfg)
+            result = await BatchRun(cfg, io).execute()
             hb = result.batch.get("hfbatch") or {}
             if result.error is not None and hb.get("state") == "interrupted":
                 log.warning("batch %s stopped early (%s): %s", bid, hb.get("stop_reason"), result.error)
@@ -321,6 +322,7 @@ class BatchServer:
         finally:
             if self.tasks.get(bid) is asyncio.current_task():
                 del self.tasks[bid]
+                self.registered.pop(bid, None)
 
     def resume_all(self) -> tuple[int, int]:
         """At start: run again every unfinished batch this server created. Returns (resumed, left)."""

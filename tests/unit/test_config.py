@@ -9,7 +9,6 @@ from hfbatch.config import (
     MAX_WINDOW,
     MIN_WINDOW,
     RunConfig,
-    options_from_meta,
     parse_duration,
     parse_size,
     parse_window,
@@ -59,12 +58,36 @@ def test_bad_sizes_name_the_flag(text: str) -> None:
         parse_size(text, "--max-upload")
 
 
+META = {"id": "batch_1", "input_file": "/in.jsonl", "output_path": "/o.jsonl", "errors_path": "/e.jsonl"}
+
+
 def test_the_response_cap_defaults_to_64_mb_and_is_kept_for_resume() -> None:
     cfg = RunConfig("in.jsonl", "out.jsonl", "err.jsonl")
     assert cfg.max_response_bytes == 64 << 20
     cfg = RunConfig("in.jsonl", "out.jsonl", "err.jsonl", max_response_bytes=1000, token="hf_x")
-    opts = options_from_meta({"options": cfg.options()})
-    assert opts["max_response_bytes"] == 1000 and "token" not in opts
+    assert cfg.options()["max_response_bytes"] == 1000 and "token" not in cfg.options()
+    again = RunConfig.from_meta({**META, "options": cfg.options()})
+    assert again.max_response_bytes == 1000 and again.token is None
     # a batch registered before the flag existed resumes with the default
-    old = RunConfig("in.jsonl", "o", "e", **options_from_meta({"options": {"timeout": 5}}))
-    assert old.max_response_bytes == 64 << 20
+    old = RunConfig.from_meta({**META, "options": {"timeout": 5}})
+    assert old.max_response_bytes == 64 << 20 and old.timeout == 5
+
+
+def test_options_are_every_stored_field_and_from_meta_round_trips_them() -> None:
+    """A new flag is one field: options() and from_meta() follow the dataclass (no list to keep in sync)."""
+    cfg = RunConfig("in.jsonl", "out.jsonl", "err.jsonl", concurrency=7, fallback=("a", "b"), budget=2.5,
+                    quiet=True, overwrite=True, retry_failed=True, token="hf_secret", metadata={"k": "v"})
+    opts = cfg.options()
+    once = {"input_path", "output_path", "errors_path", "summary_path", "quiet", "overwrite", "retry_failed",
+            "wait", "detach", "dry_run", "batch_id", "metadata", "new_batch_id", "token"}
+    from dataclasses import fields
+
+    assert set(opts) == {f.name for f in fields(RunConfig)} - once
+    assert opts["fallback"] == ["a", "b"]  # JSON-able
+    again = RunConfig.from_meta({**META, "options": opts}, quiet=False)
+    assert again.fallback == ("a", "b") and again.concurrency == 7 and again.budget == 2.5
+    assert (again.input_path, again.output_path, again.errors_path, again.batch_id) == (
+        "/in.jsonl", "/o.jsonl", "/e.jsonl", "batch_1")
+    assert not again.overwrite and not again.retry_failed and again.token is None  # this invocation's, not stored
+    newer = RunConfig.from_meta({**META, "options": {**opts, "a_flag_from_the_future": 1}})
+    assert newer.concurrency == 7  # an option this hfbatch does not know is ignored

@@ -16,7 +16,7 @@ from hfbatch.models import Outcome, Request
 from hfbatch.retry import RetryPolicy
 from hfbatch.routing import Router
 from hfbatch.summary import Stats
-from hfbatch.writer import JsonlSink
+from hfbatch.writer import Answers, JsonlSink
 
 BODY = orjson.dumps({"object": "chat.completion", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
 
@@ -67,8 +67,10 @@ def test_answers_reach_the_file_before_their_slot_is_reused() -> None:
     async def run() -> None:
         out = JsonlSink(disk)
         err = JsonlSink(Disk())
-        ex = Executor(transport=provider, router=Router("http://x/v1"), policy=RetryPolicy(), out=out,  # type: ignore[arg-type]
-                      err=err, stats=Stats(), stop=StopControl(), limits=Limits(concurrency=c, adapt=False))
+        stats = Stats()
+        ex = Executor(transport=provider, router=Router("http://x/v1"), policy=RetryPolicy(),
+                      answers=Answers(out, err, stats), stats=stats, stop=StopControl(),
+                      limits=Limits(concurrency=c, adapt=False))
         reqs = [Request(i, f"r{i}", "/v1/chat/completions", {"model": "m", "n": i}, "m") for i in range(500)]
         await ex.run(reqs)
         out.close()
