@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -122,12 +123,13 @@ class Executor:
         self, *, transport: Transport, router: Router, policy: RetryPolicy, answers: Answers, stats: Stats,
         stop: StopControl, limits: Limits, capacity: Capacity | None = None,
         dedupe_keys: dict[int, int] | None = None, hooks: RunHooks | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] | None = None, rand: Callable[[], float] = random.random,
     ) -> None:
         self.transport, self.router, self.policy = transport, router, policy
         self.answers, self.stats, self.stop = answers, stats, stop
         self.limits = limits
         self.clock = clock or asyncio.get_running_loop().time
+        self.rand = rand  # the retry jitter's random source (a seeded one in tests)
         # Shared with other batches in `hfbatch serve` (this executor is then one tenant of its gates).
         self.capacity = capacity or Capacity(limits.concurrency, limits.adapt, limits.start, clock=self.clock)
         self.gate = self.capacity.gate
@@ -344,7 +346,7 @@ class Executor:
                           "credits or subscribe to PRO, then rerun the same command to send the rest")
                 return None
             answers_500 += status == 500
-            decision = self.policy.decide(outcome, attempt, answers_500=answers_500)
+            decision = self.policy.decide(outcome, attempt, rand=self.rand, answers_500=answers_500)
             if isinstance(decision, Retry):
                 stats.retries += 1
                 if await stop.sleep(decision.delay):
