@@ -307,6 +307,9 @@ class Packs:
                 return  # one bad input fails a pack: let each member get its own answer
             sender.stats.latency.add(outcome.latency)
             answers = [sender.answer_of(lead, route, outcome)] * len(reqs)
+        except Exception as e:  # noqa: BLE001 - a bug: no member is sent or written, the run stops
+            answers = [None] * len(reqs)
+            sender.internal_error(e)
         finally:
             for (_, fut), res in zip(members, answers, strict=True):
                 if not fut.done():

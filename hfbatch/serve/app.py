@@ -31,6 +31,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
@@ -134,7 +135,7 @@ class BatchServer:
                 return ApiError(404, f"Invalid URL ({request.method} {request.path})", "not_found_error").response()
             return ApiError(e.status, e.reason).response()
         except Exception as e:  # noqa: BLE001 - one line on stderr, an OpenAI-shaped 500 to the client
-            log.error("%s %s: internal error: %s", request.method, request.path, type(e).__name__)
+            log.error("%s %s: internal error: %s", request.method, request.path, type(e).__name__, exc_info=e)
             return ApiError(500, "The server had an error processing your request.", "server_error").response()
 
     def _authenticate(self, request: web.Request) -> Auth:
@@ -312,13 +313,14 @@ class BatchServer:
             result = await BatchRun(cfg, io).execute()
             hb = result.batch.get("hfbatch") or {}
             if result.error is not None and hb.get("state") == "interrupted":
-                log.warning("batch %s stopped early (%s): %s", bid, hb.get("stop_reason"), result.error)
+                log.warning("batch %s stopped early (%s): %s", bid, hb.get("stop_reason"), result.error,
+                            exc_info=result.error.__cause__)
         except (HfbatchError, OSError) as e:
             self.failures[bid] = str(e)
             log.warning("batch %s: %s", bid, e)
         except Exception as e:  # noqa: BLE001 - the server outlives one batch's bug
             self.failures[bid] = f"internal error: {type(e).__name__}"
-            log.error("batch %s: internal error: %s: %s", bid, type(e).__name__, e)
+            log.error("batch %s: internal error: %s: %s", bid, type(e).__name__, e, exc_info=e)
         finally:
             if self.tasks.get(bid) is asyncio.current_task():
                 del self.tasks[bid]
@@ -357,9 +359,14 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return dict(value)
 
 
-class _OneLine(logging.Formatter):
+class OneLineFormatter(logging.Formatter):
+    """One line per event; the traceback too (exc_info) only with HFBATCH_DEBUG=1: debug means loud."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"hfbatch serve: {record.getMessage()}"  # never a traceback (nor exc_info)
+        line = f"hfbatch serve: {record.getMessage()}"
+        if record.exc_info and os.environ.get("HFBATCH_DEBUG"):
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def serve(opts: ServeOptions) -> None:
@@ -380,7 +387,7 @@ def serve(opts: ServeOptions) -> None:
         except UsageError:
             token = None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLine())
+    handler.setFormatter(OneLineFormatter())
     for name in ("hfbatch.serve", "aiohttp", "asyncio"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

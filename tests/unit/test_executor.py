@@ -247,3 +247,18 @@ def test_where_the_limit_starts() -> None:
     assert first_limit(512, None) == 64  # the router: shared providers, unknown limits
     assert first_limit(32, None) == 32
     assert first_limit(512, "http://localhost:8000/v1") == 512  # your server: -c is your number
+
+
+def test_a_bug_while_sending_a_pack_stops_the_run() -> None:
+    """The coalescing flush callback used to drop its task's exception: now it is an internal error."""
+
+    class BreaksOnPacks(Router):
+        async def route(self, req: Request) -> Any:
+            if isinstance(req.body.get("input"), list):
+                raise RuntimeError("pack bug")
+            return await super().route(req)
+
+    reqs = [Request(i + 1, f"e{i}", "/v1/embeddings", {"model": "e", "input": f"t{i}"}, "e") for i in range(8)]
+    result, transport = run(reqs, Steady(0.01), Limits(concurrency=8, coalesce=4), router=BreaksOnPacks("http://x/v1"))
+    assert result.stop.reason == StopReason.INTERNAL_ERROR and transport.posts == 0
+    assert isinstance(result.executor.internal_errors[0], RuntimeError)
