@@ -19,7 +19,7 @@ import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import orjson
 
@@ -42,6 +42,52 @@ _BODY_TEXT_KEYS = ("instructions", "messages", "input", "prompt", "query", "docu
 _PART_TEXT_KEYS = ("content", "text", "arguments", "output", "tool_calls", "function")
 _NON_TEXT_PARTS = frozenset({"image_url", "input_image", "input_audio", "input_file", "image", "file", "audio"})
 _MAX_DEPTH = 32
+
+
+class ProviderEstimate(TypedDict):
+    provider: str
+    input_price: float | None  # USD per 1M tokens
+    output_price: float | None
+    cost_usd: float | None  # this model's requests on this provider (None: no price)
+    fastest: bool
+    status: str | None
+
+
+class ModelEstimate(TypedDict):
+    requests: int
+    input_tokens: int
+    max_output_tokens: int
+    tokenizer: str  # "chars/4" or "local:<model>"
+    policy: str
+    expected_provider: str | None
+    expected_usd: float | None
+    providers: list[ProviderEstimate]  # cheapest first
+
+
+class EstimateTotal(TypedDict):
+    cheapest_usd: float | None
+    most_expensive_usd: float | None
+    expected_usd: float | None
+    savings_usd: float | None
+    priced_requests: int
+    unpriced_requests: int
+
+
+class Estimate(TypedDict):
+    """`hfbatch estimate --json`: one object."""
+
+    object: str  # "hfbatch.estimate"
+    input_file: str
+    requests: int
+    invalid_lines: int
+    first_errors: list[dict[str, Any]]
+    endpoints: dict[str, int]
+    models: dict[str, ModelEstimate]
+    total: EstimateTotal
+    price_source: str
+    prices_fetched_at: int | None
+    notes: list[str]
+    is_estimate: bool
 
 
 def _gather(v: Any, texts: list[str], depth: int = 0) -> tuple[int, bool]:
@@ -160,7 +206,7 @@ class _ModelAcc:
 
 
 def estimate_file(path: str, catalog: Catalog, *, pass_through: bool = False, endpoint: str | None = None,
-                  local_tokenizers: bool = True) -> dict[str, Any]:
+                  local_tokenizers: bool = True) -> Estimate:
     """Validate and estimate a batch input file (or "-") without sending anything; one JSON-able dict.
 
     Keys: object "hfbatch.estimate", input_file, requests, invalid_lines, first_errors (<= 5), endpoints
@@ -196,7 +242,7 @@ def estimate_file(path: str, catalog: Catalog, *, pass_through: bool = False, en
             acc.max_output_tokens += out
             defaulted += dflt
             non_text += other
-    models: dict[str, Any] = {}
+    models: dict[str, ModelEstimate] = {}
     lo = hi = exp = 0.0
     priced = unpriced = 0
     unknown_expected: list[str] = []
@@ -236,13 +282,13 @@ def estimate_file(path: str, catalog: Catalog, *, pass_through: bool = False, en
     }
 
 
-def _model_entry(model: str, a: _ModelAcc, catalog: Catalog) -> dict[str, Any]:
+def _model_entry(model: str, a: _ModelAcc, catalog: Catalog) -> ModelEstimate:
     base, pinned = catalog.split(model)
     infos = catalog.providers(base)
     if pinned:
         infos = [p for p in infos if p.provider == pinned] or [ProviderInfo(pinned, None, None, None, None)]
     fastest = catalog.fastest(base)
-    rows = [{"provider": p.provider, "input_price": p.price.input if p.price else None,
+    rows: list[ProviderEstimate] = [{"provider": p.provider, "input_price": p.price.input if p.price else None,
              "output_price": p.price.output if p.price else None,
              "cost_usd": None if (c := request_cost(p.price, a.input_tokens, a.max_output_tokens)) is None
              else round_usd(c), "fastest": p.provider == fastest, "status": p.status} for p in infos]
@@ -259,7 +305,7 @@ def usd(x: float | None) -> str:
     return "unknown" if x is None else (f"${x:.6f}" if x < 0.01 else f"${x:,.4f}")
 
 
-def render_table(est: dict[str, Any]) -> Table:
+def render_table(est: Estimate) -> Table:
     """A rich Table of estimate_file's result: one row per model and provider, cheapest first."""
     from rich.table import Table
 
@@ -287,7 +333,7 @@ def render_table(est: dict[str, Any]) -> Table:
 
 
 def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: str | None,
-                 endpoint: str | None = None) -> dict[str, Any]:
+                 endpoint: str | None = None) -> Estimate:
     """`hfbatch estimate`: fetch the price catalog (one GET, no inference) and estimate the file."""
     import asyncio
 
