@@ -85,7 +85,7 @@ class Stats:
         self.saved_input_tokens += inp
         self.saved_output_tokens += out
 
-    def add_usage(self, body: Any) -> None:
+    def add_usage(self, body: object) -> None:
         """Sum chat (prompt/completion), responses (input/output) and embeddings usage."""
         if not isinstance(body, dict):
             return
@@ -103,7 +103,7 @@ class Stats:
             self.reasoning_tokens += d["reasoning_tokens"]
 
 
-def usage_tokens(body: Any) -> tuple[int, int]:
+def usage_tokens(body: object) -> tuple[int, int]:
     """(input, output) tokens of an answer body (chat, responses, embeddings); 0 when unknown."""
     u = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(u, dict):

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
-from .models import Answer, Failure, Success
+from .models import Answer, Body, Failure, Success
 from .summary import Stats
 
 _FLUSH_BYTES = 1 << 20
@@ -144,12 +144,13 @@ class JsonlSink:
         self._closed = False
 
     @classmethod
-    def open(cls, path: str, *, append: bool = False, **kw: Any) -> JsonlSink:
-        return cls(FileTarget(path, append=append), **kw)
+    def open(cls, path: str, *, append: bool = False, fsync_interval: float = 2.0,
+             on_error: Callable[[JsonlSink, OSError], None] | None = None) -> JsonlSink:
+        return cls(FileTarget(path, append=append), fsync_interval=fsync_interval, on_error=on_error)
 
     @classmethod
-    def stream(cls, stream: BinaryIO, **kw: Any) -> JsonlSink:
-        return cls(StreamTarget(stream), **kw)
+    def stream(cls, stream: BinaryIO, on_error: Callable[[JsonlSink, OSError], None] | None = None) -> JsonlSink:
+        return cls(StreamTarget(stream), on_error=on_error)
 
     @property
     def name(self) -> str:
@@ -255,7 +256,7 @@ def escape_separators(line: bytes) -> bytes:
     return line
 
 
-def success_line(custom_id: str, status: int, request_id: str, body: Any) -> bytes:
+def success_line(custom_id: str, status: int, request_id: str, body: Body) -> bytes:
     """An output-file line; `body` is an orjson.Fragment of the provider's bytes or a JSON value."""
     return escape_separators(orjson.dumps(
         {
