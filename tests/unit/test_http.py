@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client (hfbatch/http1.py) and the Transport around it, against real sockets on
+"""The lean HTTP/1.1 client (hfbatch/http/lean.py) and the Transport around it, against real sockets on
 127.0.0.1: a scripted raw server that answers with exact bytes, so framing, keep-alive, errors and
 timeouts are checked as a server would really produce them."""
 
