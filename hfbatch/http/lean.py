@@ -240,7 +240,6 @@ class Pool:
         self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.connections_opened = 0
 
     def target(self, url: str) -> Target:
         t = self._targets.get(url)
@@ -324,7 +323,6 @@ class Pool:
                 except OSError as e:
                     last = e
                     continue
-                self.connections_opened += 1
                 return conn
             raise last or OSError(f"cannot resolve {t.host}")
 

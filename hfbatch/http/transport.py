@@ -70,10 +70,6 @@ class Transport:
         if self._session is not None:
             await self._session.close()
 
-    @property
-    def connections_opened(self) -> int:
-        return self._pool.connections_opened if self._pool is not None else 0
-
     async def prewarm(self, url: str, n: int) -> None:
         """Open up to `n` keep-alive connections to `url`'s origin ahead of the first requests (the
         lean client only; failures are left for the requests to report)."""
