@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-# ProtocolError and ResponseTooLarge live in bodies.py, shared with the aiohttp path (importable without httptools).
+# Response, ProtocolError and ResponseTooLarge are shared with the aiohttp path (importable without httptools).
+from .base import Response
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode, format_size
 
 if TYPE_CHECKING:
@@ -42,13 +43,6 @@ DNS_TTL = 300.0
 # An answer's status line and headers, at most (aiohttp: 8190 bytes a line, 128 lines). llhttp has no
 # limit of its own and httptools gathers a header in memory until its line ends.
 MAX_HEAD = 1 << 20
-
-
-class Response:
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
 
 
 class Target:

@@ -299,7 +299,7 @@ def test_hfbatch_http_aiohttp_forces_the_aiohttp_client(monkeypatch: pytest.Monk
             async with Transport(2, 5, None) as t:
                 o = await t.post(srv.url + "/v1/x", b"{}")
                 assert o.status == 200 and o.parsed == {"x": 1}
-                assert t._pool is None and t._session is not None
+                assert t._pool is None and t._aio is not None
     run(main())
 
 
