@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from .base import Response
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode
+
+if TYPE_CHECKING:
+    import ssl
 
 # aiohttp's exceptions for a request that got no usable answer (besides TimeoutError and OSError, which
 # some of them also are): transport.py maps them to `connection_error`, as the lean client's.
@@ -29,13 +33,14 @@ class AioClient:
 
     def __init__(
         self, headers: dict[str, str], timeout: float, concurrency: int, proxy_for: Callable[[str], str | None],
-        max_body: int = MAX_RESPONSE_BYTES,
+        max_body: int = MAX_RESPONSE_BYTES, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._headers = headers
         self._timeout = timeout
         self._concurrency = concurrency
         self._proxy_for = proxy_for
         self.max_body = max_body
+        self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
 
     async def request(self, method: str, url: str, body: bytes) -> Response:
@@ -70,7 +75,8 @@ class AioClient:
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
+            limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300,
+            ssl=self._ssl if self._ssl is not None else True,
         )
         # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a thread) for
         # every request. Proxies are resolved once per origin instead (proxy_for, transport.py).

@@ -27,6 +27,7 @@ from . import base
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge
 
 if TYPE_CHECKING:
+    import ssl
     from typing import Self
 
     from .aio import AioClient
@@ -42,8 +43,9 @@ class HttpTransport(base.Transport):
 
     def __init__(
         self, concurrency: int, timeout: float, token: str | None, extra_headers: dict[str, str] | None = None,
-        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_response_bytes: int = MAX_RESPONSE_BYTES, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: the certificates to trust (default: the system store, SSL_CERT_FILE honored)."""
         headers = {"user-agent": f"hfbatch/{__version__}", "content-type": "application/json"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -52,6 +54,7 @@ class HttpTransport(base.Transport):
         self._timeout = timeout
         self._concurrency = concurrency
         self._max_body = max_response_bytes
+        self._ssl = ssl_context
         self._pool: Pool | None = None
         self._aio: AioClient | None = None
         self._proxies: dict[str, str | None] = {}
@@ -66,7 +69,7 @@ class HttpTransport(base.Transport):
             except ImportError:  # httptools missing (an unusual platform): aiohttp does everything
                 pass
             else:
-                self._pool = Pool(self._headers, self._timeout, max_body=self._max_body)
+                self._pool = Pool(self._headers, self._timeout, ssl_context=self._ssl, max_body=self._max_body)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -163,7 +166,7 @@ class HttpTransport(base.Transport):
             from . import aio
 
             self._aio = aio.AioClient(self._headers, self._timeout, self._concurrency, self._proxy_for,
-                                      max_body=self._max_body)
+                                      max_body=self._max_body, ssl_context=self._ssl)
             self._failures += aio.ERRORS
         return self._aio
 

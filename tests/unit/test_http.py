@@ -1,12 +1,16 @@
-"""The lean HTTP/1.1 client (hfbatch/http/lean.py) and the Transport around it, against real sockets on
-127.0.0.1: a scripted raw server that answers with exact bytes, so framing, keep-alive, errors and
-timeouts are checked as a server would really produce them."""
+"""The HTTP layer against real sockets on 127.0.0.1: a scripted raw server that answers with exact bytes, so
+framing, keep-alive, errors, timeouts and the size cap are checked as a server would really produce them.
+
+What both clients must share runs through HttpTransport.post once per client (the `client` fixture: the
+lean client, hfbatch/http/lean.py, and aiohttp, hfbatch/http/aio.py); the lean client's own internals
+(prewarm, its DNS cache, how it connects) are tested on its Pool."""
 
 from __future__ import annotations
 
 import asyncio
 import gzip
 import shutil
+import socket
 import ssl
 import subprocess
 import zlib
@@ -18,8 +22,8 @@ import orjson
 import pytest
 from conftest import MIB, deflate_bomb
 
-from hfbatch.http.lean import Pool, ProtocolError
-from hfbatch.http.transport import Transport
+from hfbatch.http.lean import Pool
+from hfbatch.http.transport import HttpTransport, Transport
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open
 
@@ -88,27 +92,63 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def test_keep_alive_reuses_one_connection_and_sends_exact_requests() -> None:
+def fields(request: bytes) -> dict[bytes, bytes]:
+    """A request's header fields, names and values lower-cased."""
+    head = request.partition(b"\r\n\r\n")[0]
+    return dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+
+
+def dead_port() -> int:
+    """A port nobody listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def until(check: Callable[[], bool], seconds: float = 3.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within the time allowed")
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through Transport with each HTTP client: the same behaviour from both."""
+    if request.param == "aiohttp":
+        monkeypatch.setenv("HFBATCH_HTTP", "aiohttp")
+    else:
+        monkeypatch.delenv("HFBATCH_HTTP", raising=False)
+    return str(request.param)
+
+
+# --------------------------------------------------------------------------- what both clients share
+
+
+def test_keep_alive_reuses_one_connection_and_sends_exact_requests(client: str) -> None:
     async def main() -> None:
         async with RawServer(ok({"n": 1}, "x-request-id: r-1", "X-Inference-Provider: fake-a")) as srv:
-            pool = Pool({"authorization": "Bearer hf_x", "content-type": "application/json"}, timeout=5)
-            for i in range(3):
-                r = await pool.request("POST", srv.url + "/v1/chat/completions?q=1", b'{"i":%d}' % i)
-                assert r.status == 200 and orjson.loads(r.body) == {"n": 1}
-                assert r.headers["x-request-id"] == "r-1" and r.headers["x-inference-provider"] == "fake-a"
-            await pool.close()
+            async with Transport(4, 5, "hf_x") as t:
+                for i in range(3):
+                    o = await t.post(srv.url + "/v1/chat/completions?q=1", b'{"i":%d}' % i)
+                    assert o.status == 200 and o.parsed == {"n": 1} and o.body == b'{"n":1}'
+                    assert (o.request_id, o.provider) == ("r-1", "fake-a")
+                assert (t._pool is None) == (client == "aiohttp")
             assert srv.connections == 1
             head, _, body = srv.requests[2].partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            assert lines[0] == b"POST /v1/chat/completions?q=1 HTTP/1.1"
-            fields = dict(line.lower().split(b": ", 1) for line in lines[1:])
-            assert fields[b"host"] == f"127.0.0.1:{srv.port}".encode()
-            assert fields[b"authorization"] == b"bearer hf_x" and fields[b"content-length"] == b"7"
+            assert head.split(b"\r\n")[0] == b"POST /v1/chat/completions?q=1 HTTP/1.1"
+            f = fields(srv.requests[2])
+            assert f[b"host"] == f"127.0.0.1:{srv.port}".encode()
+            assert f[b"authorization"] == b"bearer hf_x" and f[b"content-length"] == b"7"
+            assert f[b"content-type"] == b"application/json" and f[b"user-agent"].startswith(b"hfbatch/")
             assert body == b'{"i":2}'
     run(main())
 
 
-def test_chunked_gzip_deflate_and_close_delimited_bodies() -> None:
+def test_chunked_gzip_deflate_close_delimited_and_interim_answers(client: str) -> None:
     payload = orjson.dumps({"text": "x" * 5000})
 
     async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
@@ -125,6 +165,11 @@ def test_chunked_gzip_deflate_and_close_delimited_bodies() -> None:
             w.write(answer(200, gzip.compress(payload), "Content-Encoding: gzip"))
         elif kind == b"/deflate":
             w.write(answer(200, zlib.compress(payload), "Content-Encoding: deflate"))
+        elif kind == b"/raw-deflate":
+            c = zlib.compressobj(wbits=-15)
+            w.write(answer(200, c.compress(payload) + c.flush(), "Content-Encoding: deflate"))
+        elif kind == b"/interim":
+            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(200, payload))
         elif kind == b"/close":
             w.write(answer(200, payload, "Connection: close", length=False))
             await w.drain()
@@ -134,22 +179,19 @@ def test_chunked_gzip_deflate_and_close_delimited_bodies() -> None:
 
     async def main() -> None:
         async with RawServer(handle) as srv:
-            pool = Pool({}, timeout=5)
-            for path in ("/chunked", "/gzip", "/deflate", "/close", "/chunked"):
-                r = await pool.request("POST", srv.url + path, b"{}")
-                assert (r.status, r.body) == (200, payload), path
-            await pool.close()
+            async with Transport(4, 5, None) as t:
+                for path in ("/chunked", "/gzip", "/deflate", "/raw-deflate", "/interim", "/close", "/chunked"):
+                    o = await t.post(srv.url + path, b"{}")
+                    assert (o.status, o.body, o.error_code) == (200, payload, None), (path, o.error_message)
             assert srv.connections == 2  # the close-delimited answer ended the first connection
     run(main())
 
 
-def test_connection_close_interim_100_and_server_idle_close() -> None:
+def test_connection_close_and_a_server_closing_an_idle_connection(client: str) -> None:
     async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
         path = req.split(b" ")[1]
-        if path == b"/interim":
-            w.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(201, b'{"a":1}'))
-        elif path == b"/bye":
-            w.write(answer(200, b"{}", "Connection: close"))
+        if path == b"/bye":
+            w.write(answer(201, b'{"a":1}', "Connection: close"))
         else:  # answer, then close the idle connection a moment later (a server's keep-alive timeout)
             w.write(answer(200, b"{}"))
             await w.drain()
@@ -160,25 +202,27 @@ def test_connection_close_interim_100_and_server_idle_close() -> None:
 
     async def main() -> None:
         async with RawServer(handle) as srv:
-            pool = Pool({}, timeout=5)
-            r = await pool.request("POST", srv.url + "/interim", b"{}")
-            assert (r.status, r.body) == (201, b'{"a":1}')
-            assert (await pool.request("POST", srv.url + "/bye", b"{}")).status == 200
-            assert (await pool.request("POST", srv.url + "/idle", b"{}")).status == 200
-            await asyncio.sleep(0.3)  # the server closed that connection meanwhile
-            assert (await pool.request("POST", srv.url + "/idle", b"{}")).status == 200
-            await pool.close()
+            async with Transport(4, 5, None) as t:
+                o = await t.post(srv.url + "/bye", b"{}")
+                assert (o.status, o.parsed) == (201, {"a": 1})
+                assert (await t.post(srv.url + "/idle", b"{}")).status == 200
+                await asyncio.sleep(0.3)  # the server closed that connection meanwhile
+                assert (await t.post(srv.url + "/idle", b"{}")).status == 200
             assert srv.connections == 3
     run(main())
 
 
-def test_broken_answers_raise_and_do_not_poison_the_pool() -> None:
+def test_broken_answers_are_connection_errors_and_do_not_poison_the_pool(client: str) -> None:
     async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
         path = req.split(b" ")[1]
         if path == b"/truncated":
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"par")
         elif path == b"/garbage":
             w.write(b"SMTP ready\r\n\r\n")
+        elif path == b"/bad-gzip":  # well framed: the server keeps the connection (the lean client does not)
+            w.write(answer(200, b"not gzip at all", "Content-Encoding: gzip"))
+            await w.drain()
+            return True
         elif path == b"/silent-close":
             return False
         else:
@@ -190,22 +234,72 @@ def test_broken_answers_raise_and_do_not_poison_the_pool() -> None:
 
     async def main() -> None:
         async with RawServer(handle) as srv:
-            pool = Pool({}, timeout=5)
-            for path, pattern in (("/truncated", "mid-answer"), ("/garbage", "invalid HTTP"),
-                                  ("/silent-close", "before answering")):
-                with pytest.raises(ProtocolError, match=pattern):
-                    await pool.request("POST", srv.url + path, b"{}")
-                assert (await pool.request("POST", srv.url + "/fine", b"{}")).status == 200
-            await pool.close()
+            async with Transport(4, 5, None) as t:
+                for path, lean_says in (("/truncated", "mid-answer"), ("/garbage", "invalid HTTP"),
+                                        ("/bad-gzip", "could not decode a gzip body"),
+                                        ("/silent-close", "before answering")):
+                    o = await t.post(srv.url + path, b"{}")
+                    assert (o.status, o.error_code) == (None, "connection_error"), (path, o.status, o.error_code)
+                    if client == "lean":
+                        assert "ProtocolError" in (o.error_message or "") and lean_says in (o.error_message or "")
+                    assert (await t.post(srv.url + "/fine", b"{}")).status == 200
     run(main())
 
 
-def test_transport_maps_timeouts_refusals_and_redirects() -> None:
+def test_timeouts_and_refusals_are_outcomes(client: str) -> None:
+    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with RawServer(handle) as srv:
+            async with Transport(4, 0.4, "hf_secret") as t:
+                o = await t.post(srv.url + "/hang", b"{}")
+                assert o.status is None and o.error_code == "request_timeout"
+                assert 0.3 < o.latency < 2.0
+                o = await t.post(f"http://127.0.0.1:{dead_port()}/v1/x", b"{}")
+                assert o.status is None and o.error_code == "connection_error"
+                assert "hf_secret" not in (o.error_message or "")
+                with pytest.raises(OSError):  # get_json raises instead
+                    await t.get_json(f"http://127.0.0.1:{dead_port()}/v1/models")
+    run(main())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_with_a_trusted_certificate_and_sni(tmp_path: Path, client: str) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        srv = RawServer(ok({"tls": True}))
+        server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_ctx)
+        url = f"https://localhost:{server.sockets[0].getsockname()[1]}/v1/x"
+        try:
+            async with HttpTransport(4, 5, None, ssl_context=client_ctx) as t:
+                for _ in range(2):
+                    o = await t.post(url, b"{}")
+                    assert (o.status, o.parsed) == (200, {"tls": True}), o.error_message
+            assert srv.connections == 1
+            # the system store does not trust this certificate: the handshake fails, as it should
+            async with HttpTransport(4, 5, None) as t:
+                o = await t.post(url, b"{}")
+                assert (o.status, o.error_code) == (None, "connection_error")
+                assert "certificate verify failed" in (o.error_message or ""), o.error_message
+            assert len(srv.requests) == 2  # the refused handshake never got as far as a request
+        finally:
+            server.close()
+    run(main())
+
+
+def test_redirects() -> None:
     async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
         path = req.split(b" ")[1]
-        if path == b"/hang":
-            await asyncio.sleep(30)
-        elif path == b"/moved":
+        if path == b"/moved":
             w.write(answer(307, b"", "Location: /v1/here"))
         elif path == b"/found":
             w.write(answer(302, b"", "Location: /v1/here"))
@@ -218,10 +312,7 @@ def test_transport_maps_timeouts_refusals_and_redirects() -> None:
 
     async def main() -> None:
         async with RawServer(handle) as srv:
-            async with Transport(4, 0.4, "hf_secret") as t:
-                o = await t.post(srv.url + "/hang", b"{}")
-                assert o.status is None and o.error_code == "request_timeout"
-                assert 0.3 < o.latency < 2.0
+            async with Transport(4, 5, "hf_secret") as t:
                 o = await t.post(srv.url + "/moved", b'{"k":1}')  # 307 keeps the method and body
                 assert o.status == 200 and o.parsed == {"path": "/v1/here", "body": {"k": 1}}
                 o = await t.post(srv.url + "/found", b"{}")  # a 302 would turn a POST into a GET: not followed
@@ -230,16 +321,6 @@ def test_transport_maps_timeouts_refusals_and_redirects() -> None:
                 async with RawServer(ok({"elsewhere": True})) as other:
                     o = await t.post(f"{srv.url}/away?to={other.port}", b"{}")
                     assert o.status == 307 and other.requests == []
-                # a port nobody listens on
-                import socket
-
-                s = socket.socket()
-                s.bind(("127.0.0.1", 0))
-                dead = s.getsockname()[1]
-                s.close()
-                o = await t.post(f"http://127.0.0.1:{dead}/v1/x", b"{}")
-                assert o.status is None and o.error_code == "connection_error"
-                assert "hf_secret" not in (o.error_message or "")
     run(main())
 
 
@@ -262,35 +343,6 @@ def test_an_origin_behind_a_proxy_goes_through_aiohttp(monkeypatch: pytest.Monke
     run(main())
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-def test_https_with_a_trusted_certificate_and_sni(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.create_default_context(cafile=str(cert))
-
-    async def main() -> None:
-        srv = RawServer(ok({"tls": True}))
-        server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_ctx)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            pool = Pool({}, timeout=5, ssl_context=client_ctx)
-            for _ in range(2):
-                r = await pool.request("POST", f"https://localhost:{port}/v1/x", b"{}")
-                assert orjson.loads(r.body) == {"tls": True}
-            await pool.close()
-            assert srv.connections == 1
-            # the system store does not trust this certificate: the handshake fails, as it should
-            with pytest.raises(ssl.SSLError):
-                await Pool({}, timeout=5).request("POST", f"https://localhost:{port}/v1/x", b"{}")
-        finally:
-            server.close()
-    run(main())
-
-
 def test_hfbatch_http_aiohttp_forces_the_aiohttp_client(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HFBATCH_HTTP", "aiohttp")
 
@@ -302,6 +354,8 @@ def test_hfbatch_http_aiohttp_forces_the_aiohttp_client(monkeypatch: pytest.Monk
                 assert t._pool is None and t._aio is not None
     run(main())
 
+
+# --------------------------------------------------------------------------- the lean client's own internals
 
 
 def test_prewarm_opens_the_first_waves_connections_ahead() -> None:
@@ -381,27 +435,9 @@ async def hostile(req: bytes, w: asyncio.StreamWriter) -> bool:
     return True
 
 
-@pytest.fixture(params=["lean", "aiohttp"])
-def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test through Transport with each HTTP client: one cap, the same behaviour."""
-    if request.param == "aiohttp":
-        monkeypatch.setenv("HFBATCH_HTTP", "aiohttp")
-    else:
-        monkeypatch.delenv("HFBATCH_HTTP", raising=False)
-    return str(request.param)
-
-
 def capped() -> Transport:
     # A 3 s timeout: a client that waited for a body it should have refused ends as request_timeout.
     return Transport(4, 3.0, None, max_response_bytes=CAP)
-
-
-async def until(check: Callable[[], bool], seconds: float = 3.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within the time allowed")
 
 
 # Answers the client cannot have read to their end when it refuses them (1 GiB announced, or no end at all).
