@@ -2,11 +2,12 @@
 credentials in its URL, and everything when HFBATCH_HTTP=aiohttp or httptools is missing. Input: one
 request; output: a Response (base.py), or an exception transport.py maps to an Outcome.
 
-Imported only when it is used (transport.py), so that aiohttp is too. It holds an answer to the same cap
-as the lean client (bodies.py): Content-Length first, raw bytes as they arrive, then a bounded decode
-(the session does not decompress); over it, the connection is dropped without reading the rest.
-(aiohttp returns a connection to its pool as soon as it has read an answer to its end, well framed: one
-found too large only when decoded may serve another request.)
+Imported only when it is used (transport.py), so that aiohttp is too. It follows no redirect: transport.py
+does, with one policy for both clients. It holds an answer to the same cap as the lean client (bodies.py):
+Content-Length first, raw bytes as they arrive, then a bounded decode (the session does not decompress);
+over it, the connection is dropped without reading the rest. (aiohttp returns a connection to its pool as
+soon as it has read an answer to its end, well framed: one found too large only when decoded may serve
+another request.)
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class AioClient:
     async def request(self, method: str, url: str, body: bytes) -> Response:
         session = self._session or self._open()
         limit = self.max_body
-        async with session.request(method, url, data=body or None, proxy=self._proxy_for(url)) as resp:
+        # allow_redirects=False: transport.py follows redirects, one policy for both clients (aiohttp's own
+        # would follow a 302 on a POST as a GET, and a 307 to another host).
+        async with session.request(method, url, data=body or None, proxy=self._proxy_for(url),
+                                   allow_redirects=False) as resp:
             # resp.close() drops the connection without reading the rest of a too-large answer.
             try:
                 check_length(resp.headers.get("content-length"), limit)

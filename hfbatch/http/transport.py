@@ -7,6 +7,10 @@ Plain http(s) origins go through the lean keep-alive client (lean.py); an origin
 aiohttp (aio.py), as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. aiohttp is
 imported only when it is used.
 
+Redirects, the same for both clients: a POST follows a 307 or 308 (a 301/302/303 would turn it into a
+bodiless GET), a GET any redirect; at most 5, and only within the origin (scheme, host and port as the URL
+writes them), so that the token never travels to another host. Any other 3xx is the answer, as it is.
+
 Both clients hold an answer to the same cap (bodies.py; --max-response-bytes): over it, the request
 ends as `response_too_large` (no answer, not retried), the rest of the answer is not read and its
 connection is closed.
@@ -133,9 +137,8 @@ class HttpTransport(base.Transport):
         return r
 
     async def _follow(self, client: Client, method: str, url: str, data: bytes, r: Response) -> Response:
-        """Follow a redirect only where the method and body survive it (307/308; any for a GET: a
-        301/302/303 would turn the POST into a bodiless GET), and only within the origin: the token must
-        not travel to another host. At most MAX_REDIRECTS; anything else is returned as it is."""
+        """Follow `r`, a redirect, where the method and body survive it (307/308; any for a GET), only
+        within the origin, at most MAX_REDIRECTS times; return the first answer not to follow, as it is."""
         from urllib.parse import urljoin
 
         first = _origin(url)

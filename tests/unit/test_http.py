@@ -296,31 +296,77 @@ def test_https_with_a_trusted_certificate_and_sni(tmp_path: Path, client: str) -
     run(main())
 
 
-def test_redirects() -> None:
-    async def handle(req: bytes, w: asyncio.StreamWriter) -> bool:
-        path = req.split(b" ")[1]
-        if path == b"/moved":
-            w.write(answer(307, b"", "Location: /v1/here"))
-        elif path == b"/found":
-            w.write(answer(302, b"", "Location: /v1/here"))
-        elif path.startswith(b"/away"):
-            w.write(answer(307, b"", f"Location: http://127.0.0.1:{path.split(b'=')[1].decode()}/v1/x"))
-        else:
-            w.write(answer(200, b'{"path":"%b","body":%b}' % (path, req.partition(b"\r\n\r\n")[2])))
-        await w.drain()
-        return True
+async def redirecting(req: bytes, w: asyncio.StreamWriter) -> bool:
+    """/status/<code>[?to=<port>]: a redirect to /v1/here, on this origin or on 127.0.0.1:<port>;
+    /loop/<n>: a 307 to /loop/<n+1>; /nowhere: a 307 without a Location; else the request, as JSON."""
+    method, path = req.split(b" ")[:2]
+    p = path.decode()
+    if p.startswith("/status/"):
+        code, _, query = p.removeprefix("/status/").partition("?")
+        where = f"http://127.0.0.1:{query.split('=')[1]}/v1/here" if query else "/v1/here"
+        w.write(answer(int(code), b"", f"Location: {where}"))
+    elif p.startswith("/loop/"):
+        w.write(answer(307, b"", f"Location: /loop/{int(p.split('/')[2]) + 1}"))
+    elif p == "/nowhere":
+        w.write(answer(307, b""))
+    else:
+        body = req.partition(b"\r\n\r\n")[2].decode()
+        w.write(answer(200, orjson.dumps({"method": method.decode(), "path": p, "body": body,
+                                          "token": fields(req).get(b"authorization", b"").decode()})))
+    await w.drain()
+    return True
 
+
+@pytest.mark.parametrize("code", [307, 308])
+def test_a_post_follows_307_and_308_within_the_origin_with_its_method_body_and_token(client: str, code: int) -> None:
     async def main() -> None:
-        async with RawServer(handle) as srv:
+        async with RawServer(redirecting) as srv, Transport(4, 5, "hf_secret") as t:
+            o = await t.post(srv.url + f"/status/{code}", b'{"k":1}')
+            assert (o.status, o.parsed) == (200, {"method": "POST", "path": "/v1/here", "body": '{"k":1}',
+                                                  "token": "bearer hf_secret"}), (o.status, o.error_message)
+    run(main())
+
+
+@pytest.mark.parametrize("code", [301, 302, 303])
+def test_a_post_does_not_follow_a_redirect_that_would_make_it_a_get(client: str, code: int) -> None:
+    async def main() -> None:
+        async with RawServer(redirecting) as srv, Transport(4, 5, "hf_secret") as t:
+            o = await t.post(srv.url + f"/status/{code}", b"{}")
+            assert (o.status, o.error_code) == (code, None), (o.status, o.parsed, o.error_message)
+            assert len(srv.requests) == 1, srv.requests[1:]
+    run(main())
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_is_not_followed_so_the_token_stays_home(client: str, code: int) -> None:
+    async def main() -> None:
+        async with RawServer(redirecting) as srv, RawServer(ok({"elsewhere": True})) as other:
             async with Transport(4, 5, "hf_secret") as t:
-                o = await t.post(srv.url + "/moved", b'{"k":1}')  # 307 keeps the method and body
-                assert o.status == 200 and o.parsed == {"path": "/v1/here", "body": {"k": 1}}
-                o = await t.post(srv.url + "/found", b"{}")  # a 302 would turn a POST into a GET: not followed
-                assert o.status == 302
-                # another origin (here: another port) never gets the token: not followed either
-                async with RawServer(ok({"elsewhere": True})) as other:
-                    o = await t.post(f"{srv.url}/away?to={other.port}", b"{}")
-                    assert o.status == 307 and other.requests == []
+                o = await t.post(f"{srv.url}/status/{code}?to={other.port}", b"{}")
+                assert (o.status, o.error_code) == (code, None), (o.status, o.parsed, o.error_message)
+                with pytest.raises(OSError, match=f"HTTP {code}"):  # nor for a GET
+                    await t.get_json(f"{srv.url}/status/{code}?to={other.port}")
+            assert other.requests == []
+    run(main())
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_get_follows_any_redirect_within_the_origin(client: str, code: int) -> None:
+    async def main() -> None:
+        async with RawServer(redirecting) as srv, Transport(4, 5, None) as t:
+            got = await t.get_json(srv.url + f"/status/{code}")
+            assert (got["method"], got["path"]) == ("GET", "/v1/here")
+    run(main())
+
+
+def test_at_most_five_redirects_then_the_answer_as_it_is(client: str) -> None:
+    async def main() -> None:
+        async with RawServer(redirecting) as srv, Transport(4, 5, None) as t:
+            o = await t.post(srv.url + "/loop/0", b"{}")
+            assert (o.status, o.error_code) == (307, None), (o.status, o.error_message)
+            assert [r.split(b" ")[1] for r in srv.requests] == [b"/loop/%d" % i for i in range(6)]
+            o = await t.post(srv.url + "/nowhere", b"{}")  # no Location: nothing to follow
+            assert (o.status, o.error_code) == (307, None)
     run(main())
 
 
