@@ -8,13 +8,16 @@ lean client, hfbatch/http/lean.py, and aiohttp, hfbatch/http/aio.py); the lean c
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import gzip
+import select
 import shutil
 import socket
 import ssl
 import subprocess
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import orjson
 import pytest
 from conftest import MIB, deflate_bomb
 
-from hfbatch.http.lean import Pool
+from hfbatch.http.lean import AddrInfo, Pool, interleave
 from hfbatch.http.transport import HttpTransport, Transport
 
 Handler = Callable[[bytes, asyncio.StreamWriter], Awaitable[bool]]  # -> keep the connection open
@@ -417,6 +420,83 @@ def test_prewarm_opens_the_first_waves_connections_ahead() -> None:
             assert srv.connections == 5
             await pool.close()
     run(main())
+
+
+@pytest.fixture
+def black_hole() -> Iterator[tuple[str, int]]:
+    """An address whose connect hangs (no answer, no refusal), as a black-holed route's does: a listener
+    that never accepts, its accept queue full, so that the kernel drops further SYNs."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    addr = listener.getsockname()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            held.append(s)
+            s.setblocking(False)
+            if s.connect_ex(addr) not in (0, errno.EINPROGRESS):
+                break
+            if not select.select([], [s], [], 0.5)[1]:  # still connecting after 0.5 s: it hangs
+                yield addr
+                return
+        pytest.skip("this machine does not let a connect hang (a full accept queue still completes it)")
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
+
+
+def addrinfo(host: str, port: int) -> AddrInfo:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
+
+
+@pytest.mark.filterwarnings("error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning")
+def test_a_black_holed_address_does_not_eat_the_connect_timeout(black_hole: tuple[str, int]) -> None:
+    """Happy eyeballs (RFC 8305): the next address starts 250 ms after the previous one if that one has not
+    connected yet; the first to connect wins, the others are cancelled and their sockets closed. The
+    addresses come from the Pool's resolver (here: a hanging one, then the server), cached as DNS is."""
+    async def main() -> None:
+        async with RawServer(ok({"raced": True})) as srv:
+            asked: list[tuple[str, int]] = []
+
+            async def resolve(host: str, port: int) -> list[AddrInfo]:
+                asked.append((host, port))
+                return [addrinfo(*black_hole), addrinfo("127.0.0.1", srv.port)]
+
+            pool = Pool({}, timeout=60, connect_timeout=30, resolve=resolve)
+            try:
+                # 30 s to connect: trying the addresses one after the other would still be stuck on the first
+                r = await asyncio.wait_for(pool.request("POST", "http://api.example.test:8443/v1/x", b"{}"), 10)
+                assert (r.status, orjson.loads(r.body)) == (200, {"raced": True})
+                assert srv.connections == 1  # the second address was tried, and won
+                await asyncio.wait_for(pool.prewarm("http://api.example.test:8443/v1/x", 3), 10)
+                await until(lambda: srv.connections == 3)
+                assert asked == [("api.example.test", 8443)]  # resolved once: the DNS cache holds
+            finally:
+                await pool.close()
+        gc.collect()  # a losing attempt's socket left open would warn here (an error in this test)
+    run(main())
+
+
+def test_when_every_address_fails_the_connect_fails() -> None:
+    async def main() -> None:
+        async def resolve(host: str, port: int) -> list[AddrInfo]:
+            return [addrinfo("127.0.0.1", dead_port()), addrinfo("127.0.0.1", dead_port())]
+
+        pool = Pool({}, timeout=5, resolve=resolve)
+        with pytest.raises(ConnectionRefusedError):
+            await pool.request("POST", "http://api.example.test/v1/x", b"{}")
+        await pool.close()
+    run(main())
+
+
+def test_address_families_alternate_starting_with_the_resolvers_first() -> None:
+    v6 = [addrinfo(f"2001:db8::{i}", 443) for i in range(3)]
+    v4 = [addrinfo(f"192.0.2.{i}", 443) for i in range(2)]
+    assert interleave(v6 + v4) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert interleave(v4 + v6) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert interleave(v4) == v4
 
 
 # --------------------------------------------------------------------------- the answer size cap (both clients)
