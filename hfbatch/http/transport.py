@@ -158,10 +158,13 @@ class HttpTransport(base.Transport):
     def _client(self, url: str) -> Client:
         client = self._clients.get(url)  # per URL (a run has a handful): no string work per request
         if client is None:
-            origin = _origin(url)
-            lean = (self._pool is not None and "@" not in origin and origin.startswith(("http://", "https://"))
-                    and self._proxy_for(url) is None)
-            client = self._clients[url] = self._pool if lean and self._pool is not None else self._aiohttp()
+            origin, pool = _origin(url), self._pool
+            if (pool is not None and "@" not in origin and origin.startswith(("http://", "https://"))
+                    and self._proxy_for(url) is None):
+                client = pool
+            else:
+                client = self._aiohttp()
+            self._clients[url] = client
         return client
 
     def _aiohttp(self) -> AioClient:
@@ -180,7 +183,9 @@ class HttpTransport(base.Transport):
         return self._proxies[origin]
 
 
-Transport = HttpTransport  # the name callers import today (executor.py, engines/http.py, cost/estimate.py)
+# The name callers import today (executor.py, engines/http.py, cost/estimate.py); the protocol they may
+# type against instead is hfbatch.http.Transport (base.py).
+Transport = HttpTransport
 
 
 def _origin(url: str) -> str:
