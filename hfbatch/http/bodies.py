@@ -1,4 +1,4 @@
-"""HTTP answer bodies, for both clients (http1.py and aiohttp in transport.py): the size cap and bounded
+"""HTTP answer bodies, for both clients (lean.py and aio.py): the size cap and bounded
 gzip/deflate decoding. Input: raw body bytes and a cap; output: the decoded body, or ResponseTooLarge.
 
 Why a cap: whatever a server sends (a gzip bomb, a huge Content-Length, an endless chunked body), one

@@ -8,8 +8,10 @@ BENCHMARKS.md. What it does not do (proxies, credentials in the URL) stays with 
 
 - Connections are kept per origin (LIFO, so a few warm ones serve a slow trickle), closed after
   60 s idle, after `Connection: close`, or after any error.
-- DNS is resolved once per host and reused for 5 minutes; TLS uses the system trust store, with
-  SNI and hostname checks on.
+- DNS is resolved once per host and reused for 5 minutes (the resolver is a seam: Pool(resolve=...));
+  a new connection races the host's addresses as RFC 8305 does (happy_eyeballs: families
+  interleaved, the next address 250 ms after the previous one, the first to connect wins). TLS uses
+  the system trust store, with SNI and hostname checks on.
 - Timeouts: one watchdog per pool (not a timer per request) aborts requests past their deadline.
 - Bodies: Content-Length, chunked or close-delimited; gzip/deflate decoded. Capped (bodies.py): a
   Content-Length over the cap is refused before the body is read, raw bytes are counted as they
@@ -22,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httptools
 
-# ProtocolError and ResponseTooLarge live in bodies.py, shared with the aiohttp path (importable without httptools).
+# Response, ProtocolError and ResponseTooLarge are shared with the aiohttp path (importable without httptools).
+from .base import Response
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode, format_size
 
 if TYPE_CHECKING:
@@ -39,16 +43,14 @@ WANTED = frozenset({b"x-request-id", b"x-inference-provider", b"retry-after", b"
                     b"location", b"content-length", b"transfer-encoding"})
 IDLE_SECONDS = 60.0
 DNS_TTL = 300.0
+CONNECT_DELAY = 0.25  # RFC 8305's Connection Attempt Delay: when the next address starts (happy eyeballs)
 # An answer's status line and headers, at most (aiohttp: 8190 bytes a line, 128 lines). llhttp has no
 # limit of its own and httptools gathers a header in memory until its line ends.
 MAX_HEAD = 1 << 20
 
-
-class Response:
-    __slots__ = ("status", "headers", "body")
-
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
+# getaddrinfo's entries: (family, type, proto, canonname, sockaddr)
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+Resolver = Callable[[str, int], Awaitable[Sequence[AddrInfo]]]
 
 
 class Target:
@@ -220,13 +222,97 @@ def default_ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def interleave(infos: Sequence[AddrInfo]) -> list[AddrInfo]:
+    """RFC 8305 section 4: alternate address families (IPv6, IPv4, IPv6, ...), starting with the family
+    of the resolver's first choice, each family's addresses in the resolver's order."""
+    families: dict[int, list[AddrInfo]] = {}
+    for info in infos:
+        families.setdefault(info[0], []).append(info)
+    if len(families) < 2:
+        return list(infos)
+    return [info for row in zip_longest(*families.values()) for info in row if info is not None]
+
+
+async def happy_eyeballs(infos: Sequence[AddrInfo], loop: asyncio.AbstractEventLoop) -> socket.socket:
+    """A connected socket to one of `infos`, raced as RFC 8305 does: each address is tried in turn, the
+    next one as soon as the previous one fails or after CONNECT_DELAY if it is still connecting (a
+    black-holed route, often IPv6, would otherwise hold the whole connect timeout); the first to connect
+    wins, the others are cancelled and their sockets closed. Raises the last error if every one fails.
+
+    Over the Pool's cached addresses: loop.create_connection(happy_eyeballs_delay=...) would race the
+    same way but resolve the host again for every connection."""
+    if len(infos) == 1:
+        return await _connect_socket(infos[0], loop)
+    attempts: set[asyncio.Task[socket.socket]] = set()
+    errors: list[BaseException] = []
+    try:
+        for i, info in enumerate(infos):
+            attempts.add(loop.create_task(_connect_socket(info, loop)))
+            # CONNECT_DELAY before the next address starts; after the last one, as long as the caller's
+            # timeout allows.
+            sock = await _first_connected(attempts, errors, CONNECT_DELAY if i + 1 < len(infos) else None)
+            if sock is not None:
+                return sock
+        while attempts:
+            sock = await _first_connected(attempts, errors, None)
+            if sock is not None:
+                return sock
+    finally:
+        for task in attempts:  # the losers, and all of them when the caller's timeout ends the race
+            task.cancel()
+            task.add_done_callback(_close_loser)
+    raise errors[-1]
+
+
+async def _first_connected(attempts: set[asyncio.Task[socket.socket]], errors: list[BaseException],
+                           timeout: float | None) -> socket.socket | None:
+    """Wait up to `timeout` for an attempt to end; the socket of the first that connected, if one did.
+    The attempts that ended leave `attempts` (their errors go to `errors`; an extra winner is closed)."""
+    done, _ = await asyncio.wait(attempts, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    winner: socket.socket | None = None
+    for task in done:
+        attempts.discard(task)
+        error = task.exception()
+        if error is not None:
+            errors.append(error)
+        elif winner is None:
+            winner = task.result()
+        else:
+            task.result().close()
+    return winner
+
+
+def _close_loser(task: asyncio.Task[socket.socket]) -> None:
+    """A cancelled attempt may have connected before the cancel reached it: close that socket."""
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+async def _connect_socket(info: AddrInfo, loop: asyncio.AbstractEventLoop) -> socket.socket:
+    family, _, proto, _, addr = info
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, addr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def system_resolve(host: str, port: int) -> Sequence[AddrInfo]:
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
 class Pool:
     """Keep-alive connections per origin, a DNS cache, and one timeout watchdog."""
 
     def __init__(self, headers: dict[str, str], timeout: float, connect_timeout: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None, max_body: int = MAX_RESPONSE_BYTES) -> None:
+                 ssl_context: ssl.SSLContext | None = None, max_body: int = MAX_RESPONSE_BYTES,
+                 resolve: Resolver | None = None) -> None:
         """`max_body`: the largest answer body accepted, after decoding (bytes); past it a request
-        raises ResponseTooLarge."""
+        raises ResponseTooLarge. `resolve(host, port)`: a host's addresses (default: the system's
+        getaddrinfo), cached for DNS_TTL."""
         self._headers = {"accept-encoding": "gzip, deflate", **{k.lower(): v for k, v in headers.items()}}
         if any(c in text for kv in self._headers.items() for text in kv for c in "\r\n\0"):
             raise ValueError("a header name or value contains a line break")  # (RunConfig refuses these first)
@@ -237,10 +323,10 @@ class Pool:
         self._targets: dict[str, Target] = {}
         self._idle: dict[tuple[bool, str, int], list[_Conn]] = {}
         self._busy: set[_Conn] = set()
-        self._dns: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._resolver = resolve or system_resolve
+        self._dns: dict[tuple[str, int], tuple[float, Sequence[AddrInfo]]] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.connections_opened = 0
 
     def target(self, url: str) -> Target:
         t = self._targets.get(url)
@@ -314,26 +400,22 @@ class Pool:
         max_body = self.max_body
         factory: Callable[[], _Conn] = lambda: _Conn(loop, max_body)  # noqa: E731
         budget = max(0.001, min(self.connect_timeout, deadline - loop.time()))
-        async with asyncio.timeout(budget):
-            last: OSError | None = None
-            for family, _, proto, _, addr in await self._resolve(t.host, t.port, loop):
-                try:
-                    _, conn = await loop.create_connection(
-                        factory, addr[0], addr[1], family=family, proto=proto, ssl=ssl_ctx,
-                        server_hostname=t.host if ssl_ctx is not None else None)
-                except OSError as e:
-                    last = e
-                    continue
-                self.connections_opened += 1
-                return conn
-            raise last or OSError(f"cannot resolve {t.host}")
+        async with asyncio.timeout(budget):  # the race and the TLS handshake
+            sock = await happy_eyeballs(await self._resolve(t.host, t.port, loop), loop)
+            try:
+                _, conn = await loop.create_connection(
+                    factory, sock=sock, ssl=ssl_ctx, server_hostname=t.host if ssl_ctx is not None else None)
+            except BaseException:
+                sock.close()  # (a transport that was made closed it already)
+                raise
+            return conn
 
-    async def _resolve(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> list[Any]:
+    async def _resolve(self, host: str, port: int, loop: asyncio.AbstractEventLoop) -> Sequence[AddrInfo]:
         now = loop.time()
         hit = self._dns.get((host, port))
         if hit is not None and now - hit[0] < DNS_TTL:
             return hit[1]
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = interleave(await self._resolver(host, port))
         if not infos:
             raise OSError(f"cannot resolve {host}")
         self._dns[(host, port)] = (now, infos)

@@ -1,21 +1,25 @@
-"""Transport: one POST -> Outcome (status, raw body, parsed JSON, ids, latency). No policy, no retries.
+"""HttpTransport: one POST -> Outcome (status, raw body, parsed JSON, ids, latency), the policy above the two
+HTTP clients: which client serves an origin, the redirects followed, and one map from exceptions to the
+Outcome's error codes. No retries (retry.py decides those).
 
-Plain http(s) origins go through the lean keep-alive client in http1.py; an origin behind a proxy
+Plain http(s) origins go through the lean keep-alive client (lean.py); an origin behind a proxy
 (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, minus NO_PROXY) or with credentials in its URL goes through
-aiohttp, as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. aiohttp is imported
-only when it is used.
+aiohttp (aio.py), as does everything when HFBATCH_HTTP=aiohttp or httptools is missing. aiohttp is
+imported only when it is used.
+
+Redirects, the same for both clients: a POST follows a 307 or 308 (a 301/302/303 would turn it into a
+bodiless GET), a GET any redirect; at most 5, and only within the origin (scheme, host and port as the URL
+writes them), so that the token never travels to another host. Any other 3xx is the answer, as it is.
 
 Both clients hold an answer to the same cap (bodies.py; --max-response-bytes): over it, the request
 ends as `response_too_large` (no answer, not retried), the rest of the answer is not read and its
-connection is closed. (aiohttp returns a connection to its pool as soon as it has read an answer to
-its end, well framed: one found too large only when decoded may serve another request.)
+connection is closed.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import zlib
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,24 +27,29 @@ import orjson
 from .. import __version__
 from ..models import Outcome
 from ..retry import parse_retry_after
-from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge, check_length, decode
+from . import base
+from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge
 
 if TYPE_CHECKING:
-    import aiohttp
+    import ssl
+    from typing import Self
 
+    from .aio import AioClient
+    from .base import Client, Response
     from .lean import Pool
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 
 
-class Transport:
+class HttpTransport(base.Transport):
     """One connection pool per run, sized by the callers' concurrency, keep-alive on."""
 
     def __init__(
         self, concurrency: int, timeout: float, token: str | None, extra_headers: dict[str, str] | None = None,
-        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_response_bytes: int = MAX_RESPONSE_BYTES, ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: the certificates to trust (default: the system store, SSL_CERT_FILE honored)."""
         headers = {"user-agent": f"hfbatch/{__version__}", "content-type": "application/json"}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -49,44 +58,40 @@ class Transport:
         self._timeout = timeout
         self._concurrency = concurrency
         self._max_body = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._ssl = ssl_context
         self._pool: Pool | None = None
+        self._aio: AioClient | None = None
         self._proxies: dict[str, str | None] = {}
-        self._lean: dict[str, bool] = {}  # url -> the lean client serves it
+        self._clients: dict[str, Client] = {}  # url -> the client that serves it
+        # What ends a request as `connection_error`; aio.ERRORS joins when aiohttp is used.
+        self._failures: tuple[type[BaseException], ...] = (OSError, ProtocolError)
 
-    async def __aenter__(self) -> Transport:
+    async def __aenter__(self) -> Self:
         if os.environ.get("HFBATCH_HTTP", "").lower() != "aiohttp":
             try:
                 from .lean import Pool
             except ImportError:  # httptools missing (an unusual platform): aiohttp does everything
                 pass
             else:
-                self._pool = Pool(self._headers, self._timeout, max_body=self._max_body)
+                self._pool = Pool(self._headers, self._timeout, ssl_context=self._ssl, max_body=self._max_body)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._pool is not None:
             await self._pool.close()
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def connections_opened(self) -> int:
-        return self._pool.connections_opened if self._pool is not None else 0
+        if self._aio is not None:
+            await self._aio.close()
 
     async def prewarm(self, url: str, n: int) -> None:
         """Open up to `n` keep-alive connections to `url`'s origin ahead of the first requests (the
         lean client only; failures are left for the requests to report)."""
-        if self._pool is not None and self._uses_lean(url):
+        if self._pool is not None and self._client(url) is self._pool:
             await self._pool.prewarm(url, n)
 
     async def post(self, url: str, data: bytes) -> Outcome:
         t0 = time.perf_counter()
         try:
-            if self._pool is not None and self._uses_lean(url):
-                status, h, body = await self._lean_request("POST", url, data)
-            else:
-                status, h, body = await self._aiohttp_request("POST", url, data)
+            r = await self._send("POST", url, data)
         except TimeoutError:
             return Outcome(
                 None, latency=time.perf_counter() - t0, error_code="request_timeout",
@@ -96,13 +101,14 @@ class Transport:
             return Outcome(None, latency=time.perf_counter() - t0, error_code="response_too_large",
                            error_message=str(e))
         except Exception as e:
-            if not _is_connection_error(e):
-                raise
+            if not isinstance(e, self._failures):
+                raise  # a bug, not a failed request
             return Outcome(
                 None, latency=time.perf_counter() - t0, error_code="connection_error",
                 error_message=_describe(e),
             )
         latency = time.perf_counter() - t0
+        status, h, body = r.status, r.headers, r.body
         parsed: Any = None
         if body:
             try:
@@ -116,89 +122,59 @@ class Transport:
     async def get_json(self, url: str) -> Any:
         """GET a JSON document (catalogs, prices); raises on a failure, a non-2xx answer or an answer over
         the cap (ResponseTooLarge)."""
-        if self._pool is not None and self._uses_lean(url):
-            status, _, body = await self._lean_request("GET", url, b"")
-        else:
-            status, _, body = await self._aiohttp_request("GET", url, b"")
-        if not 200 <= status < 300:
-            raise OSError(f"HTTP {status} from {url}")
-        return orjson.loads(body)
+        r = await self._send("GET", url, b"")
+        if not 200 <= r.status < 300:
+            raise OSError(f"HTTP {r.status} from {url}")
+        return orjson.loads(r.body)
 
-    # -- the two clients -----------------------------------------------------------------------
+    # -- the policy above the two clients ------------------------------------------------------
 
-    async def _lean_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
-        assert self._pool is not None
-        first = url
-        for _ in range(MAX_REDIRECTS + 1):
-            r = await self._pool.request(method, url, data)
+    async def _send(self, method: str, url: str, data: bytes) -> Response:
+        client = self._client(url)
+        r = await client.request(method, url, data)
+        if r.status in REDIRECTS:
+            r = await self._follow(client, method, url, data, r)
+        return r
+
+    async def _follow(self, client: Client, method: str, url: str, data: bytes, r: Response) -> Response:
+        """Follow `r`, a redirect, where the method and body survive it (307/308; any for a GET), only
+        within the origin, at most MAX_REDIRECTS times; return the first answer not to follow, as it is."""
+        from urllib.parse import urljoin
+
+        first = _origin(url)
+        for _ in range(MAX_REDIRECTS):
             location = r.headers.get("location")
-            # Follow a redirect only where the method and body survive it (307/308; any for a GET: a
-            # 301/302/303 would turn the POST into a bodiless GET), and only within the origin: the
-            # token must not travel to another host. Anything else is returned as it is.
-            if r.status not in REDIRECTS or not location or (method == "POST" and r.status not in (307, 308)):
-                return r.status, r.headers, r.body
-            from urllib.parse import urljoin
-
+            if not location or (method == "POST" and r.status not in (307, 308)):
+                return r
             nxt = urljoin(url, location)
-            if _origin(nxt) != _origin(first):
-                return r.status, r.headers, r.body
+            if _origin(nxt) != first:
+                return r
             url = nxt
-        return r.status, r.headers, r.body
+            r = await client.request(method, url, data)
+            if r.status not in REDIRECTS:
+                return r
+        return r
 
-    async def _aiohttp_request(self, method: str, url: str, data: bytes) -> tuple[int, Any, bytes]:
-        session = await self._aiohttp()
-        limit = self._max_body
-        async with session.request(method, url, data=data or None, proxy=self._proxy_for(url)) as resp:
-            # The same cap as the lean client: Content-Length first, raw bytes as they arrive, then a
-            # bounded decode (the session does not decompress). Over it, resp.close() drops the
-            # connection without reading the rest.
-            try:
-                check_length(resp.headers.get("content-length"), limit)
-                chunks, size = [], 0
-                async for chunk in resp.content.iter_any():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ResponseTooLarge(limit, "its body went past it while being read")
-                    chunks.append(chunk)
-                body = b"".join(chunks)
-                del chunks
-                enc = resp.headers.get("content-encoding")
-                if enc and body:
-                    try:
-                        body = decode(enc, body, limit)
-                    except (zlib.error, ValueError) as e:
-                        raise ProtocolError(f"could not decode a {enc} body: {e}") from None
-            except (ResponseTooLarge, ProtocolError):
-                resp.close()
-                raise
-            return resp.status, resp.headers, body
+    def _client(self, url: str) -> Client:
+        client = self._clients.get(url)  # per URL (a run has a handful): no string work per request
+        if client is None:
+            origin, pool = _origin(url), self._pool
+            if (pool is not None and "@" not in origin and origin.startswith(("http://", "https://"))
+                    and self._proxy_for(url) is None):
+                client = pool
+            else:
+                client = self._aiohttp()
+            self._clients[url] = client
+        return client
 
-    async def _aiohttp(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
+    def _aiohttp(self) -> AioClient:
+        if self._aio is None:
+            from . import aio
 
-            connector = aiohttp.TCPConnector(
-                limit=self._concurrency, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300
-            )
-            # trust_env=False: with it, aiohttp re-reads the proxy variables and ~/.netrc (in a
-            # thread) for every request. Proxies are resolved once per origin instead (_proxy_for).
-            # auto_decompress=False: bodies are decoded by bodies.decode, bounded by the cap; so only the
-            # encodings it reads are asked for.
-            self._session = aiohttp.ClientSession(
-                connector=connector, headers={"accept-encoding": "gzip, deflate", **self._headers},
-                timeout=aiohttp.ClientTimeout(total=self._timeout), skip_auto_headers=("user-agent",),
-                trust_env=False, auto_decompress=False,
-            )
-        return self._session
-
-    def _uses_lean(self, url: str) -> bool:
-        lean = self._lean.get(url)  # per URL (a run has a handful): no string work per request
-        if lean is None:
-            origin = _origin(url)
-            lean = self._lean[url] = (
-                "@" not in origin and origin.startswith(("http://", "https://")) and self._proxy_for(url) is None
-            )
-        return lean
+            self._aio = aio.AioClient(self._headers, self._timeout, self._concurrency, self._proxy_for,
+                                      max_body=self._max_body, ssl_context=self._ssl)
+            self._failures += aio.ERRORS
+        return self._aio
 
     def _proxy_for(self, url: str) -> str | None:
         origin = _origin(url)
@@ -207,15 +183,9 @@ class Transport:
         return self._proxies[origin]
 
 
-def _is_connection_error(e: BaseException) -> bool:
-    if isinstance(e, OSError):
-        return True
-    if isinstance(e, ProtocolError):
-        return True
-    import sys
-
-    aiohttp = sys.modules.get("aiohttp")  # only loaded if it was used
-    return aiohttp is not None and isinstance(e, aiohttp.ClientError)
+# The name callers import today (executor.py, engines/http.py, cost/estimate.py); the protocol they may
+# type against instead is hfbatch.http.Transport (base.py).
+Transport = HttpTransport
 
 
 def _origin(url: str) -> str:
