@@ -25,6 +25,7 @@ import orjson
 
 from .coalesce import SOLO, Packs
 from .fingerprints import canonical_request, request_fingerprint
+from .http.base import Transport
 from .limits import Capacity, Gate, ProviderLimit, RateBucket, StopControl
 from .models import Answer, Failure, NoAnswer, Outcome, Request, StopReason, Success
 from .outcomes import auth_message, error_body, provider_side_failure, tokens_used
@@ -34,12 +35,6 @@ from .summary import Stats, usage_tokens
 from .writer import Answers
 
 THROTTLE_STATUSES = frozenset({429, 503})
-
-
-class Transport(Protocol):
-    """One POST -> its Outcome (hfbatch.http's clients; an in-memory one in hfbatch.testing)."""
-
-    async def post(self, url: str, data: bytes) -> Outcome: ...
 
 
 class RunHooks(Protocol):

@@ -16,8 +16,9 @@ from typing import Any
 
 import orjson
 
-from ..executor import Executor, Limits, RunHooks, Transport
+from ..executor import Executor, Limits, RunHooks
 from ..fingerprints import RepeatFinder, canonical_request, request_fingerprint
+from ..http.base import Transport
 from ..limits import Capacity, StopControl
 from ..models import Request
 from ..retry import RetryPolicy

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from ..http.base import Transport
 from ..models import Outcome
 
 
@@ -77,6 +78,12 @@ class MemoryTransport:
         self.calls: list[Call] = []
         self.in_flight = 0
         self.max_in_flight = 0
+
+    async def __aenter__(self) -> MemoryTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
 
     @property
     def posts(self) -> int:
@@ -227,3 +234,7 @@ class Faults:
         if kind == "garbage":
             return Reply(200, raw=b"<html>bad gateway")
         return Reply.ok()
+
+
+def _conforms(t: MemoryTransport) -> Transport:
+    return t  # mypy: MemoryTransport implements the http Transport protocol
