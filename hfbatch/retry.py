@@ -10,7 +10,6 @@ as large, and `--retry-failed` does not re-send it either (ledger.is_retryable_l
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,23 +67,3 @@ def is_retryable(outcome: Outcome) -> bool:
     if outcome.status in RETRY_STATUSES or outcome.status == 500:
         return True
     return 200 <= outcome.status < 300 and outcome.parsed is None
-
-
-def parse_retry_after(value: str | None, now: Callable[[], float] = time.time) -> float | None:
-    """Retry-After as seconds from now: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        import email.utils  # an HTTP-date Retry-After only: not imported by every run
-
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now())

@@ -26,9 +26,9 @@ import orjson
 
 from .. import __version__
 from ..models import Outcome
-from ..retry import parse_retry_after
 from . import base
 from .bodies import MAX_RESPONSE_BYTES, ProtocolError, ResponseTooLarge
+from .headers import parse_retry_after
 
 if TYPE_CHECKING:
     import ssl

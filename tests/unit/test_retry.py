@@ -6,8 +6,9 @@ import email.utils
 
 import pytest
 
+from hfbatch.http.headers import parse_retry_after
 from hfbatch.models import Outcome
-from hfbatch.retry import GiveUp, Retry, RetryPolicy, is_retryable, parse_retry_after
+from hfbatch.retry import GiveUp, Retry, RetryPolicy, is_retryable
 
 P = RetryPolicy()  # the defaults: 6 attempts, base 0.5 s, cap 30 s, a 500 twice
 
