@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from ..retry import NO_ANSWER_CODES, RETRY_STATUSES
+from ..retry import retryable
 from ..summary import Stats
 from ..validate import IdSet
 
@@ -62,12 +62,13 @@ def repair(path: str) -> int:
 
 
 def is_retryable_line(obj: dict[str, object]) -> bool:
-    """Would --retry-failed re-send this error line? (429, 5xx, timeout, connection, bad answer)"""
+    """Would --retry-failed re-send this error line? Exactly when the run would have retried what it
+    records (retry.retryable): the HTTP answer's status, else the no-answer `error.code`."""
     resp, err = obj.get("response"), obj.get("error")
     if isinstance(resp, dict):
         status = resp.get("status_code")
-        return isinstance(status, int) and (status in RETRY_STATUSES or status >= 500)
-    return isinstance(err, dict) and err.get("code") in NO_ANSWER_CODES
+        return isinstance(status, int) and not isinstance(status, bool) and retryable(status)
+    return isinstance(err, dict) and retryable(None, err.get("code"))
 
 
 def scan(out_path: str | None, err_path: str, stats: Stats, retry_failed: bool = False) -> Ledger:

@@ -229,28 +229,38 @@ def test_sigterm_then_hfbatch_resume(tmp_path: Path, make_fake, cli: Cli) -> Non
 
 
 def test_retry_failed_resends_only_retryable_failures(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """--retry-failed re-sends exactly what the run itself would have retried (retry.is_retryable): 429, 500,
+    502-504, timeouts, resets, broken answers; a 501, 505 or 599 is as final as a 400."""
     fake = make_fake()
     n = 20
-    retryable = {2: "[[fault:503]] ", 5: "[[fault:503]] ", 9: "[[fault:429]] "}
-    permanent = {12: "[[fault:400]] ", 15: "[[fault:404]] "}
+    retryable = {2: "[[fault:503]] ", 5: "[[fault:503]] ", 9: "[[fault:429]] ", 3: "[[fault:500]] ",
+                 4: "[[fault:502]] ", 6: "[[fault:504]] ", 7: "[[fault:hang]] ", 8: "[[fault:reset]] ",
+                 10: "[[fault:garbage]] "}
+    permanent = {12: "[[fault:400]] ", 15: "[[fault:404]] ", 13: "[[fault:501]] ", 14: "[[fault:505]] ",
+                 16: "[[fault:599]] "}
     all_ids = chat_file(tmp_path / "in.jsonl", n, extra={**retryable, **permanent})
-    args = ["submit", "in.jsonl", "-q", "--max-attempts", "1"]
+    args = ["submit", "in.jsonl", "-q", "--max-attempts", "1", "--timeout", "1"]
     p = cli.run(*args)
+    failed = len(retryable) + len(permanent)
     assert p.returncode == 3, p.stderr
-    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": 15, "failed": 5}
-    assert len(read_jsonl(tmp_path / "in.errors.jsonl")) == 5
+    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": n - failed, "failed": failed}
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    assert len(err) == failed
+    no_answer = {e["custom_id"]: e["error"]["code"] for e in err if e["response"] is None}
+    assert no_answer == {"r007": "request_timeout", "r008": "connection_error", "r010": "invalid_response"}
 
     sent = fake.stats()["requests"]
     p = cli.run(*args, "--retry-failed")
-    assert p.returncode == 3, p.stderr  # the 400 and 404 remain
-    assert fake.stats()["requests"] == sent + len(retryable), "re-sent something other than the 3 retryable"
+    assert p.returncode == 3, p.stderr  # the permanent failures remain
+    resent = fake.stats()["requests"] - sent
+    assert resent == len(retryable), f"re-sent {resent} requests, not the {len(retryable)} retryable ones"
     batch = batch_from(p.stdout)
     check_completed(batch)
-    assert batch["request_counts"] == {"total": n, "completed": 18, "failed": 2}
+    assert batch["request_counts"] == {"total": n, "completed": n - len(permanent), "failed": len(permanent)}
     out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
     assert_each_once(all_ids, out, err)
     assert sorted(ids(err)) == [f"r{i:03d}" for i in sorted(permanent)]
-    assert sorted(e["response"]["status_code"] for e in err) == [400, 404]
+    assert sorted(e["response"]["status_code"] for e in err) == [400, 404, 501, 505, 599]
     for obj in err:
         check_error_line(obj)
     for obj in out:
