@@ -49,7 +49,9 @@ def test_default_router_is_hugging_face(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(r, Route) and r.url == "https://router.huggingface.co/v1/chat/completions"
 
 
-@pytest.mark.parametrize("url", ["/v1/completions", "/v1/moderations", "/v1/images/generations"])
+@pytest.mark.parametrize("url", ["/v1/completions", "/v1/moderations", "/v1/images/generations",
+                                 "/score", "/rerank", "/v1/score", "/v1/rerank", "/v2/rerank",
+                                 "/v1/audio/transcriptions", "/v1/audio/translations"])
 def test_router_refuses_endpoints_it_does_not_serve(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HFBATCH_ROUTER_URL", "http://127.0.0.1:9")
     r = route(Router(None), req(url))
