@@ -4,7 +4,8 @@ Without --base-url, chat completions and responses go to the router unchanged (t
 `:fastest` / `:cheapest` / `:<provider>` suffix). The router has no OpenAI embeddings route, so
 embeddings go to a provider's own route, built once per model by huggingface_hub's provider helpers
 (their Hub lookups are synchronous: run in a thread, once, before that model's requests fan out).
-With --base-url every endpoint is passed through: base URL + the line's url without its `/v1`.
+With --base-url every endpoint is passed through: base URL + the line's url without its `/v1` (urls
+outside /v1, vLLM's /score, /rerank and /v2/rerank, go to the server's root: base URL without /v1).
 
 The provider helpers are private (`huggingface_hub.inference._providers.get_provider_helper`): no
 public API builds a provider's request without sending it (InferenceClient sends; HfApi.model_info
@@ -104,9 +105,9 @@ class Router:
         body = self._rewrite(req)
         est = self.estimate(body, req.url) if self.estimate is not None else 0
         if self.base_url is not None:
-            path = req.url[3:] if req.url.startswith("/v1/") else req.url
-            return Route(self.base_url + path, orjson.dumps(body), model=body.get("model"), body=body,
-                         token_estimate=est)
+            # /v1/... goes under the base URL; vLLM's /score, /rerank, /v2/rerank live at the server's root.
+            url = self.base_url + req.url[3:] if req.url.startswith("/v1/") else self._server_root() + req.url
+            return Route(url, orjson.dumps(body), model=body.get("model"), body=body, token_estimate=est)
         if req.url in ROUTER_ENDPOINTS:
             return Route(self.root + req.url, orjson.dumps(body), model=body.get("model"), body=body,
                          token_estimate=est)
@@ -136,8 +137,7 @@ class Router:
         task = req.url[4:]
         body = {k: v for k, v in req.body.items() if k != "model"}
         if self.base_url is not None:
-            root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-            return Route(root, orjson.dumps(body), model=req.model, body=body, object_body=False)
+            return Route(self._server_root(), orjson.dumps(body), model=req.model, body=body, object_body=False)
         helper = await self._helper(task, req.model)
         if isinstance(helper, Unroutable):
             return helper
@@ -175,6 +175,11 @@ class Router:
             return Unroutable(_lookup_code(e), f"no {task} route for model {model!r}: {_first_line(e)}; "
                               "check the model id, its task and providers, or use --base-url")
         return found[0]
+
+    def _server_root(self) -> str:
+        """--base-url without its /v1."""
+        assert self.base_url is not None
+        return self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
 
     def _to_root(self, url: str) -> str:
         return self.root + url[len(_HF_ROUTER_HOST):] if url.startswith(_HF_ROUTER_HOST) else url

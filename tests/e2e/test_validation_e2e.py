@@ -172,3 +172,15 @@ def test_vllm_endpoints_without_base_url_are_unsupported_lines(tmp_path: Path, f
         assert "--base-url" in obj["error"]["message"]
     assert fake.stats()["requests"] == 1
 
+
+def test_base_url_sends_vllm_endpoints_where_vllm_serves_them(tmp_path: Path, fake, run_cli) -> None:
+    """/v1/... under --base-url; /score, /rerank and /v2/rerank at the server's root (not /v1/v2/rerank)."""
+    lines = [chat_line("a"), {**chat_line("score", "x"), "url": "/score"},
+             {**chat_line("rerank2", "x"), "url": "/v2/rerank"}, {**chat_line("rerank1", "x"), "url": "/v1/rerank"}]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(dumps(x) + b"\n" for x in lines))
+    p = run_cli(["in.jsonl", "-q", "--base-url", fake.url + "/v1", "--max-attempts", "1"])
+    assert p.returncode == 3, p.stderr  # the fake serves none of them: 404 error lines that name the path
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    got = {e["custom_id"]: (e["response"]["status_code"], e["response"]["body"]["error"]["message"]) for e in err}
+    assert got == {"score": (404, "no route for POST /score"), "rerank2": (404, "no route for POST /v2/rerank"),
+                   "rerank1": (404, "no route for POST /v1/rerank")}, got
