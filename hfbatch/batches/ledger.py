@@ -104,7 +104,8 @@ def _lines(path: str, errors_file: bool) -> Iterator[tuple[bytes, dict[str, Any]
             if not isinstance(obj, dict):
                 raise _damaged(path, line_no, f"a JSON {_kind(obj)}, not an object")
             cid = obj.get("custom_id")
-            if not (isinstance(cid, str) and cid) and not (errors_file and cid is None and _rejected_line(obj)):
+            rejected = errors_file and cid is None and _rejected_line(obj) is not None
+            if not (isinstance(cid, str) and cid) and not rejected:
                 what = "no custom_id" if cid is None else "custom_id is not a non-empty string"
                 raise _damaged(path, line_no, what)
             if not errors_file and not isinstance(obj.get("response"), dict):
