@@ -2,27 +2,23 @@
 answer -> one per line. `Packs` groups live requests (up to N, or until a group has waited 50 ms).
 
 `coalesce_key` says which bodies may share a request (same model, same input kind, same other parameters),
-`Packer` groups them up to N (or until a group has waited `max_wait`), `pack` builds the request and `split`
-turns the CreateEmbeddingResponse back into one CreateEmbeddingResponse per packed body, each holding its
-embedding at index 0, with the usage split so the parts sum exactly to what the provider reported.
+`pack` builds the request (packing.Packs groups the bodies) and `split` turns the CreateEmbeddingResponse
+back into one CreateEmbeddingResponse per packed body, each holding its embedding at index 0, with the usage
+split so the parts sum exactly to what the provider reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable, Hashable
 from dataclasses import replace
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 import orjson
 
 from .models import Answer, NoAnswer, Outcome, Request, Success
 from .routing import Route, Router, Unroutable
 from .summary import Stats, usage_tokens
-
-T = TypeVar("T")
 
 _TEXT = b"text:"
 _TOKENS = b"tokens:"
@@ -151,52 +147,6 @@ def split(answer: dict[str, Any], n: int, weights: list[int] | None = None) -> l
             body["usage"] = usages[i]
         parts.append(body)
     return parts
-
-
-class Packer(Generic[T]):
-    """Groups coalescable items by key. add() returns a full group (N items, in arrival order) as soon as it
-    fills; due() returns the groups whose oldest item has waited `max_wait` seconds or more; flush_all() returns
-    every partial group (call it when the input ends). Groups come out oldest first. Items are opaque.
-    `now` is the clock (injectable for tests); not thread-safe (use it from one task/thread)."""
-
-    def __init__(self, size: int, max_wait: float = 0.05, now: Callable[[], float] = time.monotonic) -> None:
-        if size < 1:
-            raise ValueError("size must be at least 1")
-        self.size = size
-        self.max_wait = max_wait
-        self._now = now
-        self._groups: dict[Hashable, tuple[float, list[T]]] = {}
-
-    def __len__(self) -> int:
-        """Items waiting in partial groups."""
-        return sum(len(items) for _, items in self._groups.values())
-
-    def add(self, key: Hashable, item: T) -> list[T] | None:
-        group = self._groups.get(key)
-        if group is None:
-            group = (self._now(), [])
-            self._groups[key] = group
-        group[1].append(item)
-        if len(group[1]) >= self.size:
-            del self._groups[key]
-            return group[1]
-        return None
-
-    def next_deadline(self) -> float | None:
-        """When (on the `now` clock) the oldest partial group becomes due; None when nothing waits."""
-        if not self._groups:
-            return None
-        return min(started for started, _ in self._groups.values()) + self.max_wait
-
-    def due(self) -> list[list[T]]:
-        limit = self._now() - self.max_wait
-        keys = [k for k, (started, _) in self._groups.items() if started <= limit]
-        return [self._groups.pop(k)[1] for k in keys]
-
-    def flush_all(self) -> list[list[T]]:
-        groups = [items for _, items in self._groups.values()]
-        self._groups.clear()
-        return groups
 
 
 # -- packing live requests (--coalesce N) ----------------------------------------------------------------

@@ -139,16 +139,6 @@ def resolve_token(flag: str | None, base_url: str | None) -> str | None:
     return None
 
 
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"{name}={value!r} is not an integer") from None
-
-
 def env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     if value is None or value == "":

@@ -1,6 +1,7 @@
 """Exit codes and the small exception tree that stops a whole run (request failures are data, not these).
 
     HfbatchError                 -> ExitCode.INTERNAL unless a subclass says otherwise
+    ├── DependencyChanged        -> 1  a private API hfbatch relies on (huggingface_hub's provider helpers) changed
     ├── UsageError               -> 2  bad flag, missing file, missing token, refused output path
     │   └── AuthError            -> 2  401/403 from the provider: token or model access
     ├── InputError               -> 4  the input failed validation (strict mode), nothing sent
@@ -35,6 +36,10 @@ class HfbatchError(Exception):
     """Base of every error that stops a run; its message is one line that says what to do next."""
 
     exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class DependencyChanged(HfbatchError):
+    """A dependency's private API that hfbatch calls is not what it expects (an internal error, exit 1)."""
 
 
 class UsageError(HfbatchError):

@@ -26,14 +26,11 @@ def open_input(path: str) -> BinaryIO:
     return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def iter_lines(
-    f: BinaryIO, max_bytes: int = MAX_LINE_BYTES, copy_to: BinaryIO | None = None
-) -> Iterator[tuple[int, bytes | LineTooLong]]:
+def iter_lines(f: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LineTooLong]]:
     """Yield (1-based line number, line without its line ending) for every non-blank line.
 
     A UTF-8 BOM on the first line is dropped. Lines longer than `max_bytes` yield a LineTooLong
-    marker and are consumed in bounded chunks. With `copy_to`, every byte read is also written
-    there (spooling stdin so a strict run can read it twice).
+    marker and are consumed in bounded chunks.
     """
     line_no = 0
     readline = f.readline
@@ -41,15 +38,11 @@ def iter_lines(
         raw = readline(max_bytes + 2)  # room for the line ending (CRLF) of a line at the cap
         if not raw:
             return
-        if copy_to is not None:
-            copy_to.write(raw)
         line_no += 1
         if len(raw) > max_bytes and not raw.endswith(b"\n"):
             size = len(raw)
             while True:  # skip the rest of the oversized line without keeping it
                 chunk = readline(1 << 20)
-                if copy_to is not None:
-                    copy_to.write(chunk)
                 size += len(chunk)
                 if not chunk or chunk.endswith(b"\n"):
                     break

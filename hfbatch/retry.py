@@ -3,8 +3,9 @@
 Classification follows Hugging Face's own chat-ui (utils/upstreamRetry.ts): retry 429, 502, 503,
 504, timeouts and connection errors; the router answers 500 when the upstream model rejected the
 request, so a 500 is retried once only. A 2xx whose body is not JSON is a broken answer: retried.
-Any other no-answer code is final: `response_too_large` (over --max-response-bytes) would come back
-as large, and `--retry-failed` does not re-send it either (ledger.is_retryable_line).
+Any other status (501, 505, ...) and any other no-answer code is final: `response_too_large` (over
+--max-response-bytes) would come back as large. `retryable` is the one rule: the run's retries use
+it, and so does `--retry-failed` when it reads an error line back (ledger.is_retryable_line).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from .models import Outcome
 
-RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})  # a 500 at most twice per run (RetryPolicy)
 NO_ANSWER_CODES = frozenset({"request_timeout", "connection_error", "invalid_response"})
 
 
@@ -60,10 +61,18 @@ class RetryPolicy:
         return Retry(delay)
 
 
+def retryable(status: int | None, error_code: str | None = None) -> bool:
+    """The one rule: would another attempt plausibly succeed? `status` is the HTTP answer's (None: no
+    answer, then `error_code` says why, as the error line's `error.code`)."""
+    if status is None:
+        return error_code in NO_ANSWER_CODES
+    return status in RETRY_STATUSES
+
+
 def is_retryable(outcome: Outcome) -> bool:
-    """Would another attempt plausibly succeed? (Also what `--retry-failed` re-sends.)"""
-    if outcome.status is None:
-        return outcome.error_code in NO_ANSWER_CODES
-    if outcome.status in RETRY_STATUSES or outcome.status == 500:
-        return True
-    return 200 <= outcome.status < 300 and outcome.parsed is None
+    """`retryable` for one attempt's outcome; a 2xx that is not JSON is written as an
+    `invalid_response` line, and retried as one."""
+    if outcome.status is not None and 200 <= outcome.status < 300:
+        return outcome.parsed is None
+    return retryable(outcome.status, outcome.error_code)
+

@@ -4,12 +4,21 @@ Without --base-url, chat completions and responses go to the router unchanged (t
 `:fastest` / `:cheapest` / `:<provider>` suffix). The router has no OpenAI embeddings route, so
 embeddings go to a provider's own route, built once per model by huggingface_hub's provider helpers
 (their Hub lookups are synchronous: run in a thread, once, before that model's requests fan out).
-With --base-url every endpoint is passed through: base URL + the line's url without its `/v1`.
+With --base-url every endpoint is passed through: base URL + the line's url without its `/v1` (urls
+outside /v1, vLLM's /score, /rerank and /v2/rerank, go to the server's root: base URL without /v1).
+
+The provider helpers are private (`huggingface_hub.inference._providers.get_provider_helper`): no
+public API builds a provider's request without sending it (InferenceClient sends; HfApi.model_info
+only gives the mapping). What their lookups are expected to raise (Hub HTTP errors, network errors,
+ValueError/KeyError for an unknown model, provider or task) is that model's per-line error; an
+ImportError, AttributeError or TypeError means the private API changed: DependencyChanged, never a
+quiet per-line model_not_found. tests/unit/test_hub_contract.py pins the contract.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from .errors import DependencyChanged
 from .models import Request
 
 DEFAULT_ROUTER = "https://router.huggingface.co"
@@ -95,9 +105,9 @@ class Router:
         body = self._rewrite(req)
         est = self.estimate(body, req.url) if self.estimate is not None else 0
         if self.base_url is not None:
-            path = req.url[3:] if req.url.startswith("/v1/") else req.url
-            return Route(self.base_url + path, orjson.dumps(body), model=body.get("model"), body=body,
-                         token_estimate=est)
+            # /v1/... goes under the base URL; vLLM's /score, /rerank, /v2/rerank live at the server's root.
+            url = self.base_url + req.url[3:] if req.url.startswith("/v1/") else self._server_root() + req.url
+            return Route(url, orjson.dumps(body), model=body.get("model"), body=body, token_estimate=est)
         if req.url in ROUTER_ENDPOINTS:
             return Route(self.root + req.url, orjson.dumps(body), model=body.get("model"), body=body,
                          token_estimate=est)
@@ -127,8 +137,7 @@ class Router:
         task = req.url[4:]
         body = {k: v for k, v in req.body.items() if k != "model"}
         if self.base_url is not None:
-            root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-            return Route(root, orjson.dumps(body), model=req.model, body=body, object_body=False)
+            return Route(self._server_root(), orjson.dumps(body), model=req.model, body=body, object_body=False)
         helper = await self._helper(task, req.model)
         if isinstance(helper, Unroutable):
             return helper
@@ -138,7 +147,7 @@ class Router:
                 inputs=body.get("inputs"), parameters=body.get("parameters") or {}, headers={}, model=base,
                 api_key=_PLACEHOLDER_KEY,
             )
-        except Exception as e:  # noqa: BLE001 - the helper's refusal is this line's error
+        except Exception as e:  # noqa: BLE001 - the warm-up call proved the API: what fails is this line's inputs
             return Unroutable("invalid_request", f"{task} request for {req.model!r}: {_first_line(e)}")
         data = orjson.dumps(params.json) if params.json is not None else bytes(params.data or b"")
         return Route(self._to_root(params.url), data, model=req.model, body=body, object_body=False)
@@ -160,17 +169,17 @@ class Router:
         return await self._once(f"{task}\x00{model}", lambda: self._resolve_helper(task, model))
 
     def _resolve_helper(self, task: str, model: str) -> Any:
-        base, provider = split_model(model)
-        try:
-            from huggingface_hub.inference._providers import get_provider_helper
-
-            helper = get_provider_helper(provider or "auto", task, base)  # type: ignore[arg-type]
-            helper.prepare_request(inputs="warm-up", parameters={}, headers={}, model=base,
-                                   api_key=_PLACEHOLDER_KEY)  # runs (and caches) the Hub lookups
-        except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
+        found = provider_request(task, model, "warm-up")  # runs (and caches) the Hub lookups
+        if isinstance(found, LookupFailed):
+            e = found.error
             return Unroutable(_lookup_code(e), f"no {task} route for model {model!r}: {_first_line(e)}; "
                               "check the model id, its task and providers, or use --base-url")
-        return helper
+        return found[0]
+
+    def _server_root(self) -> str:
+        """--base-url without its /v1."""
+        assert self.base_url is not None
+        return self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
 
     def _to_root(self, url: str) -> str:
         return self.root + url[len(_HF_ROUTER_HOST):] if url.startswith(_HF_ROUTER_HOST) else url
@@ -202,21 +211,16 @@ class Router:
 
     def _resolve_embedding(self, model: str) -> _EmbeddingTarget | Unroutable:
         """Ask huggingface_hub's provider helper for the feature-extraction route of `model`."""
-        base, provider = split_model(model)
-        try:
-            from huggingface_hub.inference._providers import get_provider_helper
-
-            helper = get_provider_helper(provider or "auto", "feature-extraction", base)  # type: ignore[arg-type]
-            sentinel = "\x00hfbatch-input\x00"
-            params = helper.prepare_request(
-                inputs=sentinel, parameters={}, headers={}, model=base, api_key=_PLACEHOLDER_KEY
-            )
-        except Exception as e:  # noqa: BLE001 - any failure here is this model's per-line error
+        sentinel = "\x00hfbatch-input\x00"
+        found = provider_request("feature-extraction", model, sentinel)
+        if isinstance(found, LookupFailed):
+            e = found.error
             return Unroutable(
                 _lookup_code(e),
                 f"no embeddings route for model {model!r}: {_first_line(e)}; "
                 "check the model id and its providers, or use --base-url with a server that serves it",
             )
+        params = found[1]
         payload = dict(params.json) if isinstance(params.json, dict) else {}
         key = next((k for k, v in payload.items() if v == sentinel), None)
         if key is None:
@@ -248,13 +252,72 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else repr(e)
 
 
-def _lookup_code(e: BaseException) -> str:
+@dataclass(slots=True, frozen=True)
+class LookupFailed:
+    """A provider lookup failed the expected way (unknown model, provider or task; Hub or network error)."""
+
+    error: Exception
+
+
+@dataclass(slots=True, frozen=True)
+class _HubErrors:
+    expected: tuple[type[Exception], ...]  # what the lookups raise for a model, a provider or the network
+    network: tuple[type[Exception], ...]  # of those, what no HTTP answer explains (retryable)
+
+
+@functools.cache
+def _hub_errors() -> _HubErrors:
+    """huggingface_hub's public errors: HfHubHTTPError (RepositoryNotFoundError, GatedRepoError, ...: an
+    OSError) for a Hub answer; the HTTP library's own HTTPError (httpx in 1.x, httpx2 in 2.x: ConnectError,
+    TimeoutException) for the network, found as HfHubHTTPError's base so no HTTP library is named here;
+    OSError (OfflineModeIsEnabled, sockets); ValueError (HFValidationError, an unknown provider or task, no
+    mapping, a task mismatch) and KeyError; StopIteration (`provider="auto"` on a model with no provider)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http = tuple(b for b in HfHubHTTPError.__mro__[1:] if b.__name__ == "HTTPError" and issubclass(b, Exception))
+    return _HubErrors(expected=(HfHubHTTPError, *http, OSError, ValueError, KeyError, StopIteration),
+                      network=(*http, OSError))
+
+
+def provider_request(task: str, model: str, inputs: Any) -> tuple[Any, Any] | LookupFailed:
+    """(helper, RequestParameters) of huggingface_hub's provider helper for `task` and `model` (with its
+    `:provider` suffix, else "auto"), its request prepared for `inputs`; synchronous (Hub lookups, cached
+    per process). Raises DependencyChanged when the private API is not what this code calls."""
+    base, provider = split_model(model)
+    try:
+        from huggingface_hub.inference._providers import get_provider_helper
+
+        expected = _hub_errors().expected
+    except ImportError as e:
+        raise _api_changed(e) from e
+    try:
+        helper = get_provider_helper(provider or "auto", task, base)  # type: ignore[arg-type]
+        params = helper.prepare_request(inputs=inputs, parameters={}, headers={}, model=base,
+                                        api_key=_PLACEHOLDER_KEY)
+        params.url, params.json  # noqa: B018 - the fields read later: a rename fails here, loudly
+    except expected as e:
+        return LookupFailed(e)
+    except (ImportError, AttributeError, TypeError) as e:
+        raise _api_changed(e) from e
+    return helper, params
+
+
+def _api_changed(e: Exception) -> DependencyChanged:
+    try:
+        from huggingface_hub import __version__ as version
+    except ImportError:
+        version = "?"
+    # Short: the whole message must fit where one line's error is written (about 300 characters).
+    return DependencyChanged(
+        f"huggingface_hub {version} changed the private API used for embeddings and /hf/<task> lines "
+        f"({type(e).__name__}: {_first_line(e)[:50]}); install an earlier huggingface_hub or use --base-url, "
+        "and please report it")
+
+
+def _lookup_code(e: Exception) -> str:
     """A Hub lookup that failed for the network (or a Hub 5xx/429) is retryable (--retry-failed); an HTTP
     answer such as 404, or a task mismatch, is the model's."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(status, int):
         return "connection_error" if status >= 500 or status == 429 else "model_not_found"
-    name = type(e).__name__
-    if isinstance(e, OSError | TimeoutError) or "Connect" in name or "Timeout" in name or "Network" in name:
-        return "connection_error"
-    return "model_not_found"
+    return "connection_error" if isinstance(e, _hub_errors().network) else "model_not_found"

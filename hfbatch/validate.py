@@ -26,10 +26,42 @@ OPENAI_ENDPOINTS = frozenset(
         "/v1/videos",
     }
 )
-# With --base-url any relative path is passed through (vLLM's /v1/score, /rerank, ...).
-_PATH_RE = re.compile(r"^/[A-Za-z0-9._~/-]*$")
+# vLLM's batch runner endpoints (`vllm run-batch`; reference/vllm_and_hf_jobs.md). Valid batch lines
+# either way; only a --base-url server can run them (the router answers unsupported_endpoint).
+VLLM_ENDPOINTS = frozenset(
+    {
+        "/score",
+        "/rerank",
+        "/v1/score",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
+# With --base-url, any /v1/... path is passed through too (segments of unreserved characters).
+_V1_PATH_RE = re.compile(r"^/v1(/[A-Za-z0-9._~-]+)+$")
 # Our extension: Hugging Face tasks beyond OpenAI's endpoints, e.g. /hf/text-classification.
 HF_TASK_RE = re.compile(r"^/hf/[a-z0-9]+(-[a-z0-9]+)*$")
+_NAMED = ", ".join([*sorted(OPENAI_ENDPOINTS), *sorted(VLLM_ENDPOINTS)])
+
+
+def is_batch_endpoint(url: str, *, pass_through: bool) -> bool:
+    """Is `url` (normalized: normalize_url) a batch line's url? OpenAI's batch endpoints, vLLM's,
+    `/hf/<task>`, and with `pass_through` (--base-url) any `/v1/...` path. The one rule for input lines
+    and for `hfbatch serve`'s `endpoint`."""
+    if url in OPENAI_ENDPOINTS or url in VLLM_ENDPOINTS or HF_TASK_RE.match(url):
+        return True
+    return pass_through and bool(_V1_PATH_RE.match(url)) and not any(
+        part in (".", "..") for part in url.split("/"))
+
+
+def endpoints_hint(pass_through: bool) -> str:
+    """What to use instead of a url that is not a batch endpoint (the end of one message)."""
+    if pass_through:
+        return f"use one of {_NAMED}, /hf/<task>, or any /v1/... path your --base-url server serves"
+    return (f"use one of {_NAMED} or /hf/<task> for a Hugging Face task (with --base-url, any /v1/... "
+            "path is passed to your own server)")
 
 
 class SeenIds(Protocol):
@@ -156,18 +188,10 @@ def validate_line(
     if not isinstance(url, str):
         return LineError(line_no, cid, "invalid_request", "url is missing or not a string", "url")
     url = normalize_url(url)
-    if pass_through:
-        if not _PATH_RE.match(url) or ".." in url:
-            return LineError(
-                line_no, cid, "invalid_request",
-                f"url {_show(url)} is not a relative path such as /v1/chat/completions", "url",
-            )
-    elif url not in OPENAI_ENDPOINTS and not HF_TASK_RE.match(url):
+    if not is_batch_endpoint(url, pass_through=pass_through):
         return LineError(
             line_no, cid, "invalid_request",
-            f"url {_show(url)} is not a batch endpoint; use one of {', '.join(sorted(OPENAI_ENDPOINTS))},"
-            " /hf/<task> for a Hugging Face task (or --base-url to pass other paths to your own server)",
-            "url",
+            f"url {_show(url)} is not a batch endpoint; {endpoints_hint(pass_through)}", "url",
         )
     if endpoint is not None and url != endpoint:
         return LineError(

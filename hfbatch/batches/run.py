@@ -461,9 +461,12 @@ class BatchRun:
                                f"the same command (or `hfbatch resume {info.id}`) to send only those")
         elif stop.reason == StopReason.INTERNAL_ERROR:
             info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INTERNAL_ERROR
-            error = HfbatchError(f"{stop.message} (set HFBATCH_DEBUG=1 for the traceback, and please report it); "
-                                 f"the batch is resumable: {_unanswered(info.unsent, stats.abandoned)}")
-            error.__cause__ = failure
+            if isinstance(failure, HfbatchError):
+                error = failure  # a known failure that stops the run (a dependency's API changed...): its words
+            else:
+                error = HfbatchError(f"{stop.message} (set HFBATCH_DEBUG=1 for the traceback, and please report "
+                                     f"it); the batch is resumable: {_unanswered(info.unsent, stats.abandoned)}")
+                error.__cause__ = failure
         elif stop.reason is None:
             info.set_status(BatchStatus.FINALIZING)
             info.set_status(BatchStatus.COMPLETED)

@@ -124,24 +124,12 @@ class Budget:
     def __init__(self, limit_usd: float, ledger: CostLedger) -> None:
         self.limit, self.ledger = limit_usd, ledger
         self.reserved = 0.0
-        self.refused = 0
-        self.notes: list[str] = []
         self._open = 0
 
-    @property
-    def remaining(self) -> float:
-        return self.limit - self.ledger.spent - self.reserved
-
     def try_reserve(self, amount: float | None) -> bool:
-        """Reserve `amount` USD; False (nothing reserved) if spent + reserved + amount > limit or amount is None."""
-        if amount is None:
-            self.refused += 1
-            note = "a request's cost cannot be bounded (no price): under --budget it is not sent"
-            if note not in self.notes:
-                self.notes.append(note)
-            return False
-        if self.ledger.spent + self.reserved + amount > self.limit:
-            self.refused += 1
+        """Reserve `amount` USD; False (nothing reserved) if spent + reserved + amount > limit or amount is None
+        (a cost no price bounds is never sent under --budget; RunHooks.reserve says why when it stops the run)."""
+        if amount is None or self.ledger.spent + self.reserved + amount > self.limit:
             return False
         self.reserved += amount
         self._open += 1

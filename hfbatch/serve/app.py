@@ -51,7 +51,7 @@ from ..errors import HfbatchError, UsageError
 from ..limits import Capacity
 from ..models import BatchStatus, RunState
 from ..summary import BatchInfo, Stats, batch_object
-from ..validate import _PATH_RE, HF_TASK_RE, OPENAI_ENDPOINTS, normalize_url
+from ..validate import endpoints_hint, is_batch_endpoint, normalize_url
 from .files import (
     BATCH_ID_RE,
     OWNER_SALT,
@@ -187,10 +187,8 @@ class BatchServer:
 
     def _endpoint(self, value: Any) -> str:
         url = normalize_url(value) if isinstance(value, str) else ""
-        ok = (_PATH_RE.match(url) and ".." not in url) if self.opts.base_url else (
-            url in OPENAI_ENDPOINTS or HF_TASK_RE.match(url))
-        if not ok:
-            raise ApiError(400, f"Invalid 'endpoint': {value!r}; use one of {', '.join(sorted(OPENAI_ENDPOINTS))}.",
+        if not is_batch_endpoint(url, pass_through=self.opts.base_url is not None):
+            raise ApiError(400, f"Invalid 'endpoint': {value!r}; {endpoints_hint(self.opts.base_url is not None)}.",
                            param="endpoint", code="invalid_value")
         return url
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     Cli,
     assert_each_once,
@@ -229,28 +230,38 @@ def test_sigterm_then_hfbatch_resume(tmp_path: Path, make_fake, cli: Cli) -> Non
 
 
 def test_retry_failed_resends_only_retryable_failures(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """--retry-failed re-sends exactly what the run itself would have retried (retry.is_retryable): 429, 500,
+    502-504, timeouts, resets, broken answers; a 501, 505 or 599 is as final as a 400."""
     fake = make_fake()
     n = 20
-    retryable = {2: "[[fault:503]] ", 5: "[[fault:503]] ", 9: "[[fault:429]] "}
-    permanent = {12: "[[fault:400]] ", 15: "[[fault:404]] "}
+    retryable = {2: "[[fault:503]] ", 5: "[[fault:503]] ", 9: "[[fault:429]] ", 3: "[[fault:500]] ",
+                 4: "[[fault:502]] ", 6: "[[fault:504]] ", 7: "[[fault:hang]] ", 8: "[[fault:reset]] ",
+                 10: "[[fault:garbage]] "}
+    permanent = {12: "[[fault:400]] ", 15: "[[fault:404]] ", 13: "[[fault:501]] ", 14: "[[fault:505]] ",
+                 16: "[[fault:599]] "}
     all_ids = chat_file(tmp_path / "in.jsonl", n, extra={**retryable, **permanent})
-    args = ["submit", "in.jsonl", "-q", "--max-attempts", "1"]
+    args = ["submit", "in.jsonl", "-q", "--max-attempts", "1", "--timeout", "1"]
     p = cli.run(*args)
+    failed = len(retryable) + len(permanent)
     assert p.returncode == 3, p.stderr
-    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": 15, "failed": 5}
-    assert len(read_jsonl(tmp_path / "in.errors.jsonl")) == 5
+    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": n - failed, "failed": failed}
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    assert len(err) == failed
+    no_answer = {e["custom_id"]: e["error"]["code"] for e in err if e["response"] is None}
+    assert no_answer == {"r007": "request_timeout", "r008": "connection_error", "r010": "invalid_response"}
 
     sent = fake.stats()["requests"]
     p = cli.run(*args, "--retry-failed")
-    assert p.returncode == 3, p.stderr  # the 400 and 404 remain
-    assert fake.stats()["requests"] == sent + len(retryable), "re-sent something other than the 3 retryable"
+    assert p.returncode == 3, p.stderr  # the permanent failures remain
+    resent = fake.stats()["requests"] - sent
+    assert resent == len(retryable), f"re-sent {resent} requests, not the {len(retryable)} retryable ones"
     batch = batch_from(p.stdout)
     check_completed(batch)
-    assert batch["request_counts"] == {"total": n, "completed": 18, "failed": 2}
+    assert batch["request_counts"] == {"total": n, "completed": n - len(permanent), "failed": len(permanent)}
     out, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
     assert_each_once(all_ids, out, err)
     assert sorted(ids(err)) == [f"r{i:03d}" for i in sorted(permanent)]
-    assert sorted(e["response"]["status_code"] for e in err) == [400, 404]
+    assert sorted(e["response"]["status_code"] for e in err) == [400, 404, 501, 505, 599]
     for obj in err:
         check_error_line(obj)
     for obj in out:
@@ -258,6 +269,61 @@ def test_retry_failed_resends_only_retryable_failures(tmp_path: Path, make_fake,
     assert cli.stored(batch["id"])[1]["exit_code"] == 3
     assert fake.stats()["dup_ok"] == 0
     check_private(cli.home)
+
+
+def _without_custom_id(line: bytes) -> bytes:
+    obj = json.loads(line)
+    del obj["custom_id"]
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize("which, damage, what", [
+    ("output", lambda line: b"this line was typed by hand", "not JSON"),
+    ("output", _without_custom_id, "no custom_id"),
+    ("errors", lambda line: line[: len(line) // 2], "not JSON"),  # a line cut in half, more lines after it
+    ("errors", _without_custom_id, "no custom_id"),
+], ids=["output-text", "output-no-custom_id", "errors-half-line", "errors-no-custom_id"])
+def test_a_damaged_line_stops_the_rerun_before_anything_is_sent(
+        tmp_path: Path, make_fake, cli: Cli, which: str, damage: Any, what: str) -> None:
+    """A line in the middle of the output or error file that is not a batch line would make its request
+    look unanswered (paid twice) or crash the resume: the rerun stops (exit 2), names the file and the
+    line, and sends nothing. Once the line is removed, the rerun sends exactly what has no line.
+    (Every kind of damage is in tests/unit/test_ledger.py.)"""
+    fake = make_fake(fail_402_after=5)
+    n = 20
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={1: "[[fault:400]] ", 3: "[[fault:404]] "})
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "1")
+    assert p.returncode == 5, p.stderr  # credits exhausted after 5 answers: stopped, resumable
+    path = tmp_path / f"in.{which}.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 2, lines
+    lines.insert(1, damage(lines[0].rstrip(b"\n")) + b"\n")  # line 2 of the file
+    path.write_bytes(b"".join(lines))
+    damaged = path.read_bytes()
+    fake.provider.config.fail_402_after = None
+    fake.reset_stats()
+
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "1")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.strip().count("\n") == 0, f"not one line: {p.stderr!r}"
+    assert f"in.{which}.jsonl:2: not a batch output line ({what}" in p.stderr, p.stderr
+    assert "the file was edited or damaged: fix or delete that line, then rerun" in p.stderr, p.stderr
+    assert fake.stats()["requests"] == 0, "sent requests despite a damaged ledger"
+    assert path.read_bytes() == damaged, "the damaged file was changed"
+
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "1", "--retry-failed")  # same with --retry-failed
+    assert p.returncode == 2 and f"in.{which}.jsonl:2: " in p.stderr, (p.returncode, p.stderr)
+    assert fake.stats()["requests"] == 0 and path.read_bytes() == damaged
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
+
+    del lines[1]
+    path.write_bytes(b"".join(lines))
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "1")
+    assert p.returncode == 3, p.stderr  # the 400 and 404 remain
+    assert batch_from(p.stdout)["request_counts"] == {"total": n, "completed": n - 2, "failed": 2}
+    assert_each_once(all_ids, read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl"))
+    st = fake.stats()
+    assert st["requests"] == n - 7 and st["dup_ok"] == 0, st
 
 
 def test_skip_invalid_duplicate_is_not_taken_for_the_answer(tmp_path: Path, make_fake, cli: Cli) -> None:

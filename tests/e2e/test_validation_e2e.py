@@ -136,3 +136,51 @@ def test_stdin_skip_invalid(tmp_path: Path, fake, run_cli) -> None:
     assert any("line 5" in e["error"]["message"] for e in err)
     batch = batch_from(p.stdout)
     assert batch["request_counts"] == {"total": 5, "completed": 3, "failed": 2}
+
+
+# ------------------------------------------------------------------ urls with and without --base-url
+
+
+def test_base_url_still_refuses_a_url_that_is_no_endpoint(tmp_path: Path, fake, run_cli) -> None:
+    """--base-url passes any /v1/... path and vLLM's endpoints through, not any path: /bad_url fails
+    validation (exit 4) and nothing is sent."""
+    lines = [chat_line("a"), {**chat_line("bad", "x"), "url": "/bad_url"},
+             {**chat_line("tok", "x"), "url": "/v1/tokenize"}, {**chat_line("rr", "x"), "url": "/v2/rerank"}]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(dumps(x) + b"\n" for x in lines))
+    p = run_cli(["in.jsonl", "-q", "--base-url", fake.url + "/v1"])
+    assert p.returncode == 4, p.stderr
+    assert fake.stats()["requests"] == 0
+    batch = batch_from(p.stdout)
+    assert [(e["code"], e["line"], e["param"]) for e in batch["errors"]["data"]] == [("invalid_request", 2, "url")]
+    message = batch["errors"]["data"][0]["message"]
+    assert '"/bad_url" is not a batch endpoint' in message and "/v2/rerank" in message, message
+    assert "in.jsonl:2" in p.stderr
+
+
+def test_vllm_endpoints_without_base_url_are_unsupported_lines(tmp_path: Path, fake, run_cli) -> None:
+    """Valid batch lines, but the router serves none of vLLM's endpoints: unsupported_endpoint error lines."""
+    lines = [chat_line("a"), {**chat_line("score", "x"), "url": "/score"},
+             {**chat_line("rerank", "x"), "url": "/v2/rerank"}]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(dumps(x) + b"\n" for x in lines))
+    p = run_cli(["in.jsonl", "-q"])
+    assert p.returncode == 3, p.stderr
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    assert sorted((e["custom_id"], e["error"]["code"]) for e in err) == [
+        ("rerank", "unsupported_endpoint"), ("score", "unsupported_endpoint")]
+    for obj in err:
+        check_error_line(obj)
+        assert "--base-url" in obj["error"]["message"]
+    assert fake.stats()["requests"] == 1
+
+
+def test_base_url_sends_vllm_endpoints_where_vllm_serves_them(tmp_path: Path, fake, run_cli) -> None:
+    """/v1/... under --base-url; /score, /rerank and /v2/rerank at the server's root (not /v1/v2/rerank)."""
+    lines = [chat_line("a"), {**chat_line("score", "x"), "url": "/score"},
+             {**chat_line("rerank2", "x"), "url": "/v2/rerank"}, {**chat_line("rerank1", "x"), "url": "/v1/rerank"}]
+    (tmp_path / "in.jsonl").write_bytes(b"".join(dumps(x) + b"\n" for x in lines))
+    p = run_cli(["in.jsonl", "-q", "--base-url", fake.url + "/v1", "--max-attempts", "1"])
+    assert p.returncode == 3, p.stderr  # the fake serves none of them: 404 error lines that name the path
+    err = read_jsonl(tmp_path / "in.errors.jsonl")
+    got = {e["custom_id"]: (e["response"]["status_code"], e["response"]["body"]["error"]["message"]) for e in err}
+    assert got == {"score": (404, "no route for POST /score"), "rerank2": (404, "no route for POST /v2/rerank"),
+                   "rerank1": (404, "no route for POST /v1/rerank")}, got

@@ -1,5 +1,5 @@
-"""coalesce: which bodies may be packed, pack/split shapes (validated with the openai SDK), exact usage split,
-Packer grouping by size and by age with an injected clock."""
+"""coalesce: which bodies may be packed, pack/split shapes (validated with the openai SDK), exact usage split.
+(Grouping requests as they arrive is packing.Packs, tested end to end with --coalesce.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from hfbatch.coalesce import Packer, apportion, coalesce_key, input_weight, pack, split
+from hfbatch.coalesce import apportion, coalesce_key, input_weight, pack, split
 
 MODEL = "test-org/tiny-embed"
 
@@ -27,15 +27,17 @@ def answer_for(packed: dict[str, Any], prompt_tokens: int, *, shuffle: bool = Fa
 
 
 def group_all(bodies: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    packer: Packer[dict[str, Any]] = Packer(size)
+    """Bodies with equal coalesce_key, `size` at most per group, in arrival order; full groups first."""
+    open_groups: dict[Any, list[dict[str, Any]]] = {}
     batches: list[list[dict[str, Any]]] = []
     for b in bodies:
         key = coalesce_key(b)
         assert key is not None
-        full = packer.add(key, b)
-        if full is not None:
-            batches.append(full)
-    return batches + packer.flush_all()
+        group = open_groups.setdefault(key, [])
+        group.append(b)
+        if len(group) == size:
+            batches.append(open_groups.pop(key))
+    return batches + list(open_groups.values())
 
 
 # ------------------------------------------------------------------ coalesce_key
@@ -173,50 +175,3 @@ def test_apportion_sums_exactly(total: int) -> None:
         if sum(weights):
             for s, w in zip(shares, weights, strict=True):
                 assert abs(s - total * w / sum(weights)) < 1
-
-
-# ------------------------------------------------------------------ Packer
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_packer_by_size_and_age() -> None:
-    clock = Clock()  # whole seconds and max_wait=4: exact float arithmetic
-    p: Packer[int] = Packer(3, max_wait=4.0, now=clock)
-    assert p.next_deadline() is None and p.due() == []
-    assert p.add("a", 1) is None  # "a" group started at 100
-    clock.t += 2
-    assert p.add("b", 10) is None  # "b" started at 102
-    assert p.add("a", 2) is None
-    assert len(p) == 3
-    assert p.next_deadline() == 104.0
-    assert p.add("a", 3) == [1, 2, 3]  # full: out at once, whatever its age
-    assert p.next_deadline() == 106.0
-    assert p.add("a", 4) is None  # a new "a" group starts at 102
-    clock.t += 1
-    assert p.due() == []  # waited 1 s
-    clock.t += 3  # 106: both groups have waited 4 s
-    assert p.due() == [[10], [4]]  # oldest first
-    assert p.due() == [] and len(p) == 0
-    p.add("c", 5)
-    clock.t += 1
-    p.add(("d", b"x"), 6)
-    p.add("c", 7)
-    clock.t += 3  # "c" is due, "d" is not
-    assert p.due() == [[5, 7]]
-    p.add("e", 8)
-    assert p.flush_all() == [[6], [8]]
-    assert p.flush_all() == [] and len(p) == 0
-
-
-def test_packer_size_one_and_validation() -> None:
-    p: Packer[str] = Packer(1)
-    assert p.add("k", "x") == ["x"]
-    with pytest.raises(ValueError):
-        Packer(0)

@@ -300,10 +300,10 @@ def test_budget_reserves_and_refuses() -> None:
     led = CostLedger(fake_catalog())
     b = Budget(1.0, led)
     assert b.try_reserve(0.5) and b.try_reserve(0.25) and b.try_reserve(0.25)
-    assert not b.try_reserve(0.125) and b.reserved == 1.0 and b.refused == 1
+    assert not b.try_reserve(0.125) and b.reserved == 1.0  # refused: nothing reserved
     led.spent += 0.25  # a request reserved at 0.5 cost 0.25
     b.release(0.5)
-    assert b.reserved == 0.5 and b.remaining == 0.25
+    assert b.reserved == 0.5  # 0.25 left: 0.5 does not fit now (but will once the rest settles), 0.25 does
     assert not b.try_reserve(0.5) and b.can_ever_fit(0.5) and b.try_reserve(0.25)
     b.release(0.25)
     b.release(0.25)
@@ -311,10 +311,22 @@ def test_budget_reserves_and_refuses() -> None:
     assert b.reserved == 0.0 and not b.can_ever_fit(0.875)
 
 
-def test_budget_refuses_unbounded_requests_with_a_note() -> None:
+def test_budget_refuses_unbounded_requests_and_the_run_says_why() -> None:
     b = Budget(10.0, CostLedger(fake_catalog()))
     assert not b.try_reserve(None) and not b.try_reserve(None) and not b.can_ever_fit(None)
-    assert b.reserved == 0.0 and len(b.notes) == 1 and "cannot be bounded" in b.notes[0]
+    assert b.reserved == 0.0
+    # What the user reads: the run stops (the HTTP engine's Accounting.reserve) with the reason, for a model
+    # with no price.
+    from hfbatch.engines.http import Accounting
+    from hfbatch.limits import StopControl
+    from hfbatch.models import Request
+
+    stop = StopControl()
+    hooks = Accounting(b.ledger, stop, server="router", budget=b)
+    req = Request(1, "c", "/v1/chat/completions", {"model": "org/unpriced", "messages": []}, "org/unpriced")
+    route = type("R", (), {"body": None, "model": None})()
+    assert asyncio.run(hooks.reserve(req, route)) is None
+    assert stop.reason == "budget" and stop.message is not None and "cannot be bounded" in stop.message
 
 
 def test_budget_never_lets_spent_plus_reserved_exceed_the_limit() -> None:

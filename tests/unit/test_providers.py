@@ -49,7 +49,22 @@ def test_default_router_is_hugging_face(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(r, Route) and r.url == "https://router.huggingface.co/v1/chat/completions"
 
 
-@pytest.mark.parametrize("url", ["/v1/completions", "/v1/moderations", "/v1/images/generations"])
+def test_base_url_sends_paths_outside_v1_to_the_server_root() -> None:
+    """vLLM serves /score, /rerank and /v2/rerank at its root: base URL without its /v1, + the url."""
+    root = "http://127.0.0.1:8000"
+    for base, v1_rerank in ((root + "/v1", root + "/v1/rerank"), (root + "/v1/", root + "/v1/rerank"),
+                            (root, root + "/rerank")):  # a /v1/... url always goes to base + its rest
+        router = Router(base)
+        for url in ("/score", "/rerank", "/v2/rerank"):
+            r = route(router, req(url, query="q", documents=["d"]))
+            assert isinstance(r, Route) and r.url == root + url, (base, url, r)
+        r = route(router, req("/v1/rerank"))
+        assert isinstance(r, Route) and r.url == v1_rerank, (base, r)
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "/v1/moderations", "/v1/images/generations",
+                                 "/score", "/rerank", "/v1/score", "/v1/rerank", "/v2/rerank",
+                                 "/v1/audio/transcriptions", "/v1/audio/translations"])
 def test_router_refuses_endpoints_it_does_not_serve(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HFBATCH_ROUTER_URL", "http://127.0.0.1:9")
     r = route(Router(None), req(url))

@@ -1,4 +1,4 @@
-"""reader.iter_lines: line numbering, BOM, CRLF, blank lines, the per-line size cap, stdin spooling."""
+"""reader.iter_lines: line numbering, BOM, CRLF, blank lines, the per-line size cap; open_input."""
 
 from __future__ import annotations
 
@@ -85,14 +85,6 @@ def test_line_one_byte_over_the_cap_is_refused() -> None:
 
 def test_default_cap_is_ten_mebibytes() -> None:
     assert MAX_LINE_BYTES == 10 * 1024 * 1024
-
-
-def test_copy_to_receives_every_byte_read() -> None:
-    data = BOM + b"a\r\n\n  \n" + b"z" * 40 + b"\nlast"
-    spool = io.BytesIO()
-    got = lines(data, max_bytes=16, copy_to=spool)
-    assert spool.getvalue() == data
-    assert [n for n, _ in got] == [1, 4, 5]
 
 
 def test_open_input_dash_is_stdin(tmp_path) -> None:

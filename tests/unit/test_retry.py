@@ -64,6 +64,42 @@ def test_an_answer_over_the_size_cap_is_final_and_not_resent_by_retry_failed() -
     assert is_retryable_line({**line, "error": {"code": "connection_error", "message": "..."}})
 
 
+def http_line(status: int) -> dict[str, object]:
+    return {"id": "batch_req_1", "custom_id": "a", "error": None,
+            "response": {"status_code": status, "request_id": "req_1", "body": {"error": {"message": "x"}}}}
+
+
+def no_answer_line(code: str) -> dict[str, object]:
+    return {"id": "batch_req_1", "custom_id": "a", "response": None, "error": {"code": code, "message": "x"}}
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_retry_failed_resends_retryable_answers(status: int) -> None:
+    from hfbatch.batches.ledger import is_retryable_line
+
+    assert is_retryable_line(http_line(status))
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 422, 501, 505, 511, 599])
+def test_retry_failed_keeps_final_answers(status: int) -> None:
+    from hfbatch.batches.ledger import is_retryable_line
+
+    assert not is_retryable_line(http_line(status))
+
+
+def test_retry_failed_resends_exactly_what_the_run_retries() -> None:
+    """One rule: an error line is re-sent by --retry-failed iff the outcome it records was retryable."""
+    from hfbatch.batches.ledger import is_retryable_line
+
+    for status in range(300, 600):
+        assert is_retryable_line(http_line(status)) == is_retryable(answer(status)), status
+    for code in ["request_timeout", "connection_error", "invalid_response", "response_too_large",
+                 "unsupported_endpoint", "model_not_found", "batch_cancelled", "batch_expired"]:
+        assert is_retryable_line(no_answer_line(code)) == is_retryable(Outcome(None, error_code=code)), code
+    # A 2xx whose body is not JSON is written as an invalid_response line (no response): both retry it.
+    assert is_retryable(answer(200, parsed=None)) and is_retryable_line(no_answer_line("invalid_response"))
+
+
 def test_2xx_with_non_json_body_is_retried_2xx_json_is_final() -> None:
     assert isinstance(P.decide(answer(200, parsed=None), 1, rand=half), Retry)
     assert isinstance(P.decide(answer(200), 1, rand=half), GiveUp)

@@ -9,7 +9,7 @@ import pytest
 
 from hfbatch.models import LineError, Request
 from hfbatch.reader import LineTooLong
-from hfbatch.validate import OPENAI_ENDPOINTS, IdSet, normalize_url, validate_line
+from hfbatch.validate import OPENAI_ENDPOINTS, IdSet, is_batch_endpoint, normalize_url, validate_line
 
 
 def line(**over: Any) -> dict[str, Any]:
@@ -108,18 +108,6 @@ def test_azure_style_url_without_v1_is_normalized() -> None:
     assert normalize_url("/score") == "/score"
 
 
-def test_pass_through_accepts_any_relative_path() -> None:
-    for url in ("/v1/score", "/rerank", "/v1/chat/completions", "/v1/completions"):
-        r = check(line(url=url), pass_through=True)
-        assert isinstance(r, Request) and r.url == url
-
-
-@pytest.mark.parametrize("url", ["http://evil.example/v1/chat", "v1/chat/completions", "/v1/../admin",
-                                 "/v1/chat completions", ""])
-def test_pass_through_still_refuses_non_relative_paths(url: str) -> None:
-    bad(check(line(url=url), pass_through=True), "invalid_request", "url")
-
-
 @pytest.mark.parametrize("body", ["model=gpt", [1], None, 3, ...])
 def test_body_must_be_an_object(body: Any) -> None:
     bad(check(line(body=body)), "invalid_request", "body")
@@ -177,3 +165,65 @@ def test_non_ascii_custom_id_and_content_are_fine() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "日本"}]}
     r = check(line(custom_id="über-✓", body=body))
     assert isinstance(r, Request) and r.custom_id == "über-✓"
+
+
+VLLM = ["/score", "/rerank", "/v1/score", "/v1/rerank", "/v2/rerank", "/v1/audio/transcriptions",
+        "/v1/audio/translations"]
+
+
+@pytest.mark.parametrize("pass_through", [False, True], ids=["router", "base-url"])
+@pytest.mark.parametrize("url", VLLM)
+def test_vllm_endpoints_are_batch_endpoints(url: str, pass_through: bool) -> None:
+    """Valid lines either way; without --base-url the router cannot serve them (unsupported_endpoint when
+    run, tests/unit/test_providers.py)."""
+    r = check(line(url=url), pass_through=pass_through)
+    assert isinstance(r, Request) and r.url == url
+    assert is_batch_endpoint(url, pass_through=pass_through)
+
+
+@pytest.mark.parametrize("url", ["/v1/chat/completions", "/v1/completions", "/v1/tokenize", "/v1/models/x/score",
+                                 "/v1/classify", "/hf/text-classification", "/chat/completions"])
+def test_base_url_accepts_any_v1_path_and_hf_tasks(url: str) -> None:
+    r = check(line(url=url), pass_through=True)
+    assert isinstance(r, Request) and r.url == normalize_url(url)
+
+
+@pytest.mark.parametrize("url", ["/bad_url", "/tokenize", "/v2/embeddings", "/v1", "/v1/", "/v1//score",
+                                 "/v1/../admin", "/v1/./score", "/hf/", "/hf/Text_Classification",
+                                 "http://evil.example/v1/chat", "v1/chat/completions", "/v1/chat completions",
+                                 "/v1/score?x=1", ""])
+def test_base_url_refuses_other_paths(url: str) -> None:
+    r = bad(check(line(url=url), pass_through=True), "invalid_request", "url")
+    assert not is_batch_endpoint(normalize_url(url), pass_through=True)
+    assert "/v1/..." in r.message  # says what --base-url accepts
+
+
+@pytest.mark.parametrize("pass_through", [False, True], ids=["router", "base-url"])
+def test_an_invalid_url_message_names_the_valid_ones(pass_through: bool) -> None:
+    r = bad(check(line(url="/bad_url"), pass_through=pass_through), "invalid_request", "url")
+    for url in [*OPENAI_ENDPOINTS, *VLLM, "/hf/<task>"]:
+        assert url in r.message, (url, r.message)
+    assert r.message.startswith('url "/bad_url" is not a batch endpoint'), r.message
+    assert "--base-url" in r.message
+
+
+@pytest.mark.parametrize("url", ["/v1/unknown", "/v1/tokenize", "/bad_url", "/hf/"])
+def test_without_base_url_only_the_named_endpoints_are_valid(url: str) -> None:
+    bad(check(line(url=url)), "invalid_request", "url")
+    assert not is_batch_endpoint(url, pass_through=False)
+
+
+def test_serve_checks_endpoints_by_the_same_rule(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hfbatch serve`'s POST /v1/batches `endpoint` follows the batch lines' rule."""
+    monkeypatch.setenv("HFBATCH_HOME", str(tmp_path / "home"))
+    from hfbatch.serve.app import BatchServer, ServeOptions
+    from hfbatch.serve.files import ApiError
+
+    for base_url in (None, "http://127.0.0.1:9/v1"):
+        server = BatchServer(ServeOptions(base_url=base_url), None, 1 << 20)
+        for url in [*OPENAI_ENDPOINTS, *VLLM, "/hf/summarization", "/v1/tokenize", "/bad_url", "/v1/../x"]:
+            if is_batch_endpoint(url, pass_through=base_url is not None):
+                assert server._endpoint(url) == url
+            else:
+                with pytest.raises(ApiError):
+                    server._endpoint(url)
