@@ -22,7 +22,8 @@ ConcurrencyOpt = Annotated[int, typer.Option(
     envvar="HFBATCH_CONCURRENCY")]
 TimeoutOpt = Annotated[float, typer.Option(min=0.1, help="Seconds per HTTP attempt.", envvar="HFBATCH_TIMEOUT")]
 AttemptsOpt = Annotated[int, typer.Option(
-    min=1, max=100, help="Attempts per request (429, 5xx, timeouts, resets are retried).",
+    min=1, max=100, help="Attempts per request (429, 500 once, 502-504, timeouts, resets and broken answers "
+    "are retried).",
     envvar="HFBATCH_MAX_ATTEMPTS")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")]
 TokenOpt = Annotated[str | None, typer.Option(
@@ -30,7 +31,8 @@ TokenOpt = Annotated[str | None, typer.Option(
 GraceOpt = Annotated[float, typer.Option(
     min=0, help="Seconds in-flight requests get to finish after Ctrl-C, SIGTERM or expiry.")]
 RetryFailedOpt = Annotated[bool, typer.Option(
-    help="Resume and re-send the lines whose error was retryable (429, 5xx, timeout, connection).")]
+    help="Resume and re-send the lines whose error was retryable (429, 500, 502-504, timeout, connection, "
+    "broken answer).")]
 WaitOpt = Annotated[bool, typer.Option(
     help="If another process is running this batch, wait for it to end instead of exiting with 5.")]
 BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfbatch list` shows.")]
