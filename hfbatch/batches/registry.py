@@ -262,7 +262,3 @@ class Registry:
                     continue
         finally:
             unlock(fd)
-
-
-def now() -> int:
-    return int(time.time())
