@@ -22,10 +22,12 @@ the file is opened. A file newer than this hfbatch knows is refused (UsageError,
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import blake2b
 from pathlib import Path
@@ -337,3 +339,187 @@ class ResponseCache:
             finally:
                 self._db.close()
                 self._db = None
+
+
+class AsyncCache:
+    """The response cache as a run uses it, from its event loop: no SQLite call ever runs on the loop.
+
+    get() answers from this process's buffer, else reads SQLite in the cache's reader thread; put() only
+    buffers. A background task commits the buffer every `flush_interval` seconds (sooner once `flush_rows`
+    rows wait) in the writer thread, so another process holding the write lock holds up that thread only:
+    gets keep being answered (a WAL reader does not wait for writers) and requests keep flowing. A commit
+    that finds the database locked past `busy_timeout` keeps the rows for the next one, dropping them past
+    50 x flush_rows (it is a cache; `dropped` counts them). Each connection is used by its own thread only.
+
+        cache = await AsyncCache.open(path)      # UsageError if a newer hfbatch wrote the file
+        hit = await cache.get(key)               # CachedAnswer | None, counting a hit
+        cache.put(key, url, model, status, body, input_tokens, output_tokens)   # never waits
+        await cache.aclose()                     # commits what is buffered
+    """
+
+    def __init__(self, path: Path, *, flush_interval: float = 0.5, flush_rows: int = 200, busy_timeout: float = 5.0,
+                 now: Callable[[], float] = time.time) -> None:
+        """Use `await AsyncCache.open(...)`: it connects (in a thread) and starts the background flush."""
+        self.path = Path(path)
+        self.dropped = 0  # rows given up on: the database stayed locked (or full) past the cap, or at close
+        self._interval = flush_interval
+        self._flush_rows = max(1, flush_rows)
+        self._busy_timeout = busy_timeout
+        self._now = now
+        self._lock = threading.Lock()  # guards the dicts below; never held during I/O
+        self._pending: dict[bytes, _Row] = {}
+        self._hits: dict[bytes, int] = {}
+        self._inflight: dict[bytes, _Row] = {}  # being committed by the writer: still answered from memory
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="hfbatch-cache-read")
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="hfbatch-cache-write")
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._due = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, flush_interval: float = 0.5, flush_rows: int = 200,
+                   busy_timeout: float = 5.0, now: Callable[[], float] = time.time) -> AsyncCache:
+        """Connect (creating and migrating the file as needed, in the writer thread) and start flushing."""
+        cache = cls(path, flush_interval=flush_interval, flush_rows=flush_rows, busy_timeout=busy_timeout, now=now)
+        loop = asyncio.get_running_loop()
+        try:
+            cache._writer = await loop.run_in_executor(cache._writes, _connect, cache.path, busy_timeout)
+            cache._reader = await loop.run_in_executor(
+                cache._reads, lambda: _connect(cache.path, busy_timeout, reader=True))
+        except BaseException:
+            await cache._disconnect()
+            raise
+        cache._task = loop.create_task(cache._flush_every(), name="hfbatch cache flush")
+        return cache
+
+    async def get(self, key: bytes) -> CachedAnswer | None:
+        """The stored 2xx answer for `key` (this process's buffered puts included), counting a hit; else None.
+        A database locked past the busy timeout for reading answers None (a miss)."""
+        if self._closed or self._reader is None:
+            raise ValueError("the cache is closed")
+        with self._lock:
+            row = self._pending.get(key)
+            if row is not None:
+                self._pending[key] = (*row[:7], row[7] + 1)
+                return _answer(row)
+            row = self._inflight.get(key)
+            if row is not None:
+                self._hits[key] = self._hits.get(key, 0) + 1
+                return _answer(row)
+        import sqlite3
+
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(self._reads, _select, self._reader, key)
+        except sqlite3.OperationalError:
+            return None
+        if found is None:
+            return None
+        with self._lock:
+            self._hits[key] = self._hits.get(key, 0) + 1
+        return _answer(found)
+
+    def put(self, key: bytes, url: str, model: str, status: int, body: bytes, input_tokens: int,
+            output_tokens: int) -> None:
+        """Buffer an answer (replacing an older one for the same key); committed by the next flush. Non-2xx
+        answers are ignored: never cached. Never does I/O: call it from the loop."""
+        if self._closed:
+            raise ValueError("the cache is closed")
+        if not 200 <= status < 300:
+            return
+        with self._lock:
+            old = self._pending.get(key)
+            hits = old[7] if old is not None else 0
+            self._pending[key] = (url, model, status, bytes(body), input_tokens, output_tokens, int(self._now()), hits)
+            due = len(self._pending) + len(self._hits) >= self._flush_rows
+        if due:
+            self._due.set()
+
+    async def flush(self) -> bool:
+        """Commit what is buffered, in the writer thread. False: the database stayed locked past the busy
+        timeout (or is full); the rows are kept for the next flush, or dropped past the cap."""
+        if self._writer is None:
+            raise ValueError("the cache is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._writes, self._flush_now)
+
+    async def aclose(self) -> None:
+        """Stop the background flush, commit what is buffered (rows the database still refuses after the busy
+        timeout are dropped and counted in `dropped`), close both connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True  # no more put/get
+        task, self._task = self._task, None
+        failure: BaseException | None = None
+        try:
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])  # our own cancellation still propagates
+                if not task.cancelled():
+                    failure = task.exception()  # the flusher died of a bug: loud, below
+            if self._writer is not None and not await self.flush():
+                with self._lock:
+                    self.dropped += len(self._pending)
+                    self._pending.clear()
+                    self._hits.clear()
+        finally:
+            await self._disconnect()
+        if failure is not None:
+            raise failure
+
+    async def _flush_every(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._due.wait()
+            except TimeoutError:
+                pass
+            self._due.clear()
+            if not await self.flush():
+                await asyncio.sleep(self._interval)  # locked: leave the other process be for a while
+
+    def _flush_now(self) -> bool:
+        """In the writer thread: commit a snapshot of the buffer; on a lock, put it back (newer puts win)."""
+        import sqlite3
+
+        db = self._writer
+        if db is None:
+            raise ValueError("the cache is closed")
+        with self._lock:
+            if not self._pending and not self._hits:
+                return True
+            rows, hits = self._pending, self._hits
+            self._pending, self._hits, self._inflight = {}, {}, rows
+        try:
+            _commit(db, rows, hits)
+        except sqlite3.OperationalError:  # locked past the busy timeout, or a full disk: keep them for later
+            with self._lock:
+                for k, row in rows.items():
+                    newer = self._pending.get(k)
+                    self._pending[k] = row if newer is None else (*newer[:7], newer[7] + row[7])
+                for k, n in hits.items():
+                    self._hits[k] = self._hits.get(k, 0) + n
+                self._inflight = {}
+                if len(self._pending) > _MAX_PENDING_FACTOR * self._flush_rows:
+                    self.dropped += len(self._pending)
+                    self._pending.clear()
+                    self._hits.clear()
+            return False
+        except BaseException:
+            with self._lock:
+                self._inflight = {}
+            raise
+        with self._lock:
+            self._inflight = {}
+        return True
+
+    async def _disconnect(self) -> None:
+        loop = asyncio.get_running_loop()
+        for pool, attr in ((self._reads, "_reader"), (self._writes, "_writer")):
+            db: sqlite3.Connection | None = getattr(self, attr)
+            setattr(self, attr, None)
+            try:
+                if db is not None:
+                    await loop.run_in_executor(pool, db.close)
+            finally:
+                pool.shutdown(wait=False)
