@@ -30,7 +30,6 @@ import orjson
 from ..errors import UsageError
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-UPGRADE = "upgrade hfbatch (pip install -U hfbatch)"
 
 # -- versions: the one place that knows them (DESIGN rule 16) --------------------------------------
 
@@ -74,7 +73,7 @@ class NewerSchema(UsageError):
 
     def __init__(self, what: str, kind: str, found: int, known: int) -> None:
         super().__init__(f"{what} was written by a newer hfbatch (registry {kind} {found}, this one reads up "
-                         f"to {known}): {UPGRADE}")
+                         f"to {known}): upgrade hfbatch (pip install -U hfbatch)")
         self.found, self.known = found, known
 
 
@@ -292,9 +291,11 @@ class Registry:
         path = self.root / LAYOUT_FILE
         try:
             obj = read_json(path)
+            return _version(obj.get("layout") if isinstance(obj, dict) else "?", path)
         except FileNotFoundError:
             return None
-        return _version(obj.get("layout") if isinstance(obj, dict) else "?", path)
+        except ValueError as e:  # written atomically: only a hand edit gets here
+            raise UsageError(f"{path} is damaged ({e}); delete it and hfbatch writes it again") from None
 
     def _check_layout(self) -> None:
         """Refuse a registry laid out by a newer hfbatch; bring an older one up to date (under the registry
@@ -313,7 +314,7 @@ class Registry:
             finally:
                 unlock(fd)
         elif found is None:
-            write_json(self.root / LAYOUT_FILE, {"layout": known})
+            write_json(private_dir(self.root) / LAYOUT_FILE, {"layout": known})
 
     def _refuse_newer(self, found: int, known: int) -> None:
         if found > known:

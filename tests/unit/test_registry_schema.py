@@ -236,6 +236,16 @@ def test_a_registry_laid_out_by_a_newer_hfbatch_is_refused_untouched(home: Path)
     assert read_json(home / LAYOUT_FILE) == {"layout": 99}
 
 
+def test_a_damaged_registry_json_says_what_to_do(home: Path) -> None:
+    home.mkdir(mode=0o700)
+    (home / LAYOUT_FILE).write_text("{oops")
+    with pytest.raises(UsageError, match="registry.json is damaged .*; delete it and hfbatch writes it again"):
+        Registry()
+    (home / LAYOUT_FILE).unlink()
+    Registry()
+    assert raw(home / LAYOUT_FILE) == {"layout": 1}
+
+
 def test_list_collects_newer_batches_when_asked_and_refuses_otherwise(home: Path) -> None:
     reg = Registry()
     mine, _, _ = write_unversioned(reg)
