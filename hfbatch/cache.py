@@ -180,6 +180,15 @@ def _select(db: sqlite3.Connection, key: bytes) -> _Row | None:
     return row
 
 
+def _select_or_miss(db: sqlite3.Connection, key: bytes) -> _Row | None:
+    import sqlite3
+
+    try:
+        return _select(db, key)
+    except sqlite3.OperationalError:  # locked past the busy timeout for reading: a miss, not a failed run
+        return None
+
+
 def _commit(db: sqlite3.Connection, rows: dict[bytes, _Row], hits: dict[bytes, int]) -> None:
     """Upsert `rows` and add `hits` in one transaction (sqlite3.OperationalError if locked past the busy timeout)."""
     db.execute("BEGIN IMMEDIATE")
@@ -364,7 +373,6 @@ class AsyncCache:
         self.dropped = 0  # rows given up on: the database stayed locked (or full) past the cap, or at close
         self._interval = flush_interval
         self._flush_rows = max(1, flush_rows)
-        self._busy_timeout = busy_timeout
         self._now = now
         self._lock = threading.Lock()  # guards the dicts below; never held during I/O
         self._pending: dict[bytes, _Row] = {}
@@ -408,12 +416,7 @@ class AsyncCache:
             if row is not None:
                 self._hits[key] = self._hits.get(key, 0) + 1
                 return _answer(row)
-        import sqlite3
-
-        try:
-            found = await asyncio.get_running_loop().run_in_executor(self._reads, _select, self._reader, key)
-        except sqlite3.OperationalError:
-            return None
+        found = await asyncio.get_running_loop().run_in_executor(self._reads, _select_or_miss, self._reader, key)
         if found is None:
             return None
         with self._lock:
