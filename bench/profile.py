@@ -57,7 +57,7 @@ HFBATCH_FUNCS = [
     ("_tick", "hfbatch/batches/run.py", "_tick (100 ms flush/progress/cancel check)"),
     ("save", "hfbatch/batches/run.py", "save (live batch.json every 2 s)"),
     ("batch_object", "hfbatch/summary.py", "batch_object"),
-    ("write_json", "hfbatch/batches/registry.py", "write_json (batch.json/meta.json + fsync)"),
+    ("write_json", "hfbatch/storage.py", "write_json (batch.json/meta.json + fsync)"),
     ("BaseEventLoop.run_in_executor", "asyncio/base_events.py",
      "aiohttp trust_env: run_in_executor(_get_netrc_auth) per request (event-loop side)"),
     ("to_thread", "asyncio/threads.py",

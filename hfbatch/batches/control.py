@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import EndedEarly, UsageError
-from .registry import TERMINAL_STATUSES, BatchDir, Registry, pid_alive
+from .registry import TERMINAL_STATUSES, BatchDir, NewerSchema, Registry, pid_alive
 
 
 def get(batch_id: str, reg: Registry | None = None) -> BatchDir:
@@ -35,15 +35,22 @@ def _meta(b: BatchDir) -> dict[str, Any]:
         return {}
 
 
-def list_batches(limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Newest first; unreadable entries (a crash mid-creation) are skipped."""
+def list_batches(limit: int | None = None, *, newer: list[NewerSchema] | None = None) -> Iterator[dict[str, Any]]:
+    """Newest first; unreadable entries (a crash mid-creation) are skipped. A batch written by a newer
+    hfbatch is never silently left out: it raises NewerSchema (one line, exit 2), unless the caller passes
+    `newer`, a list that collects them while the readable batches are listed (for a note after the rows)."""
     rows = []
     for b in Registry().all():
         try:
             batch = live_batch(b)
+            order = _meta(b).get("created_ns") or batch.get("created_at", 0) * 10**9
+        except NewerSchema as e:
+            if newer is None:
+                raise
+            newer.append(e)
+            continue
         except (OSError, ValueError, KeyError):
             continue
-        order = _meta(b).get("created_ns") or batch.get("created_at", 0) * 10**9
         rows.append((order, batch))
     rows.sort(key=lambda r: r[0], reverse=True)
     yield from (batch for _, batch in (rows[:limit] if limit else rows))

@@ -45,8 +45,12 @@ def list_(
 ) -> None:
     """The batches in the registry, newest first."""
     from ..batches.control import list_batches
+    from ..batches.registry import NewerSchema
 
-    rows = list(list_batches(limit))
+    newer: list[NewerSchema] = []
+    rows = list(list_batches(limit, newer=newer))
+    if newer:  # listed apart, never silently left out
+        print(f"hfbatch: note: {len(newer)} batch(es) not listed: {newer[0]}", file=sys.stderr)
     if json or not sys.stdout.isatty():
         from ..writer import escape_separators
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from ..batches.registry import home, private_dir, read_json, write_json
 from ..errors import UsageError
 from ..routing import POLICY_SUFFIXES, router_root, split_model
+from ..storage import home, private_dir, read_json, write_json
 
 PER_TOKENS = 1_000_000  # prices are USD per 1M tokens
 _UNPRICED_TAIL = " have no known price: the total covers the others"

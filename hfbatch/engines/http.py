@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from ..cache import AsyncCache, default_path, request_key
 from ..config import RunConfig, env_float
 from ..cost.estimate import DEFAULT_MAX_OUTPUT, estimate_tokens
 from ..cost.pricing import Catalog, default_cache_path, load_catalog, models_url, request_cost
@@ -91,7 +92,7 @@ class HttpEngine:
                         default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
         hooks = Accounting(spend, work.stop, server=cfg.base_url or "router",
                            budget=Budget(cfg.budget, spend) if cfg.budget is not None else None,
-                           cache=_open_cache() if cfg.cache else None)
+                           cache=await AsyncCache.open(default_path()) if cfg.cache else None)
         limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
                         fallback=cfg.fallback, coalesce=cfg.coalesce,
                         start=first_limit(cfg.concurrency, cfg.base_url))
@@ -117,18 +118,12 @@ def _booked_tokens(body: dict[str, Any], url: str) -> int:
     return inp + out
 
 
-def _open_cache() -> Any:
-    from ..cache import ResponseCache, default_path
-
-    return ResponseCache(default_path())
-
-
 class Accounting:
     """The executor's hooks for an HTTP run (executor.RunHooks): the response cache (--cache), the cost
     ledger, and the budget gate (--budget)."""
 
     def __init__(self, ledger: CostLedger, stop: StopControl, *, server: str, budget: Budget | None = None,
-                 cache: Any = None) -> None:
+                 cache: AsyncCache | None = None) -> None:
         self.ledger, self.stop, self.budget, self.cache = ledger, stop, budget, cache
         self.server = server  # cache answers per server: the router and a local vLLM differ
         self.caching = cache is not None
@@ -137,14 +132,12 @@ class Accounting:
         self._released = asyncio.Event()
 
     def _key(self, req: Request) -> bytes:
-        from ..cache import request_key
-
         return request_key(self.server + req.url, req.body)
 
     async def cached(self, req: Request) -> Success | None:
         if self.cache is None:
             return None
-        hit = await asyncio.to_thread(self.cache.get, self._key(req))  # SQLite off the event loop
+        hit = await self.cache.get(self._key(req))  # SQLite in a worker thread: never on the event loop
         if hit is None:
             return None
         return Success(hit.status, f"cached_{hit.created_at}", orjson.Fragment(hit.body),
@@ -196,5 +189,5 @@ class Accounting:
 
     async def aclose(self) -> None:
         if self.cache is not None:
-            await asyncio.to_thread(self.cache.close)
+            await self.cache.aclose()
 

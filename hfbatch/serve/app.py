@@ -43,7 +43,7 @@ import orjson
 from aiohttp import web
 
 from ..batches.control import live_batch, request_cancel
-from ..batches.registry import TERMINAL_STATUSES, BatchDir, Registry
+from ..batches.registry import TERMINAL_STATUSES, BatchDir, NewerSchema, Registry
 from ..batches.run import BatchRun, RunIO
 from ..config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
 from ..engines.http import first_limit
@@ -130,6 +130,9 @@ class BatchServer:
             return await handler(request)
         except ApiError as e:
             return e.response()
+        except NewerSchema as e:  # a batch written by a newer hfbatch: this server cannot read it
+            log.warning("%s %s: %s", request.method, request.path, e)
+            return ApiError(500, str(e), "server_error").response()
         except web.HTTPException as e:
             if e.status == 404:
                 return ApiError(404, f"Invalid URL ({request.method} {request.path})", "not_found_error").response()
@@ -333,6 +336,9 @@ class BatchServer:
             b = self.reg.get(link["id"])
             try:
                 status = b.batch()["status"] if b is not None else "validating"
+            except NewerSchema as e:
+                log.warning("%s", e)  # not resumed by this (older) hfbatch
+                continue
             except (OSError, ValueError, KeyError):
                 status = "validating"
             if status in TERMINAL_STATUSES or (b is not None and b.running()):

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..batches.registry import home, private_dir, read_json, write_json
+from ..storage import home, private_dir, read_json, write_json
 from .owners import Caller
 
 FILE_ID_RE = re.compile(r"^file-[A-Za-z0-9]+$")

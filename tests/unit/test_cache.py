@@ -1,8 +1,10 @@
-"""cache: request_key canonical form; ResponseCache round trip, hits, stats, clear, batching, file modes, sharing."""
+"""cache: request_key canonical form; ResponseCache round trip, hits, stats, clear, batching, file modes, sharing;
+the file's version (user_version + MIGRATIONS) both ways."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -13,7 +15,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hfbatch.cache import CachedAnswer, ResponseCache, default_path, request_key
+from hfbatch import cache as cache_module
+from hfbatch.__main__ import main
+from hfbatch.cache import CachedAnswer, ResponseCache, cache_schema, default_path, request_key
+from hfbatch.errors import UsageError
 
 URL = "/v1/chat/completions"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
@@ -234,3 +239,137 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
     with ResponseCache(p) as c:
         s = c.stats()
         assert s["entries"] == 600 and s["hits"] == 600
+
+
+# ------------------------------------------------------------------ versions (user_version + MIGRATIONS)
+
+# What hfbatch wrote before the cache had a version (user_version 0): kept here verbatim, it is history.
+_UNVERSIONED = ["""CREATE TABLE IF NOT EXISTS responses (
+    key BLOB PRIMARY KEY, url TEXT NOT NULL, model TEXT NOT NULL, status INTEGER NOT NULL, body BLOB NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0)""", "CREATE INDEX IF NOT EXISTS responses_created ON responses (created_at)"]
+
+
+def unversioned_file(p: Path, rows: int = 2) -> None:
+    db = sqlite3.connect(p, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for ddl in _UNVERSIONED:
+        db.execute(ddl)
+    for i in range(rows):
+        db.execute("INSERT INTO responses VALUES (?, ?, 'm', 200, ?, 1, 2, 1700000000, 3)",
+                   (f"k{i}".encode(), URL, f'{{"i":{i}}}'.encode()))
+    db.close()
+
+
+def inspect(p: Path) -> tuple[int, list[tuple[str, str]], list[tuple[bytes, bytes, int]]]:
+    """(user_version, the schema's objects, the rows) read with a plain connection."""
+    db = sqlite3.connect(p)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        objects = db.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+        rows = db.execute("SELECT key, body, hits FROM responses ORDER BY key").fetchall()
+    finally:
+        db.close()
+    return version, objects, rows
+
+
+def test_a_new_file_is_version_1(tmp_path: Path) -> None:
+    ResponseCache(tmp_path / "c.sqlite3").close()
+    version, objects, _ = inspect(tmp_path / "c.sqlite3")
+    assert version == 1 == cache_schema()
+    assert [name for name, _ in objects] == ["responses", "responses_created", "sqlite_autoindex_responses_1"]
+
+
+def test_a_file_from_before_versions_is_version_1_and_left_as_it_is(tmp_path: Path) -> None:
+    p = tmp_path / "c.sqlite3"
+    unversioned_file(p)
+    before = inspect(p)
+    with ResponseCache(p) as c:
+        got = c.get(b"k1")
+        assert got is not None and got.body == b'{"i":1}'
+    version, objects, rows = inspect(p)
+    assert (version, objects) == before[:2] == (0, before[1]), "no write just to record the version"
+    assert rows == [(b"k0", b'{"i":0}', 3), (b"k1", b'{"i":1}', 4)]
+
+
+def _v2_add_provider(db: sqlite3.Connection) -> None:
+    db.execute("ALTER TABLE responses ADD COLUMN provider TEXT")
+    db.execute("UPDATE responses SET provider = 'unknown'")
+
+
+def _v3_needs_v2(db: sqlite3.Connection) -> None:
+    db.execute("CREATE INDEX responses_provider ON responses (provider)")  # fails unless v2 ran first
+
+
+@pytest.mark.parametrize("start", ["unversioned", "version-1"])
+def test_a_newer_hfbatch_migrates_an_older_file_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         start: str) -> None:
+    p = tmp_path / "c.sqlite3"
+    if start == "unversioned":
+        unversioned_file(p)
+    else:
+        with ResponseCache(p) as c:  # as this hfbatch writes it
+            for i in range(2):
+                put(c, f"k{i}".encode(), body=f'{{"i":{i}}}'.encode())
+    assert inspect(p)[0] == (0 if start == "unversioned" else 1)
+    # the seam: version 2 and 3 are appended functions
+    monkeypatch.setattr(cache_module, "MIGRATIONS", [*cache_module.MIGRATIONS, _v2_add_provider, _v3_needs_v2])
+    assert cache_schema() == 3
+    with ResponseCache(p) as c:
+        assert c.get(b"k0") is not None  # rows kept
+    version, objects, rows = inspect(p)
+    assert version == 3
+    assert "responses_provider" in [name for name, _ in objects]
+    assert [k for k, _, _ in rows] == [b"k0", b"k1"]
+    ResponseCache(p).close()  # already current: nothing runs twice (v3's CREATE INDEX would fail)
+    assert inspect(p)[0] == 3
+
+
+def test_a_failing_migration_leaves_the_file_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "c.sqlite3"
+    unversioned_file(p)
+    before = inspect(p)
+
+    def broken(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE half_done (x)")
+        raise sqlite3.OperationalError("disk on fire")
+
+    monkeypatch.setattr(cache_module, "MIGRATIONS", [*cache_module.MIGRATIONS, _v2_add_provider, broken])
+    with pytest.raises(sqlite3.OperationalError, match="disk on fire"):
+        ResponseCache(p)
+    assert inspect(p) == before, "migrations run in one transaction: all or nothing"
+
+
+NEWER_CACHE = ("the response cache {p} was written by a newer hfbatch (cache schema 99, this one reads up to 1): "
+               "upgrade hfbatch (pip install -U hfbatch), or delete the file to start an empty cache")
+
+
+def newer_file(p: Path) -> None:
+    unversioned_file(p)
+    db = sqlite3.connect(p, isolation_level=None)
+    db.execute("PRAGMA user_version = 99")
+    db.execute("CREATE TABLE from_the_future (x)")
+    db.close()
+
+
+def test_an_older_hfbatch_refuses_a_newer_file_untouched(tmp_path: Path) -> None:
+    p = tmp_path / "c.sqlite3"
+    newer_file(p)
+    before, raw = inspect(p), p.read_bytes()
+    with pytest.raises(UsageError) as e:
+        ResponseCache(p)
+    assert e.value.exit_code == 2 and str(e.value) == NEWER_CACHE.format(p=p)
+    assert inspect(p) == before and p.read_bytes() == raw
+
+
+@pytest.mark.parametrize("command", [["cache", "stats"], ["cache", "clear"]])
+def test_cache_commands_refuse_a_newer_file_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str], command: list[str]) -> None:
+    monkeypatch.setenv("HFBATCH_HOME", str(tmp_path / "home"))
+    p = default_path()
+    newer_file(p)
+    before = inspect(p)
+    assert main(command) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err == f"hfbatch: {NEWER_CACHE.format(p=p)}\n"
+    assert inspect(p) == before, "clear must not delete rows of a file it cannot read"

@@ -1,4 +1,4 @@
-"""state.home(): where the registry lives, and that hfbatch never loosens or tightens a folder it did not make.
+"""registry.home(): where the registry lives, and that hfbatch never loosens or tightens a folder it did not make.
 
 Real folders under tmp_path, the environment variable set per test (monkeypatch.setenv is the seam the
 function reads: $HFBATCH_HOME)."""
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hfbatch.batches.registry import home
 from hfbatch.errors import UsageError
+from hfbatch.storage import home
 
 
 def mode(p: Path) -> int:
