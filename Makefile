@@ -15,11 +15,12 @@ $(BIN)/hfbatch: pyproject.toml
 install: $(BIN)/hfbatch
 
 test: install
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q
 
 check: install
 	$(BIN)/ruff check hfbatch tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python scripts/gen_cli_docs.py --check
 
 docs: install

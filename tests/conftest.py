@@ -588,10 +588,19 @@ def cli(tmp_path: Path, _fakes: list[ThreadedFakeProvider]) -> Iterable[Cli]:
 
 def wait_until_blocked_on_stdin(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
     """Until every process has imported everything and sits reading its stdin."""
+    _wait_until_blocked(procs, "pipe_read", timeout)
+
+
+def wait_until_blocked_on_lock(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """Until every process sits waiting for a file lock (a batch another process runs: --wait)."""
+    _wait_until_blocked(procs, "lock_inode_wait", timeout)
+
+
+def _wait_until_blocked(procs: list[subprocess.Popen[bytes]], wchan: str, timeout: float) -> None:
     def ready() -> bool:
         for p in procs:
-            try:  # any thread: stdin is read in a worker thread (asyncio.to_thread)
-                if not any("pipe_read" in (t / "wchan").read_text() for t in Path(f"/proc/{p.pid}/task").iterdir()):
+            try:  # any thread: stdin and locks are waited for in a worker thread (asyncio.to_thread)
+                if not any(wchan in (t / "wchan").read_text() for t in Path(f"/proc/{p.pid}/task").iterdir()):
                     return False
             except OSError:
                 return False

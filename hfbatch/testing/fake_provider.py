@@ -40,7 +40,7 @@ _CATALOG = {"object": "list", "data": [
     # The models of samples/chat.jsonl, so that `make demo` shows a cost (made-up prices).
     *({"id": m, "object": "model", "created": 1700000000, "owned_by": m.split("/")[0],
        "providers": _CHAT_PROVIDERS} for m in ("meta-llama/Llama-3.1-8B-Instruct", "openai/gpt-oss-120b"))]}
-_STAT_KEYS = ("requests", "ok", "s400", "s401", "s402", "s403", "s404", "s429", "s500", "s502", "s503",
+_STAT_KEYS = ("held", "requests", "ok", "s400", "s401", "s402", "s403", "s404", "s429", "s500", "s502", "s503",
               "s504", "hang", "reset", "garbage", "dup_ok", "distinct_ok", "auth_missing")
 _JSON = "application/json"
 _NOT_OBJECTS = {"array": b"[1,2,3]", "string": b'"hello"', "number": b"42", "null": b"null"}
@@ -218,7 +218,12 @@ class FakeProvider:
         self._n = 0
         self._runner: web.AppRunner | None = None
         self._hanging: set[asyncio.Transport] = set()
+        self._released = asyncio.Event()  # lets [[hold]] requests go (release())
         self.reset_stats()
+
+    def release(self) -> None:
+        """Answer the requests marked [[hold]] (those waiting and those to come)."""
+        self._released.set()
 
     def reset_stats(self) -> None:
         """Zero the counters, forget scripted-fault attempts and seen markers, reseed the RNGs."""
@@ -332,6 +337,9 @@ class FakeProvider:
                     pass
             if m := _ID_RE.search(raw):
                 marker = m.group(1)
+            if b"[[hold]]" in raw:  # answered only once the test calls release(): event-driven, no fixed sleep
+                self.stats["held"] += 1
+                await self._released.wait()
         if outcome is None:  # scripted bodies take no random fault; draw on arrival, deliver after the delay
             r, acc = self._rng.random(), 0.0
             for name, frac in (("429", cfg.fail_429), ("500", cfg.fail_500), ("503", cfg.fail_503),
@@ -468,6 +476,10 @@ class ThreadedFakeProvider:
             raise RuntimeError("fake provider failed to start")
         self.url = f"http://127.0.0.1:{port[0]}"
         return self
+
+    def release(self) -> None:
+        """Answer the requests marked [[hold]] (waiting and future ones)."""
+        self._call(self.provider.release)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         async def run() -> Any:

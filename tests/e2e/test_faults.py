@@ -116,10 +116,11 @@ def test_scripted_faults_retry_classification(tmp_path: Path, make_fake, run_cli
 
 
 def test_retry_after_is_honored(tmp_path: Path, make_fake, run_cli) -> None:
-    # Two 429s with Retry-After: 1 -> at least 2 s of waiting; backoff alone would wait 1.5 s at most.
-    fake = make_fake(retry_after="1")
+    # Two 429s with Retry-After: 0.4 -> at least 0.8 s of waiting; backoff alone (base 0.05 s) would wait
+    # 0.15 s at most.
+    fake = make_fake(retry_after="0.4")
     write_jsonl(tmp_path / "in.jsonl", [chat_line("ra", "[[fault:429,429,ok]] wait for it")])
-    p = run_cli(["in.jsonl", "-q"])
+    p = run_cli(["in.jsonl", "-q"], env_extra={"HFBATCH_RETRY_BASE": "0.05"})
     assert p.returncode == 0, p.stderr
     out = read_jsonl(tmp_path / "in.output.jsonl")
     assert ids(out) == ["ra"]
@@ -128,5 +129,5 @@ def test_retry_after_is_honored(tmp_path: Path, make_fake, run_cli) -> None:
     assert st["s429"] == 2 and st["ok"] == 1
     batch = batch_from(p.stdout)
     assert batch["hfbatch"]["retries"] == 2 and batch["hfbatch"]["http_requests"] == 3
-    assert batch["hfbatch"]["elapsed_seconds"] >= 2.0
-    assert p.elapsed >= 2.0
+    assert batch["hfbatch"]["elapsed_seconds"] >= 0.8
+    assert p.elapsed >= 0.8

@@ -36,6 +36,7 @@ from conftest import (
     last_json,
     poll,
     read_jsonl,
+    wait_until_blocked_on_lock,
     wait_until_blocked_on_stdin,
     write_jsonl,
 )
@@ -382,7 +383,7 @@ def test_foreign_output_files_are_refused_unless_overwrite(tmp_path: Path, make_
 def test_second_submit_exits_5_or_waits_and_replays(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.05)
     n = 30
-    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:3]] "})  # the first run lasts >= 3 s
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[hold]] "})  # the first run lasts until released
     args = ["submit", "in.jsonl", "-q", "-c", "4"]
     first = cli.start(*args)
     poll(lambda: fake.stats()["ok"] >= 4, "the first run under way", proc=first)
@@ -394,6 +395,8 @@ def test_second_submit_exits_5_or_waits_and_replays(tmp_path: Path, make_fake, c
     assert first.poll() is None, "the first run ended before the second was refused"
 
     waiter = cli.start(*args, "--wait")
+    wait_until_blocked_on_lock([waiter])
+    fake.release()
     code1, out1, err1 = cli.finish(first)
     code2, out2, err2 = cli.finish(waiter)
     assert code1 == 0, err1
@@ -530,9 +533,9 @@ def test_cancel_after_kill9_closes_the_batch_out(tmp_path: Path, make_fake, cli:
 def test_detach_status_wait_results(tmp_path: Path, make_fake, cli: Cli) -> None:
     fake = make_fake(latency=0.05)
     n = 40
-    # Line 0 takes 4 s: the run outlives a live refresh of batch.json (every ~2 s) by enough to
-    # ask `hfbatch status` about it.
-    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[sleep:4]] ", 3: "[[fault:400]] "})
+    # Line 0 is held until the test has seen a live refresh of batch.json (every ~2 s) and asked
+    # `hfbatch status` about it.
+    all_ids = chat_file(tmp_path / "in.jsonl", n, extra={0: "[[hold]] ", 3: "[[fault:400]] "})
     p = cli.run("submit", "in.jsonl", "-q", "-c", "2", "--detach")
     assert p.returncode == 0, p.stderr
     assert p.elapsed < 5, f"--detach took {p.elapsed:.1f} s"  # type: ignore[attr-defined]
@@ -554,6 +557,7 @@ def test_detach_status_wait_results(tmp_path: Path, make_fake, cli: Cli) -> None
     assert live["status"] == "in_progress" and live["hfbatch"]["state"] == "running", live
     assert 0 < live["request_counts"]["completed"] < n and live["request_counts"]["total"] == n
 
+    fake.release()
     w = cli.run("wait", batch_id, "--timeout", "20", timeout=30)
     assert w.returncode == 3, (w.returncode, w.stderr)  # the batch's own exit code: one line failed
     done = check_batch(last_json(w.stdout))

@@ -101,7 +101,7 @@ def test_full_disk_stops_resumable_and_the_rerun_sends_only_what_is_missing(
 def test_output_file_removed_under_a_run_is_not_a_completed_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
     """The ledger is the files: one removed while the batch runs loses its lines, and the batch must say so."""
     make_fake(latency=0.05)
-    expected = chat_file(tmp_path / "in.jsonl", 120)
+    expected = chat_file(tmp_path / "in.jsonl", 40)
     args = ("submit", "in.jsonl", "-q", "-c", "4", "-o", "out.jsonl", "-e", "err.jsonl")
     proc = cli.start(*args)
     from conftest import poll
