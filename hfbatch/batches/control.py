@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import EndedEarly, UsageError
-from .registry import TERMINAL_STATUSES, BatchDir, NewerSchema, Registry, pid_alive
+from ..models import TERMINAL_STATUSES, BatchStatus, RunState, StopReason
+from .registry import BatchDir, NewerSchema, Registry, pid_alive
 
 
 def get(batch_id: str, reg: Registry | None = None) -> BatchDir:
@@ -21,10 +22,10 @@ def live_batch(b: BatchDir) -> dict[str, Any]:
     """The stored Batch object, with our state corrected when its process died without a word."""
     batch = b.batch()
     hb = batch.setdefault("hfbatch", {})
-    if batch["status"] not in TERMINAL_STATUSES and hb.get("state") in (None, "running"):
+    if batch["status"] not in TERMINAL_STATUSES and hb.get("state") in (None, RunState.RUNNING):
         if not b.running() and not pid_alive(_meta(b).get("pid")):
-            hb["state"] = "interrupted"
-            hb["stop_reason"] = "process_exited"
+            hb["state"] = RunState.INTERRUPTED
+            hb["stop_reason"] = StopReason.PROCESS_EXITED
     return batch
 
 
@@ -77,7 +78,7 @@ def request_cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
     b = get(batch_id)
     batch = live_batch(b)
     status = batch["status"]
-    if status == "cancelled":
+    if status == BatchStatus.CANCELLED:
         return batch, False
     if status in TERMINAL_STATUSES:
         raise UsageError(f"batch {batch_id} already ended ({status}); there is nothing to cancel")
@@ -97,7 +98,7 @@ def wait(batch_id: str, poll: float = 0.5, timeout: float | None = None) -> tupl
         batch = live_batch(b)
         meta = _meta(b)
         ended = batch["status"] in TERMINAL_STATUSES
-        if ended or (batch["hfbatch"].get("state") == "interrupted" and not b.running()
+        if ended or (batch["hfbatch"].get("state") == RunState.INTERRUPTED and not b.running()
                      and not pid_alive(meta.get("pid"))):
             code = meta.get("exit_code")
             return batch, int(code) if code is not None else 5

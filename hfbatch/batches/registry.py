@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..models import TERMINAL_STATUSES
 from ..storage import home, private_dir, read_json, write_json
-
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 
 # -- versions: the one place that knows them (DESIGN rule 16) --------------------------------------
 

@@ -43,13 +43,13 @@ import orjson
 from aiohttp import web
 
 from ..batches.control import live_batch, request_cancel
-from ..batches.registry import TERMINAL_STATUSES, BatchDir, NewerSchema, Registry
+from ..batches.registry import BatchDir, NewerSchema, Registry
 from ..batches.run import BatchRun, RunIO
 from ..config import WINDOW_RANGE, RunConfig, parse_duration, parse_size, parse_window, resolve_token
 from ..engines.http import first_limit
 from ..errors import HfbatchError, UsageError
 from ..limits import Capacity
-from ..models import BatchStatus, RunState
+from ..models import TERMINAL_STATUSES, BatchStatus, RunState
 from ..summary import BatchInfo, Stats, batch_object
 from ..validate import endpoints_hint, is_batch_endpoint, normalize_url
 from .files import (
@@ -218,13 +218,13 @@ class BatchServer:
         if b is None:
             raise ApiError(409, f"Batch {bid} cannot be cancelled: it never started ({self.failures.get(bid)}).")
         status = live_batch(b)["status"]
-        if status in TERMINAL_STATUSES and status != "cancelled":
+        if status in TERMINAL_STATUSES and status != BatchStatus.CANCELLED:
             raise ApiError(409, f"Cannot cancel a batch with status '{status}'.")
         try:
             _, finish_here = request_cancel(bid)
         except UsageError:  # it ended a moment ago
             raise ApiError(409, f"Cannot cancel a batch with status '{live_batch(b)['status']}'.") from None
-        if status != "cancelled" and (finish_here or (bid not in self.tasks and not b.running())):
+        if status != BatchStatus.CANCELLED and (finish_here or (bid not in self.tasks and not b.running())):
             # Nothing runs it: resume it here; the engine sees the cancel file and closes it out (sends nothing).
             self._start(bid, self._resume_config(b, self._authenticate(request).token))
         answer = self._render(link)
@@ -281,9 +281,9 @@ class BatchServer:
                 if ended:
                     self.store.register_output(link[key], f"{bid}_{kind}.jsonl", link.get("owner"))
         hb = batch.get("hfbatch") or {}
-        if not ended and hb.get("state") == "running" and bid not in self.tasks and b is not None \
+        if not ended and hb.get("state") == RunState.RUNNING and bid not in self.tasks and b is not None \
                 and not b.running():
-            hb["state"] = "interrupted"  # its task in this process ended without finishing it
+            hb["state"] = RunState.INTERRUPTED  # its task in this process ended without finishing it
         return batch
 
     # ------------------------------------------------------------------ running batches
@@ -313,7 +313,7 @@ class BatchServer:
         try:
             result = await BatchRun(cfg, io).execute()
             hb = result.batch.get("hfbatch") or {}
-            if result.error is not None and hb.get("state") == "interrupted":
+            if result.error is not None and hb.get("state") == RunState.INTERRUPTED:
                 log.warning("batch %s stopped early (%s): %s", bid, hb.get("stop_reason"), result.error,
                             exc_info=result.error.__cause__)
         except (HfbatchError, OSError) as e:
