@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..cache import AsyncCache, default_path, request_key
 from ..config import RunConfig, env_float
+
+if TYPE_CHECKING:
+    from ..cache import AsyncCache
 from ..cost.estimate import DEFAULT_MAX_OUTPUT, estimate_tokens
 from ..cost.pricing import Catalog, default_cache_path, load_catalog, models_url, request_cost
 from ..cost.spend import Budget, CostLedger
@@ -92,7 +94,7 @@ class HttpEngine:
                         default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
         hooks = Accounting(spend, work.stop, server=cfg.base_url or "router",
                            budget=Budget(cfg.budget, spend) if cfg.budget is not None else None,
-                           cache=await AsyncCache.open(default_path()) if cfg.cache else None)
+                           cache=await _open_cache() if cfg.cache else None)
         limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
                         fallback=cfg.fallback, coalesce=cfg.coalesce,
                         start=first_limit(cfg.concurrency, cfg.base_url))
@@ -110,6 +112,12 @@ class HttpEngine:
             stats.concurrency = executor.concurrency_now()
         if executor.internal_errors:
             raise executor.internal_errors[0]
+
+
+async def _open_cache() -> AsyncCache:
+    from ..cache import AsyncCache, default_path  # only with --cache: sqlite3 and threads stay out of a plain run
+
+    return await AsyncCache.open(default_path())
 
 
 def _booked_tokens(body: dict[str, Any], url: str) -> int:
@@ -132,6 +140,8 @@ class Accounting:
         self._released = asyncio.Event()
 
     def _key(self, req: Request) -> bytes:
+        from ..cache import request_key
+
         return request_key(self.server + req.url, req.body)
 
     async def cached(self, req: Request) -> Success | None:

@@ -184,7 +184,7 @@ class HttpTransport(base.Transport):
 
 
 # The name callers import today (executor.py, engines/http.py, cost/estimate.py); the protocol they may
-# type against instead is hfbatch.http.Transport (base.py).
+# type against instead is hfbatch.http.base.Transport.
 Transport = HttpTransport
 
 
