@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-from array import array
 from typing import Any, Protocol
 
 import orjson
 
-from .fingerprints import MASK64
 from .models import LineError, Request
 from .reader import MAX_LINE_BYTES, LineTooLong
 
@@ -68,66 +66,6 @@ class SeenIds(Protocol):
     def add(self, custom_id: str) -> bool:
         """Record `custom_id`; False if it was already there."""
         ...
-
-
-class IdSet:
-    """A set of custom_ids in 16 bytes per id (1M ids: 16 MB), not the ~90 of a set of str.
-
-    It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
-    table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
-    lines). Used where a set of ids must be kept (the ids already answered, on resume; `estimate`);
-    a run's own uniqueness check needs no such table (repeats.py).
-    """
-
-    __slots__ = ("_table", "_mask", "_count")
-
-    def __init__(self) -> None:
-        self._table = array("Q", bytes(8 * 1024))
-        self._mask = 1023
-        self._count = 0
-
-    def add(self, custom_id: str | bytes) -> bool:
-        """Record `custom_id`; False if it was already there."""
-        h = (hash(custom_id) & MASK64) | 1  # 0 marks an empty slot
-        table, mask = self._table, self._mask
-        i = h & mask
-        while True:
-            v = table[i]
-            if v == 0:
-                table[i] = h
-                self._count += 1
-                if self._count * 2 > mask:
-                    self._grow()
-                return True
-            if v == h:
-                return False
-            i = (i + 1) & mask
-
-    def __contains__(self, custom_id: object) -> bool:
-        h = (hash(custom_id) & MASK64) | 1
-        table, mask = self._table, self._mask
-        i = h & mask
-        while True:
-            v = table[i]
-            if v == h:
-                return True
-            if v == 0:
-                return False
-            i = (i + 1) & mask
-
-    def __len__(self) -> int:
-        return self._count
-
-    def _grow(self) -> None:
-        old = self._table
-        self._table = table = array(old.typecode, bytes(2 * old.itemsize * len(old)))
-        self._mask = mask = len(table) - 1
-        for h in old:
-            if h:
-                i = h & mask
-                while table[i]:
-                    i = (i + 1) & mask
-                table[i] = h
 
 
 def normalize_url(url: str) -> str:

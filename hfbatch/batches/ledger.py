@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 
 from ..errors import UsageError
+from ..fingerprints import IdSet
 from ..retry import retryable
 from ..summary import Stats
-from ..validate import IdSet
 
 VALIDATION_CODES = frozenset(
     {"invalid_json_line", "invalid_request", "duplicate_custom_id", "url_mismatch", "empty_file"}

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import orjson
 
 from ..errors import UsageError
+from ..fingerprints import IdSet
 from ..models import LineError
 from ..reader import iter_lines, open_input
 from ..routing import split_model
-from ..validate import IdSet, validate_line
+from ..validate import validate_line
 from .pricing import Catalog, ProviderInfo, iso, request_cost, round_usd
 
 if TYPE_CHECKING:

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from hfbatch.fingerprints import IdSet
 from hfbatch.models import LineError, Request
 from hfbatch.reader import LineTooLong
-from hfbatch.validate import OPENAI_ENDPOINTS, IdSet, is_batch_endpoint, normalize_url, validate_line
+from hfbatch.validate import OPENAI_ENDPOINTS, is_batch_endpoint, normalize_url, validate_line
 
 
 def line(**over: Any) -> dict[str, Any]:
