@@ -193,6 +193,28 @@ class RateCap:
 
 
 @dataclass
+class DoorFaults:
+    """Refuses a seeded share of requests at once (429 at arrival, Retry-After `retry_after`), whatever our
+    load (a provider's other tenants); serves the rest after `latency`."""
+
+    share: float = 0.15
+    latency: float = 0.1
+    retry_after: float | None = 1.0
+    seed: int = 99
+    refused: int = 0
+    _rng: random.Random | None = None
+
+    async def __call__(self, call: Call) -> Reply:
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        if self._rng.random() < self.share:
+            self.refused += 1
+            return Reply.throttle(self.retry_after)
+        await asyncio.sleep(self.latency)
+        return Reply.ok()
+
+
+@dataclass
 class Faults:
     """Answers after `latency`; a seeded share of answers are faults that do not depend on our load:
     429 (`fail_429`, with Retry-After `retry_after`), 500, a hang until `hang` seconds pass (the caller's
