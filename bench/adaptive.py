@@ -25,6 +25,9 @@ from hfbatch.testing.harness import Result, chat_requests, execute
 from hfbatch.testing.transport import Faults, HiddenCap, MemoryTransport, RateCap, Steady
 
 
+DOOR = 0.002  # seconds a refusal at the door takes to come back (loopback measured ~1 ms, up to ~15 under load)
+
+
 @dataclass
 class Case:
     name: str
@@ -37,11 +40,13 @@ class Case:
 
 
 CASES = [
-    Case("cap40", 4000, 200, 200, lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0), 10.0),
-    Case("cap40-router", 4000, 200, 64, lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0), 10.0),
+    Case("cap40", 4000, 200, 200, lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0, door=DOOR), 10.0),
+    Case("cap40-router", 4000, 200, 64, lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0, door=DOOR),
+         10.0),
     Case("moving", 6000, 200, 200,
-         lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0, schedule=[(0, 40), (4, 80), (8, 20)]), 14.0),
-    Case("rps300", 4000, 200, 200, lambda: RateCap(rps=300, latency=0.1), 4000 / 300),
+         lambda: HiddenCap(limit=40, latency=0.1, retry_after=1.0, schedule=[(0, 40), (4, 80), (8, 20)], door=DOOR),
+         14.0),
+    Case("rps300", 4000, 200, 200, lambda: RateCap(rps=300, latency=0.1, door=DOOR), 4000 / 300),
     Case("blind429", 4000, 128, 128, lambda: Faults(latency=0.02, fail_429=0.15, retry_after=1.0), None),
     Case("faultmix", 4000, 128, 128, lambda: Faults(latency=0.02, fail_429=0.15, fail_500=0.03, hang=0.01,
                                                        reset=0.02, garbage=0.02, retry_after=1.0, timeout=5.0),

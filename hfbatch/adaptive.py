@@ -222,8 +222,7 @@ class AdaptiveLimit:
         return self.value != before
 
     def throttled(self, ticket: Ticket, *, latency: float, in_flight: int, limited: bool) -> bool:
-        """A 429/503. `in_flight`: how many others of ours the provider holds now. True if the limit or the pace
-        changed."""
+        """A 429/503. `in_flight`: how many others of ours are out now. True if the limit or the pace changed."""
         now = self.clock()
         self._round(now, limited)
         self.slow_start = False
@@ -245,14 +244,14 @@ class AdaptiveLimit:
         if self._refusals_in_a_row >= 2 and self._hold is None and ticket.level >= self.value - 1:
             # Refused again at once with the limit full: each refusal frees its slot at once and the next request
             # would meet the same: send no more until one is served.
-            self._hold = float(max(1, in_flight))
+            self._hold = float(max(1, min(in_flight, ticket.level)))
             changed = True
         self._promote(now)
         ok_level, ok_trailing = self._ok_level.get(now), self._ok_trailing.get(now)
         if self.rate is not None and ok_trailing is not None and ticket.trailing > ok_trailing:
             return self._pace(now, ticket.trailing) or changed  # the rate limit found: its pace was still too fast
         if (ok_level is not None and ticket.level > ok_level) or self._level_refused(ticket.level):
-            return self._cut(now, in_flight) or changed  # our concurrency explains it: a cap, at this level
+            return self._cut(now, min(in_flight, ticket.level)) or changed  # our concurrency: a cap, at this level
         if ok_trailing is not None and ticket.trailing > ok_trailing:
             self._rate_evidence.append(ticket)  # our rate may explain it: judged a round trip later
         return changed
@@ -269,10 +268,11 @@ class AdaptiveLimit:
 
     # -- decisions -----------------------------------------------------------------------------------------
 
-    def _cut(self, now: float, in_flight: int) -> bool:
-        """Down to what the provider kept in flight (its proven capacity now), at once: a refusal at the door frees
-        its slot at once, and the next request would meet the same."""
-        target = max(1, in_flight)
+    def _cut(self, now: float, held: int) -> bool:
+        """Down to what the provider held when it refused (the level the refused request met; not what we have out
+        now, which counts refusals still on their way back), at once: a refusal at the door frees its slot at
+        once, and the next request would meet the same."""
+        target = max(1, held)
         self.probed_at = now
         self.step = 1.0
         self.ceiling = target if self.ceiling is None else min(self.ceiling, target)
