@@ -39,6 +39,7 @@ DOOR = 0.5  # a throttle quicker than this share of the fastest served request w
 RATE_MARGIN = 0.97  # pace this much under the rate that was refused
 WINDOW = 1.0  # seconds: the trailing window for rates and for "lately"
 MIN_ROUND = 8  # answers a round trip needs before its share of refusals means anything
+TRIAL_SHARE = 0.05  # a share of refusals at the door below this is a probe refused, not a storm to undo a cut on
 
 
 class _SlidingMax:
@@ -238,14 +239,14 @@ class AdaptiveLimit:
         ticket.refused = True
         self._answer(now, ticket, refused=True)
         self._refusals_in_a_row += 1
-        if self.background and self._share(now) < 2 * self.background + 0.05:
-            return False  # no more refusals than the background share that backing off did not lower
         changed = False
         if self._refusals_in_a_row >= 2 and self._hold is None and ticket.level >= self.value - 1:
             # Refused again at once with the limit full: each refusal frees its slot at once and the next request
-            # would meet the same: send no more until one is served.
+            # would meet the same: send no more until one is served (whatever the refusals are about).
             self._hold = float(max(1, min(in_flight, ticket.level)))
             changed = True
+        if self.background and self._share(now) < 2 * self.background + 0.05:
+            return changed  # no more refusals than the background share that backing off did not lower
         self._promote(now)
         ok_level, ok_trailing = self._ok_level.get(now), self._ok_trailing.get(now)
         if self.rate is not None and ok_trailing is not None and ticket.trailing > ok_trailing:
@@ -315,8 +316,11 @@ class AdaptiveLimit:
             self._pace(now, min(t.trailing for t in ripe))
 
     def _try(self, now: float) -> None:
-        if self._trial is None:
-            self._trial = _Trial(self.limit, self.rate, max(self._share(now), 1e-9), now)
+        """A cut or a pace decided on a storm of refusals is a trial; one decided on a refusal or two (a probe
+        refused, the first refusals of a run) stands."""
+        share = self._share(now)
+        if self._trial is None and share >= TRIAL_SHARE:
+            self._trial = _Trial(self.limit, self.rate, share, now)
 
     def _answer(self, now: float, ticket: Ticket, refused: bool) -> None:
         trial = self._trial
@@ -353,7 +357,7 @@ class AdaptiveLimit:
         if trial is not None and trial.answers >= MIN_ROUND:
             self._trial = None
             after = trial.refused / trial.answers  # of the requests sent since the cut
-            if after >= 0.5 * trial.share and after >= 0.05:
+            if after >= max(0.5 * trial.share, TRIAL_SHARE) and trial.refused >= 3:
                 # Backing off did not lower the refusals: they are not about our load. Undo, and learn their share.
                 self.limit = max(self.limit, trial.limit)
                 self.rate = trial.rate
