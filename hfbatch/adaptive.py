@@ -39,6 +39,7 @@ DOOR = 0.5  # a throttle quicker than this share of the fastest served request w
 RATE_MARGIN = 0.97  # pace this much under the rate that was refused
 WINDOW = 1.0  # seconds: the trailing window for rates and for "lately"
 MIN_ROUND = 8  # answers a round trip needs before its share of refusals means anything
+BACKGROUND_MAX = 0.5  # refusals that are not about us are a minority: a provider refusing most of what we send is
 TRIAL_SHARE = 0.05  # a share of refusals at the door below this is a probe refused, not a storm to undo a cut on
 
 
@@ -357,8 +358,9 @@ class AdaptiveLimit:
         if trial is not None and trial.answers >= MIN_ROUND:
             self._trial = None
             after = trial.refused / trial.answers  # of the requests sent since the cut
-            if after >= max(0.5 * trial.share, TRIAL_SHARE) and trial.refused >= 3:
+            if max(0.5 * trial.share, TRIAL_SHARE) <= after <= BACKGROUND_MAX and trial.refused >= 3:
                 # Backing off did not lower the refusals: they are not about our load. Undo, and learn their share.
+                # (Most refused even so: about our load, but not yet backed off enough. The cut stands.)
                 self.limit = max(self.limit, trial.limit)
                 self.rate = trial.rate
                 self.ceiling = None

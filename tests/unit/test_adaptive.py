@@ -193,6 +193,28 @@ def test_a_refused_probe_is_not_a_storm_a_cut_on_it_is_never_undone() -> None:
     assert a.background == 0.0 and a.value == 40, (a.background, a.value)
 
 
+def test_a_provider_refusing_most_of_what_we_send_is_never_taken_for_background_noise() -> None:
+    """Seen end to end (a rate limit): a cut that did not stop the refusals at once was undone and all of them
+    (100 %) became the "background" share, below which nothing ever moved the limit again."""
+    clock = Clock()
+    a = AdaptiveLimit(200, initial=200, clock=clock)
+    clock.t = 0.1
+    for level in range(50):
+        served(a, clock, level)
+    for _ in range(10):  # refused at levels that succeeded a moment ago, more and more of them: cut
+        refused(a, clock, level=45, in_flight=49)
+    assert a.value == 45
+    clock.t = 0.25
+    for level in range(10, 40):  # sent since the cut, below it: nearly all refused even so
+        if level % 10:
+            refused(a, clock, level=level, in_flight=level)
+        else:
+            served(a, clock, level, latency=0.05)
+    clock.t = 0.4
+    served(a, clock, 10)
+    assert a.background == 0.0, a.background
+
+
 def test_probing_waits_for_hold_after_a_cut_and_only_while_requests_wait() -> None:
     clock = Clock()
     a = AdaptiveLimit(200, initial=200, clock=clock)
