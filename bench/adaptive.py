@@ -24,7 +24,6 @@ from hfbatch.testing.clock import run_virtual
 from hfbatch.testing.harness import Result, chat_requests, execute
 from hfbatch.testing.transport import Faults, HiddenCap, MemoryTransport, RateCap, Steady
 
-
 DOOR = 0.002  # seconds a refusal at the door takes to come back (loopback measured ~1 ms, up to ~15 under load)
 
 

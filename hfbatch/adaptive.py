@@ -117,11 +117,10 @@ class AdaptiveLimit:
         self._pending: deque[Ticket] = deque()  # sent, not yet known accepted (in send order)
         self._door_latency = 0.0  # the slowest refusal at the door seen (how long "at once" takes here)
         self._rate_evidence: deque[Ticket] = deque()  # refusals our rate may explain, judged a round trip later
-        self._answers: deque[tuple[float, bool]] = deque()  # (when, refused at the door), last round trip
+        self._answers: deque[tuple[float, Ticket]] = deque()  # answered at the door or served, last round trip
         self._door_recent = 0
         self._refusals_in_a_row = 0
         self._hold: float | None = None
-        self._recent: deque[Ticket] = deque()  # answered at the door or served, last round trip (for levels)
         self._round_end = 0.0
         self._round_clean = True
         self._round_limited = False
@@ -159,7 +158,7 @@ class AdaptiveLimit:
 
     def _expire(self, now: float) -> None:
         w = self._window
-        while w and w[0].at <= now - WINDOW:
+        while w and w[0].at + WINDOW <= now:  # the same sum as pace_delay's: a wait it gives always ends this
             if not w.popleft().refused:
                 self._accepted -= 1
 
@@ -229,44 +228,61 @@ class AdaptiveLimit:
         self._round(now, limited)
         self.slow_start = False
         self._round_clean = False
-        at_door = self.rtt_min is None or latency < DOOR * self.rtt_min
-        if not at_door:
+        if self.rtt_min is None:
+            # Nothing served yet: no telling a refusal at the door from one after the work. Only the storm guard.
+            self._refuse(now, ticket)
+            self._refusals_in_a_row += 1
+            return self._guard(ticket, in_flight)
+        if latency >= DOOR * self.rtt_min:
             self.later_refusals += 1  # the provider worked on it: not about our load (the request waits)
             return False
         self.door_refusals += 1
         self._door_latency = max(self._door_latency, latency)
-        if not ticket.refused and ticket.at > now - WINDOW:
-            self._accepted -= 1
-        ticket.refused = True
+        self._refuse(now, ticket)
         self._answer(now, ticket, refused=True)
         self._refusals_in_a_row += 1
-        changed = False
-        if self._refusals_in_a_row >= 2 and self._hold is None and ticket.level >= self.value - 1:
-            # Refused again at once with the limit full: each refusal frees its slot at once and the next request
-            # would meet the same: send no more until one is served (whatever the refusals are about).
-            self._hold = float(max(1, min(in_flight, ticket.level)))
-            changed = True
+        changed = self._guard(ticket, in_flight)
         if self.background and self._share(now) < 2 * self.background + 0.05:
             return changed  # no more refusals than the background share that backing off did not lower
         self._promote(now)
         ok_level, ok_trailing = self._ok_level.get(now), self._ok_trailing.get(now)
-        if self.rate is not None and ok_trailing is not None and ticket.trailing > ok_trailing:
+        by_rate = ok_trailing is not None and ticket.trailing > ok_trailing  # more accepted lately than ever succeeded
+        if self.rate is not None and by_rate:
             return self._pace(now, ticket.trailing) or changed  # the rate limit found: its pace was still too fast
-        if (ok_level is not None and ticket.level > ok_level) or self._level_refused(ticket.level):
-            return self._cut(now, min(in_flight, ticket.level)) or changed  # our concurrency: a cap, at this level
-        if ok_trailing is not None and ticket.trailing > ok_trailing:
+        if (ok_level is not None and ticket.level > ok_level) or (not by_rate and self._level_refused(ticket.level)):
+            # Our concurrency: a cap, at this level. (Refused at every level while more than ever succeeded had
+            # been accepted in the last second is a rate's signature, not a cap's: no cut, however few are out.)
+            return self._cut(now, ticket.level) or changed
+        if by_rate:
             self._rate_evidence.append(ticket)  # our rate may explain it: judged a round trip later
         return changed
+
+    def _refuse(self, now: float, ticket: Ticket) -> None:
+        """Not accepted: it no longer counts in what the provider accepted in the last second."""
+        if not ticket.refused and ticket.at > now - WINDOW:
+            self._accepted -= 1
+        ticket.refused = True
+
+    def _guard(self, ticket: Ticket, in_flight: int) -> bool:
+        """Refused again at once: each refusal frees its slot at once and the next request would meet the same:
+        send no more until one is served (whatever the refusals are about)."""
+        if self._refusals_in_a_row < 2:
+            return False
+        hold = float(max(1, in_flight))
+        if self._hold is not None and hold >= self._hold:
+            return False
+        self._hold = hold  # and lower with each refusal while it holds: a refused request's slot is not refilled
+        return True
 
     def _level_refused(self, level: int) -> bool:
         """Were most of the last round trip's requests that left with at least `level` of ours out refused at the
         door? (A cap that dropped below what succeeded a moment ago shows this way.)"""
         n = refused = 0
-        for t in self._recent:
+        for _, t in self._answers:
             if t.level >= level:
                 n += 1
                 refused += t.refused
-        return n >= 4 and refused >= 0.5 * n
+        return n >= MIN_ROUND and refused >= 0.5 * n
 
     # -- decisions -----------------------------------------------------------------------------------------
 
@@ -306,7 +322,7 @@ class AdaptiveLimit:
             evidence.clear()
             return
         self._promote(now)
-        settled = now - max(self.srtt, 0.05)
+        settled = now - max(self.srtt, 0.05) - 2 * self._door_latency  # and the sends since then known accepted
         ok_trailing = self._ok_trailing.get(now)
         kept = [t for t in evidence if t.at > now - WINDOW and (ok_trailing is None or t.trailing > ok_trailing)]
         evidence.clear()
@@ -328,23 +344,16 @@ class AdaptiveLimit:
         if trial is not None and ticket.at >= trial.at and ticket.level < trial.below:
             trial.answers += 1
             trial.refused += refused
-        q = self._answers
-        q.append((now, refused))
+        self._answers.append((now, ticket))
         self._door_recent += refused
-        horizon = now - max(self.srtt, 0.05)
-        while q and q[0][0] < horizon:
-            self._door_recent -= q.popleft()[1]
-        r = self._recent
-        r.append(ticket)
-        while r and r[0].at < horizon:
-            r.popleft()
+        self._share(now)  # drops what is older than a round trip
 
     def _share(self, now: float) -> float:
         """The share of the last round trip's answers refused at the door."""
         q = self._answers
         horizon = now - max(self.srtt, 0.05)
         while q and q[0][0] < horizon:
-            self._door_recent -= q.popleft()[1]
+            self._door_recent -= q.popleft()[1].refused
         return self._door_recent / len(q) if len(q) >= MIN_ROUND else 0.0
 
     def _round(self, now: float, limited: bool) -> None:

@@ -150,8 +150,9 @@ class ProviderLimit:
             bucket = self._bucket = RateBucket(adaptive.rate, burst=1.0, clock=self._clock)
         bucket.rate = adaptive.rate
         delay = max(bucket.wait(), adaptive.pace_delay(self._clock()))
-        if delay > 0:
-            adaptive.paced()
+        if delay < 1e-6:  # a rounding error, not a wait (`now + delay` may be `now` again: a wait that never ends)
+            return 0.0
+        adaptive.paced()
         return delay
 
     def paced_send(self) -> None:

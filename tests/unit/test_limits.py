@@ -205,3 +205,21 @@ def test_a_cancelled_waiter_leaves_no_empty_tenant_queue() -> None:
         assert gate.active == 1
 
     asyncio.run(scenario())
+
+
+def test_the_pace_never_asks_for_a_wait_shorter_than_a_microsecond() -> None:
+    """Seen on the virtual clock: a wait of 1e-17 s (a rounding error between the bucket's booking and the
+    clock) is shorter than the loop's timer resolution, so sleeping it did not move the clock and the pacer
+    asked again for ever (on a real clock: a busy loop until time moved). Such a wait is none."""
+    from hfbatch.limits import ProviderLimit
+
+    clock = Clock(5.0)
+    provider = ProviderLimit(10, adapt=True, start=10, clock=clock)
+    assert provider.adaptive is not None
+    provider.adaptive.rate = 10.0
+    assert provider.pace() == 0.0
+    provider.paced_send()  # the next unit is free at 5.1
+    clock.t = 5.1 - 1e-12
+    assert provider.pace() == 0.0
+    clock.t = 5.05
+    assert provider.pace() == pytest.approx(0.05)
