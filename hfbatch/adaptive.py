@@ -7,27 +7,36 @@ different answer, and the answers themselves say which it is:
 
 - A throttle that comes back after the provider worked on the request (as slow as a served one) is not
   about our load: the request waits (Retry-After), the limit does not move. Backing off would not lower it.
-- A throttle that comes back at once was refused at the door. When it left with more of ours in flight
-  than any request that succeeded in the last second, our concurrency explains it: the limit drops, at
-  once, to what the provider kept in flight (a precise step down: the next request would meet the same).
-  When it left after more of ours had been accepted in the last second than before any request that
-  succeeded, and this repeats, our rate explains it: sends are paced just under the refused rate, within
-  any second as the provider counts (RateBucket and the window are the actuators).
-- Refusals at the door that neither explains wait. Many in a row with nothing served between: over the limit
-  whatever the reason (a cap that just dropped below what succeeded a moment ago): cut.
-- Every cut and every pace is a trial: if the next round trips are refused as often as before, backing off
-  did not help (429s that are not about us): it is undone, and refusals at that background share no longer
-  move anything. So load-blind 429s never collapse the limit, and a real cap is still found above them.
+- A throttle that comes back at once was refused at the door. Before anything was served there is no telling
+  (nothing to compare its latency with): only the storm guard below acts.
+- What the provider serves at once is measured from the answers, not from one request's count: the answers it
+  served in the last round trip (Little's law; a sum over many answers is steady, where the count of ours out
+  when one request left differs from the provider's by the requests on their way, over a network).
+- Refused at the door at the top (with about that many of ours out): a cap explains it. The limit drops, at
+  once, to what the provider serves at once (a precise step down: the next request would meet the same).
+- Refused below the top after more of ours were known accepted in the last second than when any accepted
+  request left, and this three times in a round trip: our rate explains it. Sends are paced just under it,
+  within any second as the provider counts (RateBucket and the window are the actuators). A cut after which
+  most requests are still refused, however few are out, says the same: the cut is undone and sends paced
+  under what the provider accepted in the last second.
+- Refused twice in a row: each refusal frees its slot at once and the next request would meet the same. The
+  storm guard holds sends to what is out (lower with each refusal) until an answer is served.
+- Every cut and every pace decided on a storm (5 % of a round trip's answers refused) is a trial: if the next
+  answers are refused as often as before (and a minority), backing off did not help (429s that are not about
+  us): it is undone, and refusals at that background share no longer move anything. So load-blind 429s never
+  collapse the limit, and a real cap is still found above them.
 - Growth: slow start (double per round trip) until the first throttle on a shared provider; then, only
   while requests wait for this limit and more input is coming, +step per round trip, the step doubling
   after each clean round trip; at a limit a throttle found, one probe above it per HOLD (a refused probe
-  costs one request, and the next probe waits again); served above it: the cap moved up, grow again.
+  costs a request or two, and the next probe waits again); more served at once than that limit: the cap
+  moved up, grow again. A pace grows 3 % per HOLD without a refusal.
 
 Time comes from the caller (the event loop's clock in a run, a virtual one in tests).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import deque
@@ -40,6 +49,7 @@ RATE_MARGIN = 0.97  # pace this much under the rate that was refused
 WINDOW = 1.0  # seconds: the trailing window for rates and for "lately"
 MIN_ROUND = 8  # answers a round trip needs before its share of refusals means anything
 BACKGROUND_MAX = 0.5  # refusals that are not about us are a minority: a provider refusing most of what we send is
+TOP = 0.75  # a refusal that left with this share of what the provider serves at once out is at the top
 TRIAL_SHARE = 0.05  # a share of refusals at the door below this is a probe refused, not a storm to undo a cut on
 
 
@@ -66,13 +76,14 @@ class _SlidingMax:
 
 
 class Ticket:
-    """One send, as the limit saw it leave: when, how many of ours the provider held, how many of ours it had
-    accepted in the last second; `refused` once the provider refused it at the door."""
+    """One send, as the limit saw it leave: when, how many of ours were out, how many of ours the provider was
+    known to have accepted in the last second; `refused` once the provider refused it at the door, `settled`
+    once it is known accepted (served, or out longer than a refusal takes)."""
 
-    __slots__ = ("at", "level", "trailing", "refused")
+    __slots__ = ("at", "level", "trailing", "refused", "settled")
 
     def __init__(self, at: float, level: int, trailing: int) -> None:
-        self.at, self.level, self.trailing, self.refused = at, level, trailing, False
+        self.at, self.level, self.trailing, self.refused, self.settled = at, level, trailing, False, False
 
 
 @dataclass(slots=True)
@@ -109,16 +120,17 @@ class AdaptiveLimit:
         self.later_refusals = 0  # throttles after the provider worked on the request (not about our load)
         self._trial: _Trial | None = None
         self._window: deque[Ticket] = deque()  # our sends of the last second
-        self._accepted = 0  # those of them not refused at the door (served, or still out)
-        # Accepted lately: served, or out long enough that a refusal at the door would have come back already.
-        # The most of ours the provider held when one of them left, and the most it had accepted in a second.
-        self._ok_level = _SlidingMax(WINDOW)
+        self._accepted = 0  # those of them not refused at the door (served, or still out): what pacing counts
+        self._settled = 0  # those of them known accepted: what a send's `trailing` counts (a burst of sends that
+        # will be refused does not count, so the requests sent with it do not seem to leave at a higher rate)
+        # The most of ours known accepted in the last second when a request that the provider accepted left.
         self._ok_trailing = _SlidingMax(WINDOW)
         self._pending: deque[Ticket] = deque()  # sent, not yet known accepted (in send order)
         self._door_latency = 0.0  # the slowest refusal at the door seen (how long "at once" takes here)
         self._rate_evidence: deque[Ticket] = deque()  # refusals our rate may explain, judged a round trip later
         self._answers: deque[tuple[float, Ticket]] = deque()  # answered at the door or served, last round trip
         self._door_recent = 0
+        self._served_at: deque[float] = deque()  # when answers were served, last two round trips
         self._refusals_in_a_row = 0
         self._hold: float | None = None
         self._round_end = 0.0
@@ -140,7 +152,7 @@ class AdaptiveLimit:
         """A request leaves now with `level` of ours out at the provider; give the ticket back with its answer."""
         self._expire(now)
         self._promote(now)
-        ticket = Ticket(now, level, self._accepted)
+        ticket = Ticket(now, level, self._settled)
         self._window.append(ticket)
         self._pending.append(ticket)
         self._accepted += 1
@@ -153,14 +165,21 @@ class AdaptiveLimit:
         while q and q[0].at <= settled:
             t = q.popleft()
             if not t.refused:
-                self._ok_level.add(t.at, t.level)
-                self._ok_trailing.add(t.at, t.trailing)
+                self._settle(now, t)
+
+    def _settle(self, now: float, ticket: Ticket) -> None:
+        if not ticket.settled:
+            ticket.settled = True
+            self._ok_trailing.add(ticket.at, ticket.trailing)
+            if ticket.at + WINDOW > now:
+                self._settled += 1
 
     def _expire(self, now: float) -> None:
         w = self._window
         while w and w[0].at + WINDOW <= now:  # the same sum as pace_delay's: a wait it gives always ends this
-            if not w.popleft().refused:
-                self._accepted -= 1
+            t = w.popleft()
+            self._accepted -= not t.refused
+            self._settled -= t.settled
 
     def pace_delay(self, now: float) -> float:
         """Seconds before the next send may leave under the rate the provider showed (0 when none): never more of
@@ -198,14 +217,14 @@ class AdaptiveLimit:
             self._rtt_reset_at = now + 30.0
             self.rtt_min = latency
         self.srtt = latency if self.srtt == 0.0 else 0.875 * self.srtt + 0.125 * latency
-        self._ok_level.add(ticket.at, ticket.level)
-        self._ok_trailing.add(ticket.at, ticket.trailing)
+        self._settle(now, ticket)
         self._answer(now, ticket, refused=False)
+        self._served_at.append(now)
         self._refusals_in_a_row = 0
         held = self._hold is not None
         self._hold = None  # something was served: the storm guard lifts
-        if self.ceiling is not None and ticket.level >= self.ceiling:
-            self.ceiling = None  # served above the limit a throttle found: it moved up; grow, faster each round
+        if self.ceiling is not None and self.held(now) > self.ceiling:
+            self.ceiling = None  # served more at once than the limit a throttle found: it moved up; grow faster
             self.step = 2.0
         before = self.value if not held else -1
         if self.limit >= self.maximum:
@@ -215,7 +234,7 @@ class AdaptiveLimit:
         elif limited and growing:
             if self.ceiling is not None and self.limit >= self.ceiling:
                 if now - self.probed_at < max(HOLD, 5 * self.srtt):
-                    return False
+                    return held  # the storm guard lifted: the gate takes the limit back
                 self.probed_at = now
                 self.limit = min(float(self.maximum), self.limit + 1.0)  # one probe above what was refused
             else:
@@ -245,44 +264,53 @@ class AdaptiveLimit:
         if self.background and self._share(now) < 2 * self.background + 0.05:
             return changed  # no more refusals than the background share that backing off did not lower
         self._promote(now)
-        ok_level, ok_trailing = self._ok_level.get(now), self._ok_trailing.get(now)
-        by_rate = ok_trailing is not None and ticket.trailing > ok_trailing  # more accepted lately than ever succeeded
-        if self.rate is not None and by_rate:
+        ok_trailing = self._ok_trailing.get(now)
+        held = self.held(now)
+        # At the top: it left with about as many of ours out as the provider serves at once (what it served in the
+        # last round trip: a sum over many answers, steady where one request's count is not; on a network the
+        # provider's count and ours differ by the requests on their way). A cap explains it: down to what it
+        # serves. (At the top a rate explains it as well, a cap of C at a round trip of L being a rate of C / L;
+        # but only a cap is lifted by growing, and growth is what finds a cap lifted.)
+        top = held > 0 and ticket.level >= TOP * held
+        # More accepted in the last second than before any success: our rate explains it (below the top: only it).
+        over_rate = ok_trailing is not None and ticket.trailing > ok_trailing
+        if self.rate is not None and over_rate:
             return self._pace(now, ticket.trailing) or changed  # the rate limit found: its pace was still too fast
-        if (ok_level is not None and ticket.level > ok_level) or (not by_rate and self._level_refused(ticket.level)):
-            # Our concurrency: a cap, at this level. (Refused at every level while more than ever succeeded had
-            # been accepted in the last second is a rate's signature, not a cap's: no cut, however few are out.)
-            return self._cut(now, ticket.level) or changed
-        if by_rate:
+        if top:
+            return self._cut(now, held) or changed
+        if over_rate:
             self._rate_evidence.append(ticket)  # our rate may explain it: judged a round trip later
         return changed
 
+    def held(self, now: float) -> int:
+        """How many of ours the provider serves at once (Little's law): the answers it served in the last round
+        trip, or half of those of the last two if more (answers may come in waves a round trip apart)."""
+        q = self._served_at
+        w = max(self.srtt, 0.05)
+        while q and q[0] <= now - 2 * w:
+            q.popleft()
+        last = len(q) - bisect.bisect_right(q, now - w)
+        return max(last, (len(q) + 1) // 2)
+
     def _refuse(self, now: float, ticket: Ticket) -> None:
         """Not accepted: it no longer counts in what the provider accepted in the last second."""
-        if not ticket.refused and ticket.at > now - WINDOW:
+        if not ticket.refused and ticket.at + WINDOW > now:
             self._accepted -= 1
+            self._settled -= ticket.settled
         ticket.refused = True
+        ticket.settled = False
 
     def _guard(self, ticket: Ticket, in_flight: int) -> bool:
-        """Refused again at once: each refusal frees its slot at once and the next request would meet the same:
-        send no more until one is served (whatever the refusals are about)."""
+        """Refused again at once: each refusal frees its slot at once and the next request would meet the same.
+        Hold to what is out (lower with each refusal: a refused request's slot is not refilled) until one is served
+        (whatever the refusals are about)."""
         if self._refusals_in_a_row < 2:
             return False
         hold = float(max(1, in_flight))
         if self._hold is not None and hold >= self._hold:
             return False
-        self._hold = hold  # and lower with each refusal while it holds: a refused request's slot is not refilled
+        self._hold = hold
         return True
-
-    def _level_refused(self, level: int) -> bool:
-        """Were most of the last round trip's requests that left with at least `level` of ours out refused at the
-        door? (A cap that dropped below what succeeded a moment ago shows this way.)"""
-        n = refused = 0
-        for _, t in self._answers:
-            if t.level >= level:
-                n += 1
-                refused += t.refused
-        return n >= MIN_ROUND and refused >= 0.5 * n
 
     # -- decisions -----------------------------------------------------------------------------------------
 
@@ -352,7 +380,7 @@ class AdaptiveLimit:
         """The share of the last round trip's answers refused at the door."""
         q = self._answers
         horizon = now - max(self.srtt, 0.05)
-        while q and q[0][0] < horizon:
+        while q and q[0][0] <= horizon:
             self._door_recent -= q.popleft()[1].refused
         return self._door_recent / len(q) if len(q) >= MIN_ROUND else 0.0
 
@@ -364,7 +392,8 @@ class AdaptiveLimit:
             return
         self._judge_rate(now)
         trial = self._trial
-        if trial is not None and trial.answers >= MIN_ROUND:
+        if trial is not None and trial.answers >= max(MIN_ROUND, 3 / trial.share):
+            # (As many answers as make three refusals likely if backing off did not help: a verdict either way.)
             self._trial = None
             after = trial.refused / trial.answers  # of the requests sent since the cut
             if max(0.5 * trial.share, TRIAL_SHARE) <= after <= BACKGROUND_MAX and trial.refused >= 3:
@@ -374,6 +403,13 @@ class AdaptiveLimit:
                 self.rate = trial.rate
                 self.ceiling = None
                 self.background = max(self.background, after)
+            elif after > BACKGROUND_MAX and trial.refused >= 3 and trial.rate is None and self.rate is None:
+                # Fewer out and still most refused: not a cap (what was out did not matter) but our rate, as the
+                # provider counts it over its window. Undo the cut; pace under what it accepted in the last second.
+                self.limit = max(self.limit, trial.limit)
+                self.ceiling = None
+                self._expire(now)
+                self._pace(now, max(1, self._accepted))
         if self._round_clean and self._round_limited and self.ceiling is None:
             self.step = min(self.step * 2, max(1.0, self.limit / 2))
         if (self.rate is not None and self._round_limited and self._growing

@@ -143,10 +143,21 @@ class HiddenCap:
     schedule: list[tuple[float, int]] = field(default_factory=list)
     retry_after: float | None = None
     door: float = 0.0  # seconds a refusal takes to come back (a loopback provider: about a millisecond)
+    # Each way, up to this many seconds (uniform, seeded): as over a network, requests overtake each other on
+    # the way and answers are on their way back after the provider counted them done, so what it holds and
+    # what we count out differ.
+    trip: float = 0.0
+    seed: int = 7
     in_flight: int = 0
     throttled: int = 0
     served: int = 0
     _start: float | None = None
+    _rng: random.Random | None = None
+
+    def _way(self) -> float:
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        return self._rng.random() * self.trip
 
     def current_limit(self, now: float) -> int:
         if self._start is None:
@@ -158,10 +169,14 @@ class HiddenCap:
         return limit
 
     async def __call__(self, call: Call) -> Reply:
-        if self.in_flight >= self.current_limit(call.at):
+        arrived = call.at
+        if self.trip:
+            await asyncio.sleep(self._way())
+            arrived = asyncio.get_running_loop().time()
+        if self.in_flight >= self.current_limit(arrived):
             self.throttled += 1
-            if self.door:
-                await asyncio.sleep(self.door)
+            if self.door or self.trip:
+                await asyncio.sleep(self.door + (self._way() if self.trip else 0.0))
             return Reply.throttle(self.retry_after)
         self.in_flight += 1
         try:
@@ -169,6 +184,8 @@ class HiddenCap:
         finally:
             self.in_flight -= 1
         self.served += 1
+        if self.trip:
+            await asyncio.sleep(self._way())
         return Reply.ok()
 
 

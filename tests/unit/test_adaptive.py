@@ -56,7 +56,22 @@ def test_a_cap_that_moves() -> None:
     assert max(per_second[5:8]) >= 0.9 * 800, per_second
 
 
-@pytest.mark.parametrize("door", [0.0, 0.002])
+@pytest.mark.parametrize(("schedule", "n", "start"), [([], 4000, 200), ([], 4000, 64),
+                                                       ([(0, 40), (4, 80), (8, 20)], 6000, 200)])
+def test_a_hidden_cap_over_a_network(schedule: list[tuple[float, int]], n: int, start: int) -> None:
+    """The same caps with up to 2 ms each way (requests overtake each other, answers are on their way back after
+    the provider counted them done): what it holds and what we count out differ by a few. Seen end to end, a
+    limit that trusted one request's count took the noise for a rate (and paced at the cap's throughput, so a
+    cap lifted to 80 was never found) or for the cap moving up (a storm at each false probe): 0.63 of the ideal."""
+    cap = HiddenCap(limit=40, latency=0.1, retry_after=1.0, schedule=schedule, door=0.002, trip=0.002)
+    result, transport = simulate(cap, n, 200, start)
+    ideal = 14.0 if schedule else 10.0
+    assert ideal / result.elapsed >= 0.9, result.elapsed
+    assert transport.posts <= 1.3 * n, transport.posts
+    assert result.executor.concurrency_now() == {"fake": schedule[-1][1] if schedule else 40}
+
+
+@pytest.mark.parametrize("door", [0.0005, 0.002])
 def test_a_hidden_rate_limit_is_paced_not_hammered(door: float) -> None:
     """At most 300 requests per second (429 at arrival, no Retry-After): a rate, not a concurrency. The
     answers show it (refused when more had been sent in the last second than before any success) and sends
@@ -65,7 +80,7 @@ def test_a_hidden_rate_limit_is_paced_not_hammered(door: float) -> None:
     provider = RateCap(rps=300, latency=0.1, door=door)
     result, transport = simulate(provider, 4000, 200, 200)
     assert (4000 / 300) / result.elapsed >= 0.9, result.elapsed
-    assert transport.posts <= 1.3 * 4000 and provider.throttled <= 0.1 * 4000, provider.throttled
+    assert transport.posts <= 1.3 * 4000 and provider.throttled <= 0.15 * 4000, provider.throttled
     adaptive = result.executor.capacity.providers["fake"].adaptive
     assert adaptive is not None and adaptive.rate is not None and 250 <= adaptive.rate <= 310, adaptive.rate
 
@@ -144,7 +159,8 @@ def refused(a: AdaptiveLimit, clock: Clock, level: int, in_flight: int, latency:
     return a.throttled(ticket, latency=latency, in_flight=in_flight, limited=True)
 
 
-def test_a_refusal_at_the_door_above_what_succeeded_cuts_to_what_the_provider_kept() -> None:
+def test_a_refusal_at_the_door_at_the_top_cuts_to_what_the_provider_serves_at_once() -> None:
+    """40 served in the last round trip; one refused at once with 40 of ours out: a cap of 40."""
     clock = Clock()
     a = AdaptiveLimit(200, initial=200, clock=clock)
     clock.t = 0.1
@@ -185,9 +201,9 @@ def test_a_refused_probe_is_not_a_storm_a_cut_on_it_is_never_undone() -> None:
     for level in range(40):
         served(a, clock, level)
     assert refused(a, clock, level=40, in_flight=40) and a.value == 40
-    clock.t = 0.25  # the next round trip: a few answers to requests sent since the cut, one of them refused
-    for level in range(30, 39):
-        served(a, clock, level, latency=0.1 if level < 32 else 0.14)
+    clock.t = 0.2  # the next round trip: 40 served, and one that left at 39 refused (overtaken on the way)
+    for level in range(40):
+        served(a, clock, level)
     refused(a, clock, level=39, in_flight=40)
     clock.t = 0.4
     for level in range(40):
@@ -203,9 +219,9 @@ def test_a_provider_refusing_most_of_what_we_send_is_never_taken_for_background_
     clock.t = 0.1
     for level in range(50):
         served(a, clock, level)
-    for _ in range(10):  # refused above what succeeded: cut
+    for _ in range(10):  # refused at the top: cut to what it serves at once
         refused(a, clock, level=60, in_flight=49)
-    assert a.limit == 60
+    assert a.limit == 50
     clock.t = 0.25
     for level in range(10, 40):  # sent since the cut, below it: nearly all refused even so
         if level % 10:
@@ -215,6 +231,21 @@ def test_a_provider_refusing_most_of_what_we_send_is_never_taken_for_background_
     clock.t = 0.4
     served(a, clock, 10)
     assert a.background == 0.0, a.background
+
+
+def test_the_storm_guard_lifts_at_the_first_answer_served() -> None:
+    """Two refusals in a row hold the sends to what is out; the first answer served lifts the hold, and says
+    so (the gate only moves when told: a lift unsaid within HOLD of a cut kept the gate at the held level)."""
+    clock = Clock()
+    a = AdaptiveLimit(200, initial=200, clock=clock)
+    clock.t = 0.1
+    for level in range(40):
+        served(a, clock, level)
+    refused(a, clock, level=40, in_flight=39)
+    refused(a, clock, level=40, in_flight=30)
+    assert a.limit == 40 and a.value == 30  # held at what is out
+    clock.t = 0.2  # within HOLD of the cut: no probe, but the hold lifts
+    assert served(a, clock, level=30) and a.value == 40
 
 
 def test_probing_waits_for_hold_after_a_cut_and_only_while_requests_wait() -> None:
@@ -241,8 +272,10 @@ def test_served_above_the_ceiling_forgets_it_and_grows_faster_each_round() -> No
         served(a, clock, level)
     refused(a, clock, level=40, in_flight=40)
     clock.t = 1.0
-    served(a, clock, level=39)  # probe to 41
-    served(a, clock, level=40)  # the 41st was served: the cap moved up
+    for level in range(40):  # a round trip at the cap; a probe to 41
+        served(a, clock, level)
+    assert a.value == 41
+    served(a, clock, level=40)  # 41 served in a round trip: more than the ceiling, the cap moved up
     assert a.ceiling is None
     values = []
     for r in range(6):
