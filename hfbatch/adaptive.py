@@ -49,7 +49,9 @@ RATE_MARGIN = 0.97  # pace this much under the rate that was refused
 WINDOW = 1.0  # seconds: the trailing window for rates and for "lately"
 MIN_ROUND = 8  # answers a round trip needs before its share of refusals means anything
 BACKGROUND_MAX = 0.5  # refusals that are not about us are a minority: a provider refusing most of what we send is
+HELD_ROUNDS = 3  # round trips over which what the provider serves at once is measured
 TOP = 0.75  # a refusal that left with this share of what the provider serves at once out is at the top
+TRIAL_BELOW = 0.9  # a cut on trial runs this much below what it cut to
 TRIAL_SHARE = 0.05  # a share of refusals at the door below this is a probe refused, not a storm to undo a cut on
 
 
@@ -130,6 +132,7 @@ class AdaptiveLimit:
         self._rate_evidence: deque[Ticket] = deque()  # refusals our rate may explain, judged a round trip later
         self._answers: deque[tuple[float, Ticket]] = deque()  # answered at the door or served, last round trip
         self._door_recent = 0
+        self._served_since = 0.0
         self._served_at: deque[float] = deque()  # when answers were served, last two round trips
         self._refusals_in_a_row = 0
         self._hold: float | None = None
@@ -144,6 +147,11 @@ class AdaptiveLimit:
         """The limit the gate applies: the learned one, or, right after refusals at the door, only what the
         provider holds (until it serves an answer: no storm of refusals through freed slots)."""
         limit = self.limit if self._hold is None else min(self.limit, self._hold)
+        trial = self._trial
+        if trial is not None and trial.below < math.inf:
+            # A cut on trial runs a little below it: a cap's refusals (at the top, over a network: a few even at
+            # the cap) stop there, and refusals that go on are not about our load.
+            limit = min(limit, TRIAL_BELOW * trial.below)
         return max(1, int(limit))
 
     # -- sends ---------------------------------------------------------------------------------------------
@@ -207,7 +215,19 @@ class AdaptiveLimit:
 
     def served(self, ticket: Ticket, *, latency: float, limited: bool, growing: bool) -> bool:
         """A 2xx. `limited`: requests wait for this limit now; `growing`: more input is coming (no probing while
-        the last requests drain). True if the limit changed."""
+        the last requests drain). True if the limit the gate applies (or the pace) changed."""
+        before = self.value, self.rate
+        self._served(ticket, latency, limited, growing)
+        return (self.value, self.rate) != before
+
+    def throttled(self, ticket: Ticket, *, latency: float, in_flight: int, limited: bool) -> bool:
+        """A 429/503. `in_flight`: how many others of ours are out now. True if the limit the gate applies (or
+        the pace) changed."""
+        before = self.value, self.rate
+        self._throttled(ticket, latency, in_flight, limited)
+        return (self.value, self.rate) != before
+
+    def _served(self, ticket: Ticket, latency: float, limited: bool, growing: bool) -> None:
         now = self.clock()
         self._growing = growing
         self._round(now, limited)
@@ -219,30 +239,30 @@ class AdaptiveLimit:
         self.srtt = latency if self.srtt == 0.0 else 0.875 * self.srtt + 0.125 * latency
         self._settle(now, ticket)
         self._answer(now, ticket, refused=False)
+        if not self._served_at:
+            self._served_since = now  # answers served without a pause since
         self._served_at.append(now)
         self._refusals_in_a_row = 0
-        held = self._hold is not None
         self._hold = None  # something was served: the storm guard lifts
+        if self._trial is not None and self._trial.below < math.inf:
+            return  # a cut on trial: no growth until it is judged (answers below it measure nothing above)
         if self.ceiling is not None and self.held(now) > self.ceiling:
             self.ceiling = None  # served more at once than the limit a throttle found: it moved up; grow faster
             self.step = 2.0
-        before = self.value if not held else -1
         if self.limit >= self.maximum:
-            return held
+            return
         if self.slow_start:
             self.limit = min(float(self.maximum), self.limit + 1.0)
         elif limited and growing:
             if self.ceiling is not None and self.limit >= self.ceiling:
                 if now - self.probed_at < max(HOLD, 5 * self.srtt):
-                    return held  # the storm guard lifted: the gate takes the limit back
+                    return
                 self.probed_at = now
                 self.limit = min(float(self.maximum), self.limit + 1.0)  # one probe above what was refused
             else:
                 self.limit = min(float(self.maximum), self.limit + self.step / max(1.0, self.limit))
-        return self.value != before
 
-    def throttled(self, ticket: Ticket, *, latency: float, in_flight: int, limited: bool) -> bool:
-        """A 429/503. `in_flight`: how many others of ours are out now. True if the limit or the pace changed."""
+    def _throttled(self, ticket: Ticket, latency: float, in_flight: int, limited: bool) -> None:
         now = self.clock()
         self._round(now, limited)
         self.slow_start = False
@@ -251,18 +271,19 @@ class AdaptiveLimit:
             # Nothing served yet: no telling a refusal at the door from one after the work. Only the storm guard.
             self._refuse(now, ticket)
             self._refusals_in_a_row += 1
-            return self._guard(ticket, in_flight)
+            self._guard(ticket, in_flight)
+            return
         if latency >= DOOR * self.rtt_min:
             self.later_refusals += 1  # the provider worked on it: not about our load (the request waits)
-            return False
+            return
         self.door_refusals += 1
         self._door_latency = max(self._door_latency, latency)
         self._refuse(now, ticket)
         self._answer(now, ticket, refused=True)
         self._refusals_in_a_row += 1
-        changed = self._guard(ticket, in_flight)
+        self._guard(ticket, in_flight)
         if self.background and self._share(now) < 2 * self.background + 0.05:
-            return changed  # no more refusals than the background share that backing off did not lower
+            return  # no more refusals than the background share that backing off did not lower
         self._promote(now)
         ok_trailing = self._ok_trailing.get(now)
         held = self.held(now)
@@ -271,26 +292,26 @@ class AdaptiveLimit:
         # provider's count and ours differ by the requests on their way). A cap explains it: down to what it
         # serves. (At the top a rate explains it as well, a cap of C at a round trip of L being a rate of C / L;
         # but only a cap is lifted by growing, and growth is what finds a cap lifted.)
-        top = held > 0 and ticket.level >= TOP * held
+        # (Not before a whole round trip of answers was seen: until then what it serves at once is not known.)
+        top = held > 0 and ticket.level >= TOP * held and now - self._served_since >= max(self.srtt, 0.05)
         # More accepted in the last second than before any success: our rate explains it (below the top: only it).
         over_rate = ok_trailing is not None and ticket.trailing > ok_trailing
         if self.rate is not None and over_rate:
-            return self._pace(now, ticket.trailing) or changed  # the rate limit found: its pace was still too fast
-        if top:
-            return self._cut(now, held) or changed
-        if over_rate:
+            self._pace(now, ticket.trailing)  # the rate limit found: its pace was still too fast
+        elif top:
+            self._cut(now, held)
+        elif over_rate:
             self._rate_evidence.append(ticket)  # our rate may explain it: judged a round trip later
-        return changed
 
     def held(self, now: float) -> int:
-        """How many of ours the provider serves at once (Little's law): the answers it served in the last round
-        trip, or half of those of the last two if more (answers may come in waves a round trip apart)."""
+        """How many of ours the provider serves at once (Little's law): the answers it served per round trip, the
+        most of: the last one, the last two and the last three (answers come in waves a round trip apart, and
+        our own stalls delay some past a window's edge)."""
         q = self._served_at
         w = max(self.srtt, 0.05)
-        while q and q[0] <= now - 2 * w:
+        while q and q[0] <= now - HELD_ROUNDS * w:
             q.popleft()
-        last = len(q) - bisect.bisect_right(q, now - w)
-        return max(last, (len(q) + 1) // 2)
+        return max(-(-(len(q) - bisect.bisect_right(q, now - k * w)) // k) for k in range(1, HELD_ROUNDS + 1))
 
     def _refuse(self, now: float, ticket: Ticket) -> None:
         """Not accepted: it no longer counts in what the provider accepted in the last second."""
@@ -403,13 +424,6 @@ class AdaptiveLimit:
                 self.rate = trial.rate
                 self.ceiling = None
                 self.background = max(self.background, after)
-            elif after > BACKGROUND_MAX and trial.refused >= 3 and trial.rate is None and self.rate is None:
-                # Fewer out and still most refused: not a cap (what was out did not matter) but our rate, as the
-                # provider counts it over its window. Undo the cut; pace under what it accepted in the last second.
-                self.limit = max(self.limit, trial.limit)
-                self.ceiling = None
-                self._expire(now)
-                self._pace(now, max(1, self._accepted))
         if self._round_clean and self._round_limited and self.ceiling is None:
             self.step = min(self.step * 2, max(1.0, self.limit / 2))
         if (self.rate is not None and self._round_limited and self._growing
