@@ -80,12 +80,14 @@ class _SlidingMax:
 class Ticket:
     """One send, as the limit saw it leave: when, how many of ours were out, how many of ours the provider was
     known to have accepted in the last second; `refused` once the provider refused it at the door, `settled`
-    once it is known accepted (served, or out longer than a refusal takes)."""
+    once it is known accepted (served, or out longer than a refusal takes); `at_door` once a refusal came back
+    at once and the limit took it in (the request is not at fault: it goes back through the limit)."""
 
-    __slots__ = ("at", "level", "trailing", "refused", "settled")
+    __slots__ = ("at", "level", "trailing", "refused", "settled", "at_door")
 
     def __init__(self, at: float, level: int, trailing: int) -> None:
         self.at, self.level, self.trailing, self.refused, self.settled = at, level, trailing, False, False
+        self.at_door = False
 
 
 @dataclass(slots=True)
@@ -277,6 +279,7 @@ class AdaptiveLimit:
             self.later_refusals += 1  # the provider worked on it: not about our load (the request waits)
             return
         self.door_refusals += 1
+        ticket.at_door = True
         self._door_latency = max(self._door_latency, latency)
         self._refuse(now, ticket)
         self._answer(now, ticket, refused=True)

@@ -36,6 +36,7 @@ from .summary import Stats, usage_tokens
 from .writer import Answers
 
 THROTTLE_STATUSES = frozenset({429, 503})
+REFUSED_AT_THE_DOOR = 4  # times max_attempts a request may be refused at the door before it counts as attempts
 
 
 class RunHooks(Protocol):
@@ -281,7 +282,7 @@ class Executor:
     async def send(self, req: Request, route: Route) -> Outcome | None:
         """Attempts under the limits until a final outcome; None when the run stopped first."""
         stats, stop, hooks = self.stats, self.stop, self.hooks
-        attempt = answers_500 = 0
+        attempt = answers_500 = refused = 0
         chain = list(self.limits.fallback)
         model = route.model or req.model
         while True:
@@ -301,7 +302,7 @@ class Executor:
                 reserved = booking
             provider = self.capacity.provider(self._provider_key(model))
             try:
-                slot = await self._slot(provider, front=attempt > 1)
+                slot = await self._slot(provider, front=attempt > 1 or refused > 0)
             except BaseException:
                 if hooks.budgeted:
                     hooks.release(reserved)
@@ -347,6 +348,17 @@ class Executor:
                           "credits or subscribe to PRO, then rerun the same command to send the rest")
                 return None
             answers_500 += status == 500
+            if ticket is not None and ticket.at_door and refused < REFUSED_AT_THE_DOOR * self.policy.max_attempts:
+                # Refused at the door, and the adaptive limit has taken it in: back to the front of the queue
+                # through the limit that now holds it back (no backoff on top, no attempt spent: not the
+                # request's failure), after the provider's Retry-After if it gave one.
+                refused += 1
+                attempt -= 1
+                stats.retries += 1
+                wait = min(outcome.retry_after, self.policy.max_retry_after) if outcome.retry_after else 0.0
+                if wait and await stop.sleep(wait):
+                    return None
+                continue
             decision = self.policy.decide(outcome, attempt, rand=self.rand, answers_500=answers_500)
             if isinstance(decision, Retry):
                 stats.retries += 1

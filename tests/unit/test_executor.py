@@ -137,6 +137,35 @@ def test_timeouts_are_retried_then_written_as_request_timeout() -> None:
     assert [e["error"]["code"] for e in result.errors] == ["request_timeout"] * 2
 
 
+def test_a_request_refused_at_the_door_goes_back_through_the_limit_without_spending_attempts() -> None:
+    """Seen end to end: after a storm, a request refused at the door five times slept a jittered backoff of up to
+    8 s (on top of Retry-After), the read-ahead window filled with such sleepers and the provider got 20 of the
+    40 requests it would take for seconds; a sixth refusal wrote it as failed, for a refusal the limit caused.
+    Now the limit takes the refusal in, and the request goes back to the front of its queue through it."""
+    refusals: dict[str, int] = {}
+    served = [0]
+
+    async def picky(call: Call) -> Reply:
+        cid = call.body["messages"][0]["content"]
+        if cid == "victim" and refusals.get(cid, 0) < 9:
+            refusals[cid] = refusals.get(cid, 0) + 1
+            await asyncio.sleep(0.001 if served[0] else 0.1)  # at once (once the limit knows the round trip)
+            return Reply.throttle()
+        await asyncio.sleep(0.1)
+        served[0] += 1
+        return Reply.ok()
+
+    reqs = chat_requests(40)
+    victim = Request(40, "victim", "/v1/chat/completions",
+                     {"model": "org/m", "messages": [{"role": "user", "content": "victim"}]}, "org/m")
+    slow_first = [Request(i, f"w{i}", r.url, r.body, r.model) for i, r in enumerate(chat_requests(40))]
+    result, _ = run([*slow_first, victim, *reqs], picky, Limits(concurrency=20, start=20),
+                    policy=RetryPolicy(max_attempts=6))
+    assert refusals["victim"] == 9
+    assert not result.errors and any(line["custom_id"] == "victim" for line in result.lines)
+    assert result.elapsed < 1.0, result.elapsed  # nine refusals, no backoff: the limit paced the victim
+
+
 def test_fallback_sends_provider_side_failures_to_the_next_provider() -> None:
     async def a_is_down(call: Call) -> Reply:
         await asyncio.sleep(0.1)
