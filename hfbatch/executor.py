@@ -350,13 +350,14 @@ class Executor:
             answers_500 += status == 500
             if ticket is not None and ticket.at_door and refused < REFUSED_AT_THE_DOOR * self.policy.max_attempts:
                 # Refused at the door, and the adaptive limit has taken it in: back to the front of the queue
-                # through the limit that now holds it back (no backoff on top, no attempt spent: not the
-                # request's failure), after the provider's Retry-After if it gave one.
+                # through the limit that now holds it back, after the provider's Retry-After, else the first
+                # backoff's jitter (no attempt spent, no growing backoff: not the request's failure).
                 refused += 1
                 attempt -= 1
                 stats.retries += 1
-                wait = min(outcome.retry_after, self.policy.max_retry_after) if outcome.retry_after else 0.0
-                if wait and await stop.sleep(wait):
+                retry_after = outcome.retry_after
+                wait = min(retry_after, self.policy.max_retry_after) if retry_after else self.rand() * self.policy.base
+                if await stop.sleep(wait):
                     return None
                 continue
             decision = self.policy.decide(outcome, attempt, rand=self.rand, answers_500=answers_500)
