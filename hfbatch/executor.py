@@ -479,7 +479,15 @@ class Executor:
             self.hooks.answered(req, route, o, usage_of)
 
     def concurrency_now(self) -> dict[str, int]:
-        """The live limit per provider (what AIMD allows right now)."""
+        """The live limit per provider (what the adaptive limit allows right now)."""
+        return {name: p.gate.limit for name, p in self._named().items()}
+
+    def pace_now(self) -> dict[str, float]:
+        """The learned pace (requests per second) of each provider that showed a rate limit."""
+        return {name: round(p.adaptive.rate, 1) for name, p in self._named().items()
+                if p.adaptive is not None and p.adaptive.rate is not None}
+
+    def _named(self) -> dict[str, ProviderLimit]:
         named: dict[int, str] = {}
         providers, learned = self.capacity.providers, self.capacity.learned
         for k, p in providers.items():  # a placeholder shared with a provider shows as the provider
@@ -487,4 +495,4 @@ class Executor:
                 continue  # the model's provider is known (and listed): its placeholder only held early requests
             if id(p) not in named or named[id(p)].startswith("auto:"):
                 named[id(p)] = k
-        return {k: providers[k].gate.limit for k in named.values()}
+        return {k: providers[k] for k in named.values()}

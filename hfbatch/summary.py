@@ -73,7 +73,8 @@ class Stats:
     capped: int = 0  # bodies whose output cap --max-tokens lowered or set
     saved_usd: float = 0.0  # what the deduped copies and cache hits would have cost
     cost: CostReport | None = None  # what the run spent (token prices, or GPU time)
-    concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
+    concurrency: dict[str, int] = field(default_factory=dict)  # the adaptive limit per provider at the end
+    pace: dict[str, float] = field(default_factory=dict)  # requests per second, per provider that showed a rate
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
@@ -196,6 +197,7 @@ class HfbatchFigures(TypedDict):
     cost: dict[str, Any] | None
     providers: dict[str, int]
     concurrency: dict[str, int]
+    pace_rps: dict[str, float]
     fallbacks: int
     savings: Savings
     models: dict[str, int]
@@ -239,6 +241,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
         "cost": cost,
         "providers": dict(stats.providers),
         "concurrency": stats.concurrency,
+        "pace_rps": stats.pace,
         "fallbacks": stats.fallbacks,
         "savings": {
             "deduped_requests": stats.deduped,

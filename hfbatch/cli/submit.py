@@ -65,7 +65,8 @@ def submit(
         min=1, help="Tokens per minute at most (prompt estimate + output cap, corrected by real usage).",
         envvar="HFBATCH_TPM")] = None,
     adapt: Annotated[bool, typer.Option(
-        help="Adapt concurrency per provider (AIMD: shrink on 429/503, grow on success).")] = True,
+        help="Find each provider's unpublished limit and run at it: a cap on requests in flight, a rate, or "
+        "429s that are not about our load (README: adaptive concurrency).")] = True,
     route: Annotated[str | None, typer.Option(
         help="fastest | cheapest | preferred | <provider>: appended to router models without a suffix.")] = None,
     fallback: Annotated[str | None, typer.Option(

@@ -110,6 +110,7 @@ class HttpEngine:
             stats.saved_usd = hooks.saved_usd
             stats.capped = router.capped
             stats.concurrency = executor.concurrency_now()
+            stats.pace = executor.pace_now()
         if executor.internal_errors:
             raise executor.internal_errors[0]
 

@@ -41,6 +41,7 @@ def test_a_hidden_in_flight_cap(where: str, start: int) -> None:
     assert 10.0 / result.elapsed >= 0.9, result.elapsed
     assert transport.posts <= 1.3 * 4000, transport.posts
     assert result.executor.concurrency_now() == {"fake": 40}  # converged on the cap, exactly
+    assert result.executor.pace_now() == {}  # a cap, not a rate
     assert transport.max_in_flight <= 200
 
 
@@ -84,6 +85,7 @@ def test_a_hidden_rate_limit_is_paced_not_hammered(door: float) -> None:
     assert transport.posts <= 1.3 * 4000, provider.throttled
     adaptive = result.executor.capacity.providers["fake"].adaptive
     assert adaptive is not None and adaptive.rate is not None and 250 <= adaptive.rate <= 310, adaptive.rate
+    assert result.executor.pace_now() == {"fake": round(adaptive.rate, 1)}  # the Batch object's pace_rps
 
 
 def test_load_blind_429s_do_not_shrink_the_limit() -> None:

@@ -136,6 +136,7 @@ def test_completed_batch_object() -> None:
     s.add_usage({"usage": {"input_tokens": 6, "output_tokens": 2,
                            "output_tokens_details": {"reasoning_tokens": 1}}})
     s.providers.update({"fake-a": 1, "fake-b": 1})
+    s.concurrency, s.pace = {"fake-a": 40, "fake-b": 200}, {"fake-b": 291.0}
     s.models.update({"org/m": 3})
     s.endpoints.update({"/v1/chat/completions": 2, "/v1/responses": 1})
     s.latency.add(0.1)
@@ -159,6 +160,7 @@ def test_completed_batch_object() -> None:
     hb = b["hfbatch"]
     assert hb["http_requests"] == 5 and hb["retries"] == 2
     assert hb["providers"] == {"fake-a": 1, "fake-b": 1}
+    assert hb["concurrency"] == {"fake-a": 40, "fake-b": 200} and hb["pace_rps"] == {"fake-b": 291.0}
     assert hb["models"] == {"org/m": 3}
     assert hb["endpoints"] == {"/v1/chat/completions": 2, "/v1/responses": 1}
     assert hb["state"] == "finished" and hb["stop_reason"] is None and hb["unsent"] == 0
