@@ -348,8 +348,10 @@ class Executor:
                           "credits or subscribe to PRO, then rerun the same command to send the rest")
                 return None
             answers_500 += status == 500
-            if ticket is not None and ticket.at_door and refused < REFUSED_AT_THE_DOOR * self.policy.max_attempts:
-                # Refused at the door, and the adaptive limit has taken it in: back to the front of the queue
+            if (status == 429 and ticket is not None and ticket.at_door
+                    and refused < REFUSED_AT_THE_DOOR * self.policy.max_attempts):
+                # Refused at the door (a 429: about our load; a 503 is the provider failing and spends attempts),
+                # and the adaptive limit has taken it in: back to the front of the queue
                 # through the limit that now holds it back, after the provider's Retry-After, else the first
                 # backoff's jitter (no attempt spent, no growing backoff: not the request's failure).
                 refused += 1

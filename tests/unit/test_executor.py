@@ -168,6 +168,33 @@ def test_a_request_refused_at_the_door_goes_back_through_the_limit_without_spend
     assert result.elapsed < 9 * 0.5, result.elapsed
 
 
+def test_a_503_at_the_door_spends_attempts_like_any_provider_failure() -> None:
+    """CI caught it: a 503 that came back at once went back through the limit like a 429 at the door, without
+    spending attempts, so `--max-attempts 2` let a request fail six times and then answered it (and fallback never
+    moved it). Only a 429 is a refusal about our load; a 503 is the provider failing: it spends attempts."""
+    posts: dict[str, int] = {}
+    served = [0]
+
+    async def unavailable(call: Call) -> Reply:
+        cid = call.body["messages"][0]["content"]
+        if cid == "victim":
+            posts[cid] = posts.get(cid, 0) + 1
+            if posts[cid] <= 6:
+                await asyncio.sleep(0.001 if served[0] else 0.1)  # at once, once the limit knows the round trip
+                return Reply.status_only(503)
+        await asyncio.sleep(0.1)
+        served[0] += 1
+        return Reply.ok()
+
+    victim = Request(40, "victim", "/v1/chat/completions",
+                     {"model": "org/m", "messages": [{"role": "user", "content": "victim"}]}, "org/m")
+    result, _ = run([*chat_requests(40), victim], unavailable, Limits(concurrency=20, start=20),
+                    policy=RetryPolicy(max_attempts=2, base=0.01))
+    assert posts["victim"] == 2
+    assert [line["custom_id"] for line in result.errors] == ["victim"]
+    assert result.errors[0]["response"]["status_code"] == 503
+
+
 def test_fallback_sends_provider_side_failures_to_the_next_provider() -> None:
     async def a_is_down(call: Call) -> Reply:
         await asyncio.sleep(0.1)
