@@ -74,6 +74,11 @@ class Stats:
     saved_usd: float = 0.0  # what the deduped copies and cache hits would have cost
     cost: CostReport | None = None  # what the run spent (token prices, or GPU time)
     concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
+    # GPU engines (vLLM's batch runner, Jobs): requests the runner reports done whose lines are not written
+    # yet (its progress lines), one short status for the progress bar, and each run (hfbatch.jobs).
+    engine_done: int = 0
+    engine_note: str = ""
+    jobs: list[JobFigures] = field(default_factory=list)
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
@@ -163,6 +168,21 @@ _STAMP_KEYS = {
 }
 
 
+class JobFigures(TypedDict):
+    """One run of a GPU engine's part (a local `vllm run-batch`, a Hugging Face Job): `hfbatch.jobs`."""
+
+    part: str
+    model: str
+    requests: int
+    id: str | None  # the Job's id; local: the process id
+    url: str | None  # the Job's page
+    flavor: str | None  # the Jobs hardware; local: "local"
+    stage: str  # SCHEDULING, RUNNING, COMPLETED, ERROR, CANCELED (local runs: the same words)
+    billed_seconds: float | None
+    answered: int  # lines of the part written to the output or error file
+    message: str | None  # why it ended in ERROR (the tail of its log)
+
+
 class LatencyMs(TypedDict):
     p50: float | None
     p95: float | None
@@ -200,6 +220,7 @@ class HfbatchFigures(TypedDict):
     savings: Savings
     models: dict[str, int]
     endpoints: dict[str, int]
+    jobs: list[JobFigures]
 
 
 def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> dict[str, Any]:
@@ -251,6 +272,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
         },
         "models": dict(stats.models),
         "endpoints": dict(stats.endpoints),
+        "jobs": stats.jobs,
     }
     return {
         "id": info.id,

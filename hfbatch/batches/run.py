@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from ..config import RunConfig, parse_duration
-from ..engines import Engine, Work, for_config
+from ..engines import Engine, Work, endpoint_rule, for_config
 from ..errors import (
     AlreadyRunning,
     AuthError,
@@ -115,6 +115,7 @@ class BatchRun:
         # New batches' windows are checked against the range where they come in (the CLI flag, serve's
         # POST /v1/batches); here a stored batch keeps the window it was created with.
         self.window = parse_duration(cfg.completion_window, "--completion-window")
+        self.rule = endpoint_rule(cfg.engine)  # the lines this engine cannot run are invalid for it
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM (the caller's handler): dispatching stops, in-flight requests get the grace
@@ -261,7 +262,7 @@ class BatchRun:
             validating = info.status == BatchStatus.VALIDATING
             plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
                                            dedupe=cfg.dedupe, pass_through=cfg.base_url is not None,
-                                           endpoint=cfg.endpoint, ids=cfg.skip_invalid)
+                                           endpoint=cfg.endpoint, ids=cfg.skip_invalid, rule=self.rule)
             if validating:
                 info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
                 if info.errors:
@@ -276,6 +277,10 @@ class BatchRun:
             if cfg.detach:
                 if self.io.launch is None:
                     raise UsageError("--detach: this caller cannot start a background run")
+                if getattr(engine, "remote", False):
+                    # An engine that runs elsewhere (Jobs) launches its work here, so that a refused model or
+                    # flavor fails now; the background process follows what runs.
+                    return await self._execute(batch, engine, plan, Ledger(), detach=True)
                 result = batch_object(info, stats, self.window)
                 b.save_batch(result)
                 meta["pid"] = self.io.launch(info.id)
@@ -291,7 +296,8 @@ class BatchRun:
             b.save_batch(batch_object(info, stats, self.window))
             return await self._execute(batch, engine, plan, ledger)
 
-    async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger) -> RunResult:
+    async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger,
+                       detach: bool = False) -> RunResult:
         cfg, stop, stats = self.cfg, self.stop, batch.stats
 
         def write_failed(sink: JsonlSink, e: OSError) -> None:
@@ -307,7 +313,8 @@ class BatchRun:
             out = JsonlSink.open(cfg.output_path, append=batch.resume, on_error=write_failed)
         err = JsonlSink.open(cfg.errors_path, append=batch.resume, on_error=write_failed)
         answers = Answers(out, err, stats)
-        work = Work(self._pending(plan, ledger, answers), answers, stats, stop, plan.duplicates, batch.stored)
+        work = Work(self._pending(plan, ledger, answers), answers, stats, stop, plan.duplicates, batch.stored,
+                    batch_dir=batch.dir.path, answered=ledger.done, detach=detach)
         progress = self.io.progress
         failure: BaseException | None = None
         try:
@@ -338,7 +345,18 @@ class BatchRun:
             err.close()
         if answers.broken:
             self._recount(stats, out, err)
+        if detach and failure is None and stop.reason is None and not answers.broken:
+            return self._detached(batch)
         return self._conclude(batch, answers, failure)
+
+    def _detached(self, batch: _Batch) -> RunResult:
+        """--detach with a remote engine: its work is launched; a background process follows it."""
+        assert self.io.launch is not None
+        result = batch_object(batch.info, batch.stats, self.window)
+        batch.dir.save_batch(result)
+        batch.meta["pid"] = self.io.launch(batch.info.id)
+        batch.dir.save_meta(batch.meta)
+        return RunResult(result, None, detached=True)
 
     def _pending(self, plan: InputPlan, ledger: Ledger, answers: Answers) -> Iterator[Request]:
         """The requests with no line yet, read lazily in file order; lines refused under --skip-invalid get
@@ -348,7 +366,8 @@ class BatchRun:
         done, rejected = ledger.done, ledger.rejected
         with open(self.input_file, "rb") as f:
             for line_no, raw in iter_lines(f):
-                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
+                                  rule=self.rule)
                 if isinstance(r, LineError):
                     if line_no not in rejected:
                         answers.write(r.custom_id, NoAnswer(r.code, f"line {r.line_no}: {r.message}"))
@@ -422,7 +441,8 @@ class BatchRun:
         seen = plan.unique_ids()
         with open(self.input_file, "rb") as f:
             for line_no, raw in iter_lines(f):
-                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
+                                  rule=self.rule)
                 if isinstance(r, Request) and r.custom_id not in done:
                     answers.write(r.custom_id, answer)
 

@@ -79,11 +79,18 @@ def status(batch_id: BatchIdArg) -> None:
 
 
 def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False) -> None:
-    """Cancel a batch: in-flight requests finish, the rest end as batch_cancelled."""
+    """Cancel a batch: in-flight requests finish (a batch's Hugging Face Jobs are cancelled), the rest end as
+    batch_cancelled."""
     from ..batches.control import cancel as cancel_batch
+    from ..config import resolve_token
+    from ..errors import UsageError
     from .running import run_loop
 
-    batch = run_loop(lambda: cancel_batch(batch_id))
+    try:  # a batch whose Jobs still run needs it to cancel them; others do not
+        token = resolve_token(None, None)
+    except UsageError:
+        token = None
+    batch = run_loop(lambda: cancel_batch(batch_id, token))
     emit_json(batch, to_stderr=False, path=None)
 
 
