@@ -46,10 +46,13 @@ class Progress:
         if self._bar is None:
             return
         s = self.stats
-        done = s.completed + s.failed
+        done = s.completed + s.failed + s.engine_done  # a GPU runner's answers not written yet count as done
         elapsed = self._bar.tasks[0].elapsed or 0.0
         rate = f"{done / elapsed:,.0f}/s" if elapsed > 0.5 else ""
-        extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
+        if s.engine_note or s.jobs:  # vLLM's runner, Jobs: their stage, progress and GPU figures
+            extra = f"failed {s.failed}" + (f" · {s.engine_note}" if s.engine_note else "")
+        else:
+            extra = f"failed {s.failed} · retries {s.retries} · in flight {s.in_flight}"
         if s.cost is not None and s.cost.spent:
             extra += f" · ~${s.cost.spent:.4f}"
         if self.concurrency is not None:
@@ -86,11 +89,17 @@ def final_table(batch: dict[str, Any], enabled: bool = True) -> None:
         t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s · "
                   f"p50 {lat['p50']} ms · p95 {lat['p95']} ms")
         t.add_row("http", f"{hb['http_requests']} requests · {hb['retries']} retries")
+    for job in hb.get("jobs") or []:
+        where = job.get("url") or (f"pid {job['id']}" if job.get("id") else "")
+        t.add_row(f"job {job['part']}", f"{job['model']} · {job['stage']} · {job['answered']}/{job['requests']}"
+                  + (f" · {job['flavor']}" if job.get("flavor") else "") + (f" · {where}" if where else ""))
     cost = hb.get("cost") or {}
     if cost:
         usd = cost.get("estimated_cost_usd")
         unpriced = cost.get("unpriced_requests") or 0
-        t.add_row("cost", ("unknown (no prices for these models)" if usd is None else f"~${usd:.6f} (estimate)")
+        unknown = ("unknown (pass --gpu-price USD_PER_HOUR)" if cost.get("basis") == "gpu_time"
+                   else "unknown (no prices for these models)")
+        t.add_row("cost", (unknown if usd is None else f"~${usd:.6f} (estimate)")
                   + (f" · {unpriced} requests unpriced" if unpriced and usd is not None else ""))
     saved = hb.get("savings") or {}
     saved_requests = (saved.get("deduped_requests") or 0) + (saved.get("cache_hits") or 0) + (

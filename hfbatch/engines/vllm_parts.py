@@ -810,10 +810,11 @@ class PartEngine:
 
     def _measure(self, part: Part) -> None:
         """A part answered in full by this run: its tokens/s (and start-up) for later estimates."""
-        if self.fresh.get(part.id, 0) < part.requests or part.elapsed is None or part.elapsed <= 0:
+        if self.fresh.get(part.id, 0) < part.requests:
             return
         total = part.billed_seconds if part.billed_seconds is not None else part.seconds()
-        record(self.key(part), part.model, part.tokens, part.elapsed, total - part.elapsed)
+        generating = part.elapsed or total  # the runner's clock has whole seconds: a short run reads 0
+        record(self.key(part), part.model, part.tokens, generating, total - generating)
 
     def _failure(self, part: Part) -> str:
         where = f"part {part.id} ({part.model}, {part.requests} requests)"

@@ -8,7 +8,8 @@ point HFBATCH_VLLM at it). What it does, as vLLM 0.33's runner (engines/vllm_par
 every line is validated first and one bad line aborts the run ("Invalid request on line N", nothing written,
 exit 1); then each answer is written in input order and flushed; progress goes to stderr.
 
-Knobs (environment): FAKE_VLLM_CRASH_AFTER=N exit 1 after N answers; FAKE_VLLM_DELAY=s per answer;
+Knobs (environment): FAKE_VLLM_CRASH_AFTER=N exit 1 after N answers (FAKE_VLLM_CRASH_MARKER=1: at a line
+that says `[[vllm:crash]]`); FAKE_VLLM_DELAY=s per answer;
 FAKE_VLLM_HOLD=path wait for that file to exist before answering (FAKE_VLLM_HOLD_AFTER=N: after N answers);
 FAKE_VLLM_OLD=1 write the whole file at the end (vLLM before 0.33); FAKE_VLLM_RECORD=path append one JSON
 line per run (model, custom_ids, flags, whether HF_TOKEN was set; never the token). In a request's text:
@@ -193,7 +194,8 @@ def run_batch(argv: list[str], err: TextIO) -> int:
             if hold and n >= hold_after:
                 while not os.path.exists(hold):
                     time.sleep(0.02)
-            if crash_after is not None and n >= crash_after:
+            marked = env.get("FAKE_VLLM_CRASH_MARKER") == "1" and "[[vllm:crash]]" in json.dumps(line)
+            if (crash_after is not None and n >= crash_after) or marked:
                 _log(err, "RuntimeError: CUDA error: an illegal memory access was encountered (stand-in crash)")
                 return 1
             if delay:

@@ -1,0 +1,156 @@
+"""The pieces of the GPU engines that need no process: vLLM's lines as OpenAI's (every shape vLLM writes), its
+progress lines, the engine's validation rule, and the GPU cost rules (fit, priors, measurements, billing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from conftest import check_error_envelope
+
+from hfbatch.cost.gpu import (
+    Flavor,
+    GpuCost,
+    ModelSize,
+    billed_minutes,
+    estimate_run,
+    fits,
+    flavors_from,
+    measured,
+    model_size,
+    record,
+)
+from hfbatch.engines.vllm_parts import (
+    LogTail,
+    cap_output,
+    convert,
+    engine_rule,
+    parse_interval,
+    parse_progress,
+    rejected_line,
+    vllm_model,
+)
+from hfbatch.models import Failure, NoAnswer, Success
+from hfbatch.testing.fake_hub import HARDWARE
+from hfbatch.validate import validate_line
+
+
+def _line(status: int, body: object, error: object) -> bytes:
+    obj = {"id": "vllm-1", "custom_id": "c1", "response": {"status_code": status, "request_id": "vllm-batch-9",
+                                                          "body": body}, "error": error}
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def test_a_success_keeps_vllms_body_bytes_and_request_id() -> None:
+    body = {"object": "chat.completion", "usage": {"prompt_tokens": 3, "completion_tokens": 2}, "x": 1e-05}
+    raw = _line(200, body, None)
+    answer, usage_body = convert(orjson.loads(raw), raw)
+    assert isinstance(answer, Success) and answer.request_id == "vllm-batch-9" and answer.tokens == (3, 2)
+    assert isinstance(answer.body, orjson.Fragment)  # passed through as written: 1e-05 stays 1e-05
+    assert orjson.dumps(answer.body) == json.dumps(body, separators=(",", ":")).encode()
+    assert usage_body == body
+
+
+@pytest.mark.parametrize("error, message", [
+    ({"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}}, "too long"),
+    ({"object": "error", "message": "flat", "type": "BadRequestError", "param": "messages", "code": 400}, "flat"),
+    ("Request must not be sent in stream mode", "Request must not be sent in stream mode"),
+])
+def test_every_error_shape_of_vllm_becomes_openais_envelope(error: object, message: str) -> None:
+    raw = _line(400, None, error)
+    answer, _ = convert(orjson.loads(raw), raw)
+    assert isinstance(answer, Failure) and answer.status == 400 and answer.request_id == "vllm-batch-9"
+    err = check_error_envelope(answer.body)  # the openai SDK's ErrorObject: code is a string or null
+    assert err["message"] == message and err["type"] == "invalid_request_error" and err["code"] is None
+
+
+def test_a_404_is_a_not_found_error_and_a_line_without_answer_is_no_answer() -> None:
+    raw = _line(404, None, {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
+                                      "param": "model", "code": 404}})
+    answer, _ = convert(orjson.loads(raw), raw)
+    assert isinstance(answer, Failure) and answer.body["error"]["type"] == "not_found_error"
+    assert answer.body["error"]["param"] == "model"
+    broken = b'{"id":"vllm-1","custom_id":"c1","response":null,"error":"engine died"}'
+    assert isinstance(convert(orjson.loads(broken), broken)[0], NoAnswer)
+
+
+def test_progress_lines_and_refused_lines_are_read_from_the_log() -> None:
+    p = parse_progress("Running batch:  40% Completed | 4/10 [01:05<00:30, 3.21req/s]")
+    assert p is not None and (p.done, p.total, p.elapsed, p.rate) == (4, 10, 65.0, "3.21req/s")
+    assert parse_interval("1:02:03") == 3723 and parse_interval("2d, 1:00:00") == 2 * 86400 + 3600
+    assert parse_progress("INFO loading weights") is None
+    assert rejected_line("ValueError: Invalid request on line 7: 1 validation error") == (7, "1 validation error")
+    log = LogTail("hf_secret_canary")
+    log.feed("Running batch: 100% Completed | 3/3 [00:02<00:00, 1.5req/s]\rsomething")
+    log.feed("token is hf_secret_canary, oops")
+    assert log.progress is not None and log.progress.done == 3
+    assert "hf_secret_canary" not in log.tail() and "hf_***" in log.tail()
+
+
+def test_the_rule_refuses_what_vllms_runner_cannot_serve_naming_engine_http() -> None:
+    rule = engine_rule("vllm")
+    for url in ("/v1/responses", "/v1/completions", "/v1/moderations", "/hf/text-classification"):
+        line = json.dumps({"custom_id": "a", "method": "POST", "url": url, "body": {"model": "m", "input": "x"}})
+        r = validate_line(1, line.encode(), None, rule=rule)
+        assert not hasattr(r, "url") and r.code == "invalid_request" and "--engine http" in r.message, (url, r)
+    for url in ("/v1/chat/completions", "/v1/embeddings", "/score", "/v1/rerank", "/v2/rerank"):
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "input": "x"}
+        assert rule(url, body) is None, url
+    assert rule("/v1/chat/completions", {"model": "m", "messages": []}) is not None  # one would abort the run
+
+
+def test_router_suffixes_are_dropped_and_max_tokens_caps_chat() -> None:
+    assert vllm_model("org/m:fastest") == "org/m" and vllm_model("org/m:groq") == "org/m"
+    assert cap_output({"max_tokens": 900}, "/v1/chat/completions", 100) == ({"max_tokens": 100}, True)
+    assert cap_output({}, "/v1/chat/completions", 100) == ({"max_tokens": 100}, True)
+    assert cap_output({"input": "x"}, "/v1/embeddings", 100) == ({"input": "x"}, False)
+
+
+def _hardware() -> dict[str, Flavor]:
+    items = []
+    for name, pretty, gpu, n, vram, usd in HARDWARE:
+        acc = SimpleNamespace(model=gpu, quantity=str(n), vram=vram) if gpu else None
+        items.append(SimpleNamespace(name=name, pretty_name=pretty, accelerator=acc, unit_cost_usd=usd / 60,
+                                     unit_label="minute"))
+    return flavors_from(items)
+
+
+def test_fit_uses_the_gpu_memory_of_the_whole_flavor() -> None:
+    flavors = _hardware()
+    llama8 = model_size(SimpleNamespace(safetensors=SimpleNamespace(parameters={"BF16": 8_030_261_248},
+                                                                    total=8_030_261_248)))
+    assert llama8.weights_bytes == 2 * 8_030_261_248
+    assert fits(llama8, flavors["l4x1"]) and not fits(llama8, flavors["t4-small"])
+    big = ModelSize(70_000_000_000, 140_000_000_000)
+    assert not fits(big, flavors["a100-large"]) and fits(big, flavors["a100x4"]) and flavors["a100x4"].memory_gb == 320
+    assert fits(ModelSize(None, None), flavors["l4x1"]) is None
+    assert flavors["cpu-basic"].gpu is None and flavors["l4x1"].usd_per_hour == pytest.approx(0.80)
+
+
+def test_estimates_use_the_priors_then_this_machines_measurements(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HFBATCH_HOME", str(tmp_path / "home"))
+    l4 = _hardware()["l4x1"]
+    size = ModelSize(8_000_000_000, 16_000_000_000)
+    prior = estimate_run(l4, "org/m", size, 730_000)
+    assert prior.basis.startswith("prior: L4") and prior.generate_seconds == pytest.approx(1000)
+    record("l4x1", "org/m", 10_000, 5.0, 100.0)
+    assert measured("l4x1", "org/m") is not None
+    after = estimate_run(l4, "org/m", size, 730_000)
+    assert after.basis.startswith("measured") and after.generate_seconds == pytest.approx(730_000 / 2_000)
+    assert after.startup_seconds == 100.0
+
+
+def test_jobs_bill_started_minutes_and_a_local_gpu_its_time() -> None:
+    assert [billed_minutes(s) for s in (0, 0.4, 60, 61)] == [0, 1, 1, 2]
+    jobs = GpuCost("jobs_billing")
+    jobs.set("p1", "l4x1", 61, 0.80 / 60, billed=True)
+    assert jobs.summary()["estimated_cost_usd"] == pytest.approx(2 * 0.80 / 60, abs=1e-6)
+    local = GpuCost("gpu_time")
+    local.set("p1", "local", 1800, None)
+    assert local.summary()["estimated_cost_usd"] is None
+    local.set("p1", "local", 1800, 2.0 / 60)
+    assert local.spent == pytest.approx(1.0)
