@@ -239,8 +239,9 @@ class FakeHub:
             return refused
         bid = f"{request.match_info['ns']}/{request.match_info['name']}"
         body = orjson.loads(await request.read() or b"{}")
-        if bid in self.buckets:
-            return self._json({"error": "You already created this bucket"}, 409)
+        if bid in self.buckets:  # huggingface_hub reads the url of a 409 too (create_bucket(exist_ok=True))
+            return self._json({"error": "You already created this bucket", "url": f"{self.endpoint}/buckets/{bid}"},
+                              409)
         self.buckets[bid] = {"id": bid, "private": body.get("visibility") == "private",
                              "createdAt": _iso(time.time()), "size": 0, "totalFiles": 0}
         (Path(self.config.storage) / bid).mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,12 @@ def run_batch(argv: list[str], err: TextIO) -> int:
     except OSError as e:
         _log(err, f"FileNotFoundError: {e}")
         return 1
+    record = env.get("FAKE_VLLM_RECORD")
+    if record:  # every run, a refused one too
+        with open(record, "a", encoding="utf-8") as f:
+            ids = [json.loads(ln).get("custom_id") if ln.startswith("{") else None for ln in raw_lines]
+            f.write(_dumps({"model": model, "custom_ids": ids, "flags": rest,
+                            "has_token": bool(env.get("HF_TOKEN"))}) + "\n")
     lines: list[dict[str, Any]] = []
     for n, raw in enumerate(raw_lines, 1):
         try:
@@ -175,11 +181,6 @@ def run_batch(argv: list[str], err: TextIO) -> int:
             _log(err, f"ValueError: Invalid request on line {n}: {str(e).splitlines()[0]}")
             return 1
         lines.append(obj)
-    record = env.get("FAKE_VLLM_RECORD")
-    if record:
-        with open(record, "a", encoding="utf-8") as f:
-            f.write(_dumps({"model": model, "custom_ids": [ln.get("custom_id") for ln in lines], "flags": rest,
-                            "has_token": bool(env.get("HF_TOKEN"))}) + "\n")
     time.sleep(float(env.get("FAKE_VLLM_LOAD_SECONDS") or 0))
     crash_after = int(env["FAKE_VLLM_CRASH_AFTER"]) if env.get("FAKE_VLLM_CRASH_AFTER") else None
     delay = float(env.get("FAKE_VLLM_DELAY") or 0)
