@@ -35,6 +35,9 @@ def fake_hub(
     params: Annotated[list[str] | None, typer.Option(
         help="MODEL=N: the parameter count the model info gives for MODEL (repeatable).")] = None,
     schedule_seconds: Annotated[float, typer.Option(help="How long a Job stays SCHEDULING.")] = 0.0,
+    job_env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE in every Job's environment: the stand-in vllm's knobs (FAKE_VLLM_DELAY=0.2, "
+        "FAKE_VLLM_CRASH_AFTER=3; see hfbatch/testing/vllm.py) (repeatable).")] = None,
 ) -> None:
     """Run the local fake Hugging Face Hub (Jobs, model info, buckets) for the GPU engines' tests and demo."""
     from ..errors import UsageError
@@ -46,8 +49,14 @@ def fake_hub(
         if not sep or not n.isdigit():
             raise UsageError(f"--params {pair!r}: use MODEL=N (a number of parameters)")
         counts[model] = int(n)
+    env: dict[str, str] = {}
+    for pair in job_env or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--job-env {pair!r}: use KEY=VALUE")
+        env[key] = value
     serve(port, config=FakeHubConfig(storage=storage or "", bin_dir=bin_dir or "", params=counts,
-                                     schedule_seconds=schedule_seconds))
+                                     schedule_seconds=schedule_seconds, job_env=env))
 
 
 def serve(

@@ -8,8 +8,9 @@ Every figure here is an estimate and says on what it rests (`basis`):
   (ENGINE_INIT_SECONDS: CUDA graphs, compilation). A run on this machine has no image to pull.
 - Throughput (`prior_tokens_per_second`): aggregate tokens per second (input + output) of vLLM serving an
   8B-parameter BF16 model on one GPU of the class (GPU_PRIORS, with the source of each figure), scaled by
-  8B / the model's parameters (decoding is bound by memory bandwidth; at most x4 for small models) and by the
-  number of GPUs (x0.8 each beyond the first: tensor parallelism is not free).
+  16 GB / the model's weights (decoding reads every weight per step: it is bound by memory bandwidth; at most
+  x4 for small models; a mixture of experts reads only its active experts, so it runs faster than this says)
+  and by the number of GPUs (x0.8 each beyond the first: tensor parallelism is not free).
 - A finished run on GPUs stores its measured figures per (flavor, model) under $HFBATCH_HOME
   (gpu_throughput.json): later estimates use them instead of the priors, and say so.
 - Fit: the weights (parameters x bytes per parameter, from the Hub's safetensors metadata) must take at most
@@ -32,6 +33,7 @@ WEIGHTS_BYTES_PER_SECOND = 250e6
 ENGINE_INIT_SECONDS = 60.0
 FIT_FRACTION = 0.75
 REFERENCE_PARAMS = 8e9
+REFERENCE_BYTES = 2 * REFERENCE_PARAMS  # the priors' model: 8B parameters in BF16
 MEASURED_FILE = "gpu_throughput.json"
 MEASURED_SCHEMA = 1
 # (aggregate tokens/s for an 8B BF16 model on one GPU, where the figure comes from)
@@ -145,17 +147,18 @@ def prior_tokens_per_second(flavor: Flavor, size: ModelSize) -> tuple[float | No
     if prior is None:
         return None, f"no throughput prior for {flavor.gpu} GPUs"
     tps, source = prior
-    params = size.params or REFERENCE_PARAMS
-    scale = min(4.0, REFERENCE_PARAMS / params)
+    weights = size.weights_bytes or REFERENCE_BYTES
+    scale = min(4.0, REFERENCE_BYTES / weights)
     gpus = 1 + 0.8 * (flavor.gpus - 1)
-    basis = (f"prior: {flavor.gpu} {tps:,.0f} tokens/s for an 8B model ({source}), x{scale:.2g} for "
-             f"{params / 1e9:.3g}B parameters" + (f", x{gpus:.2g} for {flavor.gpus} GPUs" if flavor.gpus > 1 else ""))
+    basis = (f"prior: {flavor.gpu} {tps:,.0f} tokens/s for an 8B BF16 model ({source}), x{scale:.2g} for "
+             f"{weights / 1e9:.3g} GB of weights" + (f", x{gpus:.2g} for {flavor.gpus} GPUs" if flavor.gpus > 1 else "")
+             + ("" if size.weights_bytes else " (size unknown: an 8B BF16 model assumed)"))
     return tps * scale * gpus, basis
 
 
 def startup_seconds(size: ModelSize, *, pull: bool = True) -> float:
     """Image pull (Jobs only) + weights download and load + engine start."""
-    weights = size.weights_bytes if size.weights_bytes is not None else 2 * REFERENCE_PARAMS
+    weights = size.weights_bytes if size.weights_bytes is not None else REFERENCE_BYTES
     return (IMAGE_PULL_SECONDS if pull else 0.0) + weights / WEIGHTS_BYTES_PER_SECOND + ENGINE_INIT_SECONDS
 
 
