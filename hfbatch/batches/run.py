@@ -279,22 +279,27 @@ class BatchRun:
                     raise UsageError("--detach: this caller cannot start a background run")
                 if getattr(engine, "remote", False):
                     # An engine that runs elsewhere (Jobs) launches its work here, so that a refused model or
-                    # flavor fails now; the background process follows what runs.
-                    return await self._execute(batch, engine, plan, Ledger(), detach=True)
+                    # flavor fails now; the background process follows what runs (_detached).
+                    return await self._start(batch, engine, plan, detach=True)
                 result = batch_object(info, stats, self.window)
                 b.save_batch(result)
                 meta["pid"] = self.io.launch(info.id)
                 b.save_meta(meta)
                 return RunResult(result, None, detached=True)
-            ledger = Ledger()
-            if batch.resume:
-                ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
-                              retry_failed=cfg.retry_failed)
-            if b.cancel_requested():
-                info.set_status(BatchStatus.CANCELLING)
-                self.stop.stop(StopReason.CANCELLED, "cancelled")
-            b.save_batch(batch_object(info, stats, self.window))
-            return await self._execute(batch, engine, plan, ledger)
+            return await self._start(batch, engine, plan)
+
+    async def _start(self, batch: _Batch, engine: Engine, plan: InputPlan, detach: bool = False) -> RunResult:
+        """Read the ledger back (a resumed batch), look for a cancel, then let the engine run."""
+        cfg, b, info, stats = self.cfg, batch.dir, batch.info, batch.stats
+        ledger = Ledger()
+        if batch.resume:
+            ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
+                          retry_failed=cfg.retry_failed)
+        if b.cancel_requested():
+            info.set_status(BatchStatus.CANCELLING)
+            self.stop.stop(StopReason.CANCELLED, "cancelled")
+        b.save_batch(batch_object(info, stats, self.window))
+        return await self._execute(batch, engine, plan, ledger, detach=detach)
 
     async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger,
                        detach: bool = False) -> RunResult:
@@ -330,7 +335,12 @@ class BatchRun:
                     raise
             except Exception as e:  # noqa: BLE001 - an engine's bug: the run ends resumable, exit 1
                 failure = e
-                stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
+                if isinstance(e, HfbatchError) and e.exit_code != ExitCode.INTERNAL:
+                    # A known refusal that stops the run (a model too big for the flavor, the Hub refusing a
+                    # Job): not a bug. Its own words and exit code (_conclude); the batch stays resumable.
+                    stop.stop(StopReason.ENGINE_FAILED, str(e)[:300])
+                else:
+                    stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
             finally:
                 guard.cancel()
                 ticker.cancel()
@@ -479,8 +489,9 @@ class BatchRun:
                         stop.message)
             error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
                                f"the same command (or `hfbatch resume {info.id}`) to send only those")
-        elif stop.reason == StopReason.INTERNAL_ERROR:
-            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INTERNAL_ERROR
+        elif stop.reason == StopReason.INTERNAL_ERROR or (failure is not None and
+                                                          stop.reason == StopReason.ENGINE_FAILED):
+            info.state, info.stop_reason = RunState.INTERRUPTED, stop.reason
             if isinstance(failure, HfbatchError):
                 error = failure  # a known failure that stops the run (a dependency's API changed...): its words
             else:

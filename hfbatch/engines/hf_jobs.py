@@ -52,6 +52,7 @@ class HfJobsEngine(PartEngine):
     parallel = 1000  # one Job per model, all at once
     cost_basis = "jobs_billing"
     runner_name = "the Job running"
+    runner_noun = "Job"
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)

@@ -500,8 +500,8 @@ class LogTail:
 class Collector:
     """vLLM's answers -> our lines, each custom_id once: the sent request and its deduplicated copies."""
 
-    def __init__(self, work: Work) -> None:
-        self.work = work
+    def __init__(self, work: Work, provider: str) -> None:
+        self.work, self.provider = work, provider  # provider: what the summary counts the answers under
         self.written = IdSet()  # custom_ids given a line by this run
 
     def done(self, custom_id: str) -> bool:
@@ -530,7 +530,7 @@ class Collector:
             if i == 0:
                 if body is not None:
                     stats.add_usage(body)
-                    stats.providers["vllm"] += 1
+                    stats.providers[self.provider] += 1
                     inp, out = usage_tokens(body)
                     part.tokens += inp + out
             else:
@@ -644,7 +644,7 @@ class PartEngine:
             raise UsageError(f"--engine {self.name} keeps its parts in the batch's folder; this caller has none")
         self._work = work
         self._store = PartStore.open(work.batch_dir / "engine", self.name)
-        self._collector = Collector(work)
+        self._collector = Collector(work, self.name)
         work.stats.cost = self.cost
         await self.prepare()
         active: list[Part] = []
@@ -657,7 +657,7 @@ class PartEngine:
                 elif part.status == PartStatus.WRITTEN:
                     part.status = PartStatus.DROPPED
             if part.status == PartStatus.ENDED:
-                await self._collect(part)
+                await self._collect(part, report=False)  # what it left unanswered goes to a new part below
         self.store.save()
         queue: list[Part] = []
         if work.stop.reason is None:
@@ -712,13 +712,19 @@ class PartEngine:
                     part.status = PartStatus.DROPPED
                 queue.clear()
                 cancel = stop.reason in (StopReason.CANCELLED, StopReason.EXPIRED)
+                left = 0
                 for part in list(active):
                     if part.id in halted and (halted[part.id] or not stop.hard):
                         continue
                     halted[part.id] = stop.hard
                     if not await self.halt(part, cancel=cancel, hard=stop.hard):
                         active.remove(part)  # left running: the rerun follows it
-                        work.stats.abandoned += max(0, part.requests - part.answered)
+                        work.stats.abandoned += max(0, part.requests + part.copies - part.answered)
+                        left += 1
+                if left and work.batch_dir is not None:
+                    stop.message = (f"{stop.message}; {left} {self.runner_noun}(s) keep running, and "
+                                    "are billed: rerun the same command to follow them and collect their answers, "
+                                    f"or `hfbatch cancel {work.batch_dir.name}` to stop them")
                 self.store.save()
             while queue and len(active) < self.parallel and stop.reason is None:
                 part = queue.pop(0)
@@ -743,8 +749,9 @@ class PartEngine:
                 else:
                     await asyncio.sleep(self.poll_interval)
 
-    async def _collect(self, part: Part) -> Part | None:
-        """Write the answers of an ended part; returns the part to run next without a line vLLM refused."""
+    async def _collect(self, part: Part, report: bool = True) -> Part | None:
+        """Write the answers of an ended part; returns the part to run next without a line vLLM refused.
+        `report`: its unanswered lines are a failure of this run (not when a new part will send them)."""
         path = await self.fetch(part)
         copies = self.copies_of(part)
         if path is not None:
@@ -761,11 +768,12 @@ class PartEngine:
             return None
         log = self.logs.get(part.id)
         refused = part.rejected if part.rejected is not None else (log.rejected[0] if log and log.rejected else None)
-        if refused is not None and part.answered == 0 and part.restarts < MAX_RESTARTS:
+        if refused is not None and part.answered == 0 and part.restarts < MAX_RESTARTS and report:
             return self._without(part, refused, copies, log.rejected[1] if log and log.rejected else "")
         if part.message is None:
             part.message = log.tail() if log is not None else None
-        self.failures.append(part)
+        if report:
+            self.failures.append(part)
         return None
 
     def copies_of(self, part: Part) -> dict[str, list[str]]:
@@ -824,7 +832,8 @@ class PartEngine:
         detail = f": {part.message}" if part.message else ""
         return f"{self.runner_name} {where} {how} after {part.answered} answers{detail}"
 
-    runner_name = "vLLM"
+    runner_name = "vLLM"  # "{runner_name} part p0001 (...) exited ..."
+    runner_noun = "vLLM run"
 
     def _figures(self) -> None:
         """stats: each run's figures, the requests answered but not yet written, the cost, the bar's status."""

@@ -154,3 +154,52 @@ def test_jobs_bill_started_minutes_and_a_local_gpu_its_time() -> None:
     assert local.summary()["estimated_cost_usd"] is None
     local.set("p1", "local", 1800, 2.0 / 60)
     assert local.spent == pytest.approx(1.0)
+
+
+def test_engine_flags_belong_to_their_engine_and_a_missing_vllm_says_how_to_get_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.cli.submit import _check_engine
+    from hfbatch.errors import UsageError
+
+    with pytest.raises(UsageError, match="--flavor only applies to --engine hf-jobs"):
+        _check_engine("vllm", flavor="l4x1")
+    with pytest.raises(UsageError, match="--budget only applies to --engine http"):
+        _check_engine("hf-jobs", budget=5.0, flavor="l4x1")
+    with pytest.raises(UsageError, match="--vllm-args only applies to --engine vllm or hf-jobs"):
+        _check_engine("http", vllm_args="--max-model-len 4096")
+    with pytest.raises(UsageError, match="needs --flavor"):
+        _check_engine("hf-jobs")
+    with pytest.raises(UsageError, match="--job-timeout"):
+        _check_engine("hf-jobs", flavor="l4x1", job_timeout="soon")
+    monkeypatch.delenv("HFBATCH_VLLM", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UsageError, match=r"pip install vllm.*--engine hf-jobs"):
+        _check_engine("vllm")
+    monkeypatch.setenv("HFBATCH_VLLM", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="HFBATCH_VLLM"):
+        _check_engine("vllm")
+
+
+def test_a_line_vllm_cannot_serve_fails_validation_naming_engine_http(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from hfbatch.batches.run import BatchRun
+    from hfbatch.config import RunConfig
+    from hfbatch.errors import InputError
+    from hfbatch.testing.vllm import install
+
+    monkeypatch.setenv("HFBATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HFBATCH_VLLM", str(install(tmp_path / "bin")))
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"custom_id": c, "method": "POST", "url": u, "body": {"model": "m", **b}})
+                             for c, u, b in (("ok", "/v1/chat/completions", {"messages": [{"role": "user",
+                                                                                          "content": "x"}]}),
+                                             ("no", "/v1/responses", {"input": "x"}))) + "\n")
+    cfg = RunConfig(input_path=str(src), output_path=str(tmp_path / "o.jsonl"), errors_path=str(tmp_path / "e.jsonl"),
+                    engine="vllm")
+    result = asyncio.run(BatchRun(cfg).execute())
+    assert isinstance(result.error, InputError) and "run this file with --engine http" in str(result.error)
+    errors = result.batch["errors"]["data"]
+    assert [(e["line"], e["code"], e["param"]) for e in errors] == [(2, "invalid_request", "url")]
+    assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_bytes()  # nothing ran
