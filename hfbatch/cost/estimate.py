@@ -404,7 +404,7 @@ def _serverless(est: Estimate, catalog: Catalog) -> list[CompareOption]:
             continue
         minutes = _serverless_minutes(est, catalog, provider)
         out.append({"engine": "http", "provider": provider, "cost_usd": round_usd(sum(costs)), "minutes": minutes,
-                    "basis": "tokens x the provider's price (router price list: " + est["price_source"] + ")"
+                    "basis": "tokens x the provider's price (prices: " + est["price_source"] + ")"
                              + ("" if minutes is not None else "; wall time unknown (no throughput listed)")})
     if not out and all(any(p["cost_usd"] is not None for p in m["providers"]) for m in models.values()):
         total = sum(min(p["cost_usd"] for p in m["providers"] if p["cost_usd"] is not None) for m in models.values())
