@@ -84,7 +84,9 @@ def final_table(batch: dict[str, Any], enabled: bool = True) -> None:
     t.add_row("requests", f"{rc['total']} total · {rc['completed']} ok · {rc['failed']} failed"
               + (f" · {hb['unsent']} not sent" if hb.get("unsent") else ""))
     t.add_row("tokens", f"{usage['input_tokens']:,} in · {usage['output_tokens']:,} out")
-    if "elapsed_seconds" in hb:
+    if "elapsed_seconds" in hb and hb.get("jobs"):  # a GPU engine: no HTTP requests, no latencies
+        t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s")
+    elif "elapsed_seconds" in hb:
         lat = hb["latency_ms"]
         t.add_row("time", f"{hb['elapsed_seconds']:.1f} s · {hb['requests_per_second'] or 0:,.1f} req/s · "
                   f"p50 {lat['p50']} ms · p95 {lat['p95']} ms")

@@ -557,7 +557,7 @@ class PartEngine:
     name = "vllm"
     remote = False  # runs elsewhere: --detach launches the parts here and a background process follows them
     parallel = 1  # parts running at once
-    poll_interval = 0.2
+    poll_interval = 0.1
     cost_basis = "gpu_time"
 
     def __init__(self, cfg: RunConfig) -> None:
@@ -774,6 +774,7 @@ class PartEngine:
             part.message = log.tail() if log is not None else None
         if report:
             self.failures.append(part)
+            self.work.stats.abandoned += max(0, part.requests - part.answered)  # sent, never answered
         return None
 
     def copies_of(self, part: Part) -> dict[str, list[str]]:

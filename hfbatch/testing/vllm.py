@@ -11,7 +11,8 @@ exit 1); then each answer is written in input order and flushed; progress goes t
 Knobs (environment): FAKE_VLLM_CRASH_AFTER=N exit 1 after N answers (FAKE_VLLM_CRASH_MARKER=1: at a line
 that says `[[vllm:crash]]`); FAKE_VLLM_DELAY=s per answer;
 FAKE_VLLM_HOLD=path wait for that file to exist before answering (FAKE_VLLM_HOLD_AFTER=N: after N answers);
-FAKE_VLLM_OLD=1 write the whole file at the end (vLLM before 0.33); FAKE_VLLM_RECORD=path append one JSON
+FAKE_VLLM_OLD=1 write the whole file at the end (vLLM before 0.33); FAKE_VLLM_ECHO_TOKEN=1 print HF_TOKEN in
+the log (a careless image: what hfbatch keeps of a Job's log must not hold it); FAKE_VLLM_RECORD=path append one JSON
 line per run (model, custom_ids, flags, whether HF_TOKEN was set; never the token). In a request's text:
 `[[vllm:reject]]` fails validation, `[[vllm:error]]` a model error (400, `{"error": {...}}`), `[[vllm:plain]]`
 an error as a plain string (as vLLM writes for an unsupported url or a stream). A body whose model is not
@@ -181,6 +182,8 @@ def run_batch(argv: list[str], err: TextIO) -> int:
             _log(err, f"ValueError: Invalid request on line {n}: {str(e).splitlines()[0]}")
             return 1
         lines.append(obj)
+    if env.get("FAKE_VLLM_ECHO_TOKEN") == "1":  # an image that prints its environment: hfbatch must redact it
+        _log(err, f"DEBUG environment: HF_TOKEN={env.get('HF_TOKEN')}")
     time.sleep(float(env.get("FAKE_VLLM_LOAD_SECONDS") or 0))
     crash_after = int(env["FAKE_VLLM_CRASH_AFTER"]) if env.get("FAKE_VLLM_CRASH_AFTER") else None
     delay = float(env.get("FAKE_VLLM_DELAY") or 0)

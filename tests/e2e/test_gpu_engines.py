@@ -208,14 +208,14 @@ def test_jobs_killed_hfbatch_reattaches_without_a_second_job_and_the_token_is_on
 def test_a_job_in_error_is_reported_with_its_log_and_the_rerun_relaunches_only_the_rest(
         tmp_path: Path, gpu: GpuCli, hub: ThreadedFakeHub) -> None:
     on_hub(gpu, hub)
-    hub.config.job_env["FAKE_VLLM_CRASH_AFTER"] = "2"
+    hub.config.job_env.update(FAKE_VLLM_CRASH_AFTER="2", FAKE_VLLM_ECHO_TOKEN="1")  # its log prints the token
     lines = [chat_line(f"r{i}", f"q{i}", model=M1) for i in range(5)]
     write_jsonl(tmp_path / "in.jsonl", lines)
     first = gpu.run("submit", "in.jsonl", "--engine", "hf-jobs", "--flavor", "a10g-small", "--namespace", "my-org",
                     "--job-timeout", "45m", "-q")
     assert first.returncode == 5, first.stderr
     assert "ended in ERROR after 2 answers: Job failed with exit code: 1; its log ends:" in first.stderr
-    assert "illegal memory access" in first.stderr
+    assert "illegal memory access" in first.stderr and "HF_TOKEN=hf_***" in first.stderr  # redacted
     b = check_batch(last_json(first.stdout))
     assert b["hfbatch"]["jobs"][0]["stage"] == "ERROR" and "illegal memory" in b["hfbatch"]["jobs"][0]["message"]
     assert b["request_counts"]["completed"] == 2
