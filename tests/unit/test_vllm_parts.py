@@ -203,3 +203,29 @@ def test_a_line_vllm_cannot_serve_fails_validation_naming_engine_http(tmp_path: 
     errors = result.batch["errors"]["data"]
     assert [(e["line"], e["code"], e["param"]) for e in errors] == [(2, "invalid_request", "url")]
     assert not (tmp_path / "o.jsonl").exists() or not (tmp_path / "o.jsonl").read_bytes()  # nothing ran
+
+
+def test_compare_sorts_the_options_and_gives_serverless_a_wall_time_from_the_providers_probes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.cost.estimate import compare_file, estimate_file
+    from hfbatch.cost.pricing import Catalog, Price, ProviderInfo
+
+    monkeypatch.setenv("HFBATCH_HOME", str(tmp_path / "home"))
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                       "body": {"model": "org/m", "max_tokens": 100,
+                                                "messages": [{"role": "user", "content": "x" * 400}]}}) + "\n"
+                           for i in range(64)))
+    catalog = Catalog({"org/m": [ProviderInfo("fast", Price(0.2, 0.6), 50.0, 500.0, "live"),
+                                 ProviderInfo("slow", Price(0.1, 0.3), None, None, "live")]}, "file")
+    est = estimate_file(str(src), catalog, local_tokenizers=False)
+    flavors = _hardware()
+    cmp = compare_file(est, catalog, [flavors["l4x1"], flavors["t4-small"]], {"org/m": ModelSize(8e9, 16e9)})
+    options = cmp["options"]
+    assert [o.get("provider") or o.get("flavor") for o in options] == ["slow", "fast", "l4x1"]
+    fast = options[1]
+    # 64 requests, 32 at a time: 2 waves of (0.5 s first token + 100 tokens / 50 tokens/s) = 5 s
+    assert fast["minutes"] == pytest.approx(5 / 60, abs=0.01) and options[0]["minutes"] is None
+    assert cmp["skipped_flavors"] == [{"flavor": "t4-small", "why": "org/m needs about 21 GB of GPU memory; "
+                                                                    "t4-small has 16"}]
+    assert options[2]["engine"] == "hf-jobs" and "prior: L4" in options[2]["basis"]
