@@ -427,20 +427,27 @@ class OutputTail:
         self.offset = 0
         self.lines = 0
 
-    def read(self) -> list[bytes]:
+    def read(self, chunk: int = 1 << 24) -> Iterator[bytes]:
+        """The new complete lines, read `chunk` bytes at a time (an output of embeddings can be gigabytes)."""
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below, after the generator is done with it
         except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        out = [ln for ln in data[:end].split(b"\n") if ln.strip()]
-        self.lines += len(out)
-        return out
+            return
+        with f:
+            f.seek(self.offset)
+            rest = b""
+            while data := f.read(chunk):
+                data = rest + data
+                end = data.rfind(b"\n")
+                if end < 0:
+                    rest = data
+                    continue
+                rest = data[end + 1:]
+                self.offset += end + 1
+                for ln in data[:end].split(b"\n"):
+                    if ln.strip():
+                        self.lines += 1
+                        yield ln
 
 
 class LogTail:
@@ -800,18 +807,17 @@ class PartEngine:
         the others go to a new part."""
         writer = PartWriter(self.store, {}, None, restarts=part.restarts + 1)
         with open(self.store.path(part, "input.jsonl"), "rb") as f:
-            lines = [ln for ln in f if ln.strip()]
-        for i, raw in enumerate(lines, 1):
-            cid = str(orjson.loads(raw)["custom_id"])
-            if i == line_no:
-                self.collector.refuse(cid, copies, f"vLLM's batch runner refused this request: {why or 'invalid'}"
-                                      " (the other requests were run without it)")
-                continue
-            if self.collector.done(cid):
-                continue
-            writer.write_raw(part.model, raw.rstrip(b"\r\n"))
-            if cid in copies:
-                writer.add_copies(part.model, cid, copies[cid])
+            for i, raw in enumerate((ln for ln in f if ln.strip()), 1):
+                cid = str(orjson.loads(raw)["custom_id"])
+                if i == line_no:
+                    self.collector.refuse(cid, copies, "vLLM's batch runner refused this request: "
+                                          f"{why or 'invalid'} (the other requests were run without it)")
+                    continue
+                if self.collector.done(cid):
+                    continue
+                writer.write_raw(part.model, raw.rstrip(b"\r\n"))
+                if cid in copies:
+                    writer.add_copies(part.model, cid, copies[cid])
         part.message = f"vLLM refused input line {line_no}: {why}"[:500]
         made = writer.close()
         self.store.save()
