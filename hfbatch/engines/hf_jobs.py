@@ -286,7 +286,12 @@ class HfJobsEngine(PartEngine):
             part.started_at = part.started_at or time.time()
             self._update(part, found[0])
         else:
-            await self._inspect(part)
+            try:
+                await self._inspect(part)
+            except UsageError:  # the Hub no longer knows it (deleted): collect what it left in the bucket
+                part.status, part.stage, part.finished_at = PartStatus.ENDED, "DELETED", time.time()
+                part.message = "the Hub no longer knows this Job (deleted?): its unanswered lines are sent again"
+                return False
         self.logs.setdefault(part.id, LogTail(self.cfg.token))
         if part.status == PartStatus.ENDED:
             return False
