@@ -71,8 +71,9 @@ def _free_port() -> int:
 class Mock:
     """`node mock_provider.js PORT LATENCY_MS` on 127.0.0.1, on a free port."""
 
-    def __init__(self, referee: Path, latency_ms: int, log: Path | None = None) -> None:
-        self.referee, self.latency_ms = referee, latency_ms
+    def __init__(self, referee: Path, latency_ms: int, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.referee, self.latency_ms, self.env = referee, latency_ms, env
         self.log = log or (OUT / f"mock-{latency_ms}ms.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -88,7 +89,7 @@ class Mock:
             with open(self.log, "ab") as log:
                 self.proc = subprocess.Popen(
                     ["node", str(self.referee / "mock_provider.js"), str(self.port), str(self.latency_ms)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env={**os.environ, **(self.env or {})},
                 )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:

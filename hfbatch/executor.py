@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .adaptive import Ticket
 from .coalesce import SOLO, Packs
 from .fingerprints import canonical_request, request_fingerprint
 from .http.base import Transport
@@ -135,6 +136,7 @@ class Executor:
         self.hooks: RunHooks = hooks or NoHooks()
         self.packs = Packs(self, limits.coalesce) if limits.coalesce else None
         self.internal_errors: list[BaseException] = []  # bugs met in request tasks (the run stops on the first)
+        self.draining = False  # every request has been read: the limit no longer needs to grow
 
     # -- dispatch ------------------------------------------------------------------------------
 
@@ -184,6 +186,7 @@ class Executor:
                     if not await admit():
                         break
                     spawn(req)
+            self.draining = True  # the whole input is out: no more probing above a known limit
             while tasks:
                 await asyncio.wait(tuple(tasks))
         finally:
@@ -298,31 +301,34 @@ class Executor:
                 reserved = booking
             provider = self.capacity.provider(self._provider_key(model))
             try:
-                await provider.gate.acquire(self)
-                try:
-                    await self.gate.acquire(self)
-                except BaseException:
-                    provider.gate.release()
-                    raise
+                slot = await self._slot(provider, front=attempt > 1)
             except BaseException:
                 if hooks.budgeted:
                     hooks.release(reserved)
                 raise
+            if not slot:
+                if hooks.budgeted:
+                    hooks.release(reserved)
+                return None
             try:
                 if stop.reason is not None:
                     return None
-                started = self.clock()
+                adaptive = provider.adaptive
+                # what the limit learns from: when it left, with how many of ours out at the provider
+                ticket = adaptive.sent(self.clock(), provider.out) if adaptive is not None else None
                 stats.sent += 1
                 stats.in_flight += 1
+                provider.out += 1
                 try:
                     outcome = await self.transport.post(route.url, route.data)
                 finally:
                     stats.in_flight -= 1
+                    provider.out -= 1
                 if route.object_body and outcome.parsed is not None and not isinstance(outcome.parsed, dict):
                     outcome.parsed = None  # JSON, but not an OpenAI body: a broken answer (retried)
                 # Adapt while this request still holds its slot: a throttle lowers the limit before
                 # the slot is handed to a waiting request (which would meet the same 429).
-                self._adapt(provider, model, outcome, started)
+                self._adapt(provider, model, outcome, ticket)
             finally:
                 # The slots are handed on one loop step later: this answer's line is written before this
                 # task next yields, and its sink's flush is queued before that step, so the next request
@@ -359,7 +365,43 @@ class Executor:
                 continue
             return outcome
 
-    def _adapt(self, provider: ProviderLimit, model: str, outcome: Outcome, started: float) -> None:
+    async def _slot(self, provider: ProviderLimit, front: bool) -> bool:
+        """Take this provider's slot and one of -c; at the provider's pace once it showed a rate limit. False:
+        the run stopped meanwhile."""
+        while True:
+            if provider.paced:
+                async with provider.pacer:  # one request at a time through the pace: no herd of sleepers
+                    return await self._paced_slot(provider, front)
+            await self._acquire(provider, front)
+            if not provider.paced:
+                return True
+            self.gate.release()  # the provider showed a rate limit while this request waited: to the pace
+            provider.gate.release()
+
+    async def _paced_slot(self, provider: ProviderLimit, front: bool) -> bool:
+        while True:
+            wait = provider.pace()
+            if wait > 0:
+                if await self.stop.sleep(wait):
+                    return False
+                continue
+            await self._acquire(provider, front)
+            if provider.pace() > 0:  # the pace tightened while this request waited for the slots
+                self.gate.release()
+                provider.gate.release()
+                continue
+            provider.paced_send()
+            return True
+
+    async def _acquire(self, provider: ProviderLimit, front: bool) -> None:
+        await provider.gate.acquire(self, front=front)
+        try:
+            await self.gate.acquire(self)
+        except BaseException:
+            provider.gate.release()
+            raise
+
+    def _adapt(self, provider: ProviderLimit, model: str, outcome: Outcome, ticket: Ticket | None) -> None:
         if outcome.provider:
             base, pinned = split_model(model)
             learned = self.capacity.learned
@@ -371,18 +413,20 @@ class Executor:
                 auto = providers.get("auto:" + base)
                 if auto is not None and outcome.provider not in providers:
                     providers[outcome.provider] = auto
-        aimd = provider.aimd
-        if aimd is None or outcome.status is None:
+        adaptive = provider.adaptive
+        status = outcome.status
+        if adaptive is None or status is None or ticket is None:
             return
-        if outcome.status in THROTTLE_STATUSES:
-            cut = aimd.on_throttle(started)
-            if aimd.clamp(provider.gate.active - 1) or cut:  # the others still out (not this one)
-                provider.gate.set_limit(aimd.value)
-        elif 200 <= outcome.status < 300:
-            before = aimd.value
-            aimd.on_success(outcome.latency)
-            if aimd.value != before:
-                provider.gate.set_limit(aimd.value)
+        gate = provider.gate
+        limited = gate.waiting > 0  # requests wait for this provider's limit (not for -c, nor the input)
+        if status in THROTTLE_STATUSES:
+            changed = adaptive.throttled(ticket, latency=outcome.latency, in_flight=provider.out, limited=limited)
+        elif 200 <= status < 300:
+            changed = adaptive.served(ticket, latency=outcome.latency, limited=limited, growing=not self.draining)
+        else:
+            return
+        if changed:
+            gate.set_limit(adaptive.value)
 
     # -- answers -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .adaptive import AdaptiveLimit
 from .models import StopReason
 
 
@@ -39,62 +40,13 @@ class RateBucket:
         # a debt that delays the next ones (so a request larger than the burst still runs).
         return max(0.0, start - now)
 
+    def wait(self) -> float:
+        """Seconds until one unit is free, booking nothing."""
+        now = self._clock()
+        return max(0.0, max(self._next, now - self.burst / self.rate) - now)
+
     def refund(self, amount: float) -> None:
         self._next -= amount / self.rate
-
-
-class AIMD:
-    """Additive-increase / multiplicative-decrease concurrency limit between 1 and `maximum`.
-
-    Starts at min(maximum, `initial`) and doubles per round trip while nothing throttles (slow
-    start); the first 429/503 ends slow start. A throttle multiplies the limit by `beta`, at most
-    once per round trip: throttles of requests started before the last decrease, or arriving within
-    one smoothed round-trip time of it (a 429 comes back at once, while the requests that caused it
-    are still in flight), are ignored. After that, each success adds 1/limit (about +1 per round
-    trip)."""
-
-    def __init__(self, maximum: int, initial: int = 64, beta: float = 0.7,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.maximum = maximum
-        self.limit = float(min(maximum, initial))
-        self.beta = beta
-        self.slow_start = self.limit < maximum
-        self.decreases = 0
-        self.srtt = 0.0  # smoothed latency of successful requests (seconds)
-        self._clock = clock
-        self._last_decrease = float("-inf")
-
-    @property
-    def value(self) -> int:
-        return max(1, int(self.limit))
-
-    def on_success(self, latency: float | None = None) -> None:
-        if latency is not None:
-            self.srtt = latency if self.srtt == 0.0 else 0.8 * self.srtt + 0.2 * latency
-        if self.limit >= self.maximum:
-            return
-        self.limit = min(float(self.maximum), self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
-
-    def clamp(self, in_flight: int) -> bool:
-        """A throttle arrived while `in_flight` other requests were still out: the provider is not
-        taking more than those, so the limit need not exceed them. A concurrency cap shows this way:
-        the rejections come back at once and the accepted requests stay, so after a burst of 429s
-        the limit sits at the cap instead of at beta^k of the first wave. True if the limit went down."""
-        self.slow_start = False
-        if in_flight >= self.limit:
-            return False
-        self.limit = max(1.0, float(in_flight))
-        return True
-
-    def on_throttle(self, started_at: float) -> bool:
-        """A request started at `started_at` was throttled; True if the limit went down."""
-        self.slow_start = False
-        if started_at < self._last_decrease or self._clock() - self._last_decrease < self.srtt:
-            return False  # this window already paid for its overload
-        self.limit = max(1.0, self.limit * self.beta)
-        self._last_decrease = self._clock()
-        self.decreases += 1
-        return True
 
 
 class Gate:
@@ -111,7 +63,9 @@ class Gate:
         self.active = 0
         self._queues: dict[object, deque[asyncio.Future[None]]] = {}  # insertion order = whose turn
 
-    async def acquire(self, tenant: object = None) -> None:
+    async def acquire(self, tenant: object = None, front: bool = False) -> None:
+        """Wait for a slot; `front`: ahead of the tenant's other waiters (a request retried after a throttle
+        has waited already: it goes back to the front of the queue, not behind the read-ahead)."""
         if self.active < self.limit and not self._queues:
             self.active += 1
             return
@@ -119,7 +73,10 @@ class Gate:
         q = self._queues.get(tenant)
         if q is None:
             q = self._queues[tenant] = deque()
-        q.append(fut)
+        if front:
+            q.appendleft(fut)
+        else:
+            q.append(fut)
         try:
             await fut
         except BaseException:
@@ -162,14 +119,46 @@ class Gate:
 
 
 class ProviderLimit:
-    """The gate and AIMD controller of one serving provider."""
+    """One serving provider's gate, its adaptive limit (adaptive.AdaptiveLimit, when --adapt) and, once it
+    shows a rate limit, the bucket that paces sends to it."""
 
-    __slots__ = ("gate", "aimd")
+    __slots__ = ("gate", "adaptive", "out", "pacer", "_bucket", "_clock")
 
     def __init__(self, concurrency: int, adapt: bool, start: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.aimd = AIMD(concurrency, initial=start, clock=clock) if adapt else None
-        self.gate = Gate(self.aimd.value if self.aimd else concurrency)
+        self.adaptive = AdaptiveLimit(concurrency, initial=start, clock=clock) if adapt else None
+        self.gate = Gate(self.adaptive.value if self.adaptive else concurrency)
+        self.out = 0  # requests sent and not answered yet: what the provider holds of ours (gate.active also
+        # counts slots whose answer is in, being written: they are handed on one loop step later)
+        self._bucket: RateBucket | None = None
+        self._clock = clock
+        self.pacer = asyncio.Lock()  # one request at a time waits for the pace
+
+    @property
+    def paced(self) -> bool:
+        """The provider showed a rate limit: sends leave at its pace."""
+        return self.adaptive is not None and self.adaptive.rate is not None
+
+    def pace(self) -> float:
+        """Seconds before the next send may leave (0 unless the provider showed a rate limit): under the rate it
+        refused in any second (its window), and spread evenly (no burst). Books nothing: paced_send() does."""
+        adaptive = self.adaptive
+        if adaptive is None or adaptive.rate is None:
+            return 0.0
+        bucket = self._bucket
+        if bucket is None:
+            bucket = self._bucket = RateBucket(adaptive.rate, burst=1.0, clock=self._clock)
+        bucket.rate = adaptive.rate
+        delay = max(bucket.wait(), adaptive.pace_delay(self._clock()))
+        if delay < 1e-6:  # a rounding error, not a wait (`now + delay` may be `now` again: a wait that never ends)
+            return 0.0
+        adaptive.paced()
+        return delay
+
+    def paced_send(self) -> None:
+        """A send leaves now: book it in the pace's bucket."""
+        if self._bucket is not None and self.adaptive is not None and self.adaptive.rate is not None:
+            self._bucket.reserve(1)
 
 
 class Capacity:

@@ -142,6 +142,7 @@ class HiddenCap:
     latency: float = 0.1
     schedule: list[tuple[float, int]] = field(default_factory=list)
     retry_after: float | None = None
+    door: float = 0.0  # seconds a refusal takes to come back (a loopback provider: about a millisecond)
     in_flight: int = 0
     throttled: int = 0
     served: int = 0
@@ -159,6 +160,8 @@ class HiddenCap:
     async def __call__(self, call: Call) -> Reply:
         if self.in_flight >= self.current_limit(call.at):
             self.throttled += 1
+            if self.door:
+                await asyncio.sleep(self.door)
             return Reply.throttle(self.retry_after)
         self.in_flight += 1
         try:
@@ -176,6 +179,7 @@ class RateCap:
 
     rps: float = 300.0
     latency: float = 0.1
+    door: float = 0.0  # seconds a refusal takes to come back
     throttled: int = 0
     served: int = 0
     _accepted: list[float] = field(default_factory=list)
@@ -185,10 +189,37 @@ class RateCap:
         self._accepted = window
         if len(window) >= self.rps:
             self.throttled += 1
+            if self.door:
+                await asyncio.sleep(self.door)
             return Reply.throttle()
         window.append(call.at)
         await asyncio.sleep(self.latency)
         self.served += 1
+        return Reply.ok()
+
+
+@dataclass
+class DoorFaults:
+    """Refuses a seeded share of requests at once (429 at arrival, Retry-After `retry_after`), whatever our
+    load (a provider's other tenants); serves the rest after `latency`."""
+
+    share: float = 0.15
+    latency: float = 0.1
+    retry_after: float | None = 1.0
+    door: float = 0.0  # seconds a refusal takes to come back
+    seed: int = 99
+    refused: int = 0
+    _rng: random.Random | None = None
+
+    async def __call__(self, call: Call) -> Reply:
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        if self._rng.random() < self.share:
+            self.refused += 1
+            if self.door:
+                await asyncio.sleep(self.door)
+            return Reply.throttle(self.retry_after)
+        await asyncio.sleep(self.latency)
         return Reply.ok()
 
 

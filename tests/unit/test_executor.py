@@ -51,7 +51,7 @@ def test_the_clamp_drops_the_limit_to_what_the_provider_kept_in_flight() -> None
     result, _ = run(chat_requests(400), cap, Limits(concurrency=200, start=200),
                     policy=RetryPolicy(max_attempts=50, base=0.01))
     p = result.executor.capacity.providers["auto:org/model"]
-    assert p.aimd is not None and p.aimd.decreases <= 3
+    assert p.adaptive is not None and p.adaptive.decreases <= 3
     assert len(result.lines) == 400
 
 
@@ -215,8 +215,9 @@ def test_budget_stops_before_the_spend_could_pass_it() -> None:
 
 
 def test_a_throttled_provider_does_not_slow_the_others() -> None:
-    """Every request pinned to provider a is throttled three times (Retry-After 0.3 s); b never is: b keeps
-    -c and finishes first, a's limit shrinks."""
+    """Every request pinned to provider a is throttled three times after the work (Retry-After 0.3 s); b never
+    is: b keeps -c and finishes first. Those 429s are not about our load (every request meets three, however
+    few are out): a's limit does not shrink either, its requests wait their Retry-After."""
     tries: dict[str, int] = {}
 
     async def two_providers(call: Call) -> Reply:
@@ -235,7 +236,7 @@ def test_a_throttled_provider_does_not_slow_the_others() -> None:
                                                           "content": f"a{i}"}]}, "org/m:a") for i in range(40)]
     result, _ = run(reqs, two_providers, Limits(concurrency=32), policy=RetryPolicy(max_attempts=6, base=0.01))
     conc = result.executor.concurrency_now()
-    assert conc["b"] == 32 and conc["a"] < 32 * 0.7, conc
+    assert conc == {"a": 32, "b": 32}, conc
     order = [o["custom_id"][0] for o in result.lines]
     assert order.index("a") == 80, "".join(order)  # every b line is written before the first a line
     assert len(result.lines) == 120
