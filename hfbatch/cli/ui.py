@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -102,3 +104,32 @@ def final_table(batch: dict[str, Any], enabled: bool = True) -> None:
     t.add_row("output", str(batch["output_file_id"] or "—"))
     t.add_row("errors", str(batch["error_file_id"] or "—"))
     Console(stderr=True).print(t)
+
+
+class RowsProgress:
+    """A one-line row counter on stderr while a dataset is read (terminals only): the count and the rate first,
+    the label only when it fits."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label, self.start, self.last, self.shown = label, time.monotonic(), 0.0, False
+
+    def update(self, rows: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        elapsed = now - self.start
+        line = f"{rows:,} rows" + (f" · {rows / elapsed:,.0f}/s" if elapsed > 0.5 else "")
+        width = shutil.get_terminal_size().columns - 1
+        if len(line) + 3 + len(self.label) <= width:
+            line += f" · {self.label}"
+        sys.stderr.write("\r\x1b[2K" + line[:width])
+        sys.stderr.flush()
+        self.shown = True
+
+    def stop(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+            self.shown = False

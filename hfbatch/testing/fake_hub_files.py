@@ -130,7 +130,8 @@ class FakeHubFiles:
                 return self._tree(request, repo, revision, files, sub)
             if action == "paths-info" and request.method == "POST":
                 form = await request.post()
-                return _json([_entry(p, files) for p in form.getall("paths", []) if _exists(str(p), files)])
+                paths = [str(p) for p in form.getall("paths", [])]
+                return _json([_entry(p, files) for p in paths if _exists(p, files)])
         elif (m := _RESOLVE_RE.match(path)) and request.method in ("GET", "HEAD"):
             kind, owner, name, rev, file_path = m.groups()
             repo_type = {"datasets": "dataset", "spaces": "space"}.get(kind or "", "model")
