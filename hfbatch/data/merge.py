@@ -313,7 +313,7 @@ def _json_schema(ds: Dataset) -> Any:
     a column null in the first rows and text later is text)."""
     pa = pyarrow()
     schema = None
-    for chunk in chunks(ds):
+    for chunk in chunks(ds, None, CHUNK_ROWS):
         try:
             s = pa.Table.from_pylist(chunk.rows).schema
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
