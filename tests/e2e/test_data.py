@@ -15,11 +15,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import CHAT_MODEL, TOKEN, batch_from, chat_line, check_output_line, cli_env, read_jsonl, write_jsonl
 
 from hfbatch.testing.fake_hub_files import ThreadedFakeHubFiles
 from hfbatch.testing.fake_provider import ThreadedFakeProvider
-
-from conftest import CHAT_MODEL, TOKEN, batch_from, check_output_line, cli_env, read_jsonl, write_jsonl
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -75,7 +74,7 @@ def test_parquet_round_trip_through_submit(tmp_path: Path, fake: ThreadedFakePro
     assert rows[7]["error"].startswith("no_answer: ")
 
     # by batch id, to JSON Lines
-    report(run_cli([ "data.parquet", batch["id"], "-o", "result.jsonl", "--id-column", "id"], command="merge"))
+    report(run_cli(["data.parquet", batch["id"], "-o", "result.jsonl", "--id-column", "id"], command="merge"))
     assert [json.loads(x)["id"] for x in (tmp_path / "result.jsonl").read_text().splitlines()] == [
         r["id"] for r in rows]
 
@@ -137,8 +136,7 @@ def test_private_hub_dataset_prepare_submit_merge_push(tmp_path: Path, hub: Thre
 
 def test_the_data_extra_is_optional_and_submit_never_imports_it(tmp_path: Path, fake: ThreadedFakeProvider) -> None:
     env = cli_env(tmp_path, fake)
-    write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                                         "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}]}}])
+    write_jsonl(tmp_path / "in.jsonl", [chat_line("a")])
     probe = ("import sys\n"
              "from hfbatch.__main__ import main\n"
              "import hfbatch.cli\n"
