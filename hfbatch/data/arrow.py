@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from types import ModuleType
 
 from ..errors import UsageError
 
 INSTALL_HINT = 'pip install "hfbatch[data]"'
+
+
+def install_hint() -> str:
+    """How to add pyarrow where hfbatch runs: the extra, or, inside the venv `hf extensions install` made for
+    `hf batch`, that venv's own interpreter (it may have no pip when uv created it)."""
+    if f"{os.sep}hf{os.sep}extensions{os.sep}" in sys.prefix:
+        return (f'{INSTALL_HINT} into the hf batch extension\'s environment: {sys.executable} -m pip install pyarrow '
+                f"(or uv pip install --python {sys.executable} pyarrow)")
+    return INSTALL_HINT
 
 
 def pyarrow(module: str = "") -> ModuleType:
@@ -16,5 +27,5 @@ def pyarrow(module: str = "") -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise UsageError(f"reading and writing datasets needs pyarrow, which is not installed: {INSTALL_HINT} "
+        raise UsageError(f"reading and writing datasets needs pyarrow, which is not installed: {install_hint()} "
                          f"({e})") from None
