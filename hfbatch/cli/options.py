@@ -39,3 +39,5 @@ BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfb
 PricesOpt = Annotated[str | None, typer.Option(
     help="Prices for custom servers: a /v1/models JSON file or {model: {provider: {input, output}}} "
     "(USD per 1M tokens).")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the Batch object as JSON even on a terminal (the default when stdout is not one).")]

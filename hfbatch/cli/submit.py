@@ -16,6 +16,7 @@ from .options import (
     BatchIdArg,
     ConcurrencyOpt,
     GraceOpt,
+    JsonOpt,
     PricesOpt,
     QuietOpt,
     RetryFailedOpt,
@@ -23,7 +24,7 @@ from .options import (
     TokenOpt,
     WaitOpt,
 )
-from .output import emit_json
+from .output import emit_json, wants_json
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -89,6 +90,7 @@ def submit(
     metadata: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE stored in the Batch object's metadata (repeatable; up to 16, as OpenAI).")] = None,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
         help="Bill a Team/Enterprise organization (X-HF-Bill-To).", envvar="HFBATCH_BILL_TO")] = None,
@@ -96,8 +98,9 @@ def submit(
     """Run every request of INPUT and write OpenAI-format output and error files.
 
     The same command run again resumes an unfinished batch (sending only what has no line yet) or
-    prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
-    (on stderr when -o - puts the output lines on stdout)."""
+    prints a finished one without sending anything. On a terminal: a progress line, then the batch's
+    figures and files. Otherwise (or with --json) the Batch object as one JSON line on stdout (on
+    stderr when -o - puts the output lines on stdout)."""
     from ..config import RunConfig, default_output_paths, parse_size, parse_window, resolve_token
     from ..errors import UsageError
 
@@ -126,7 +129,7 @@ def submit(
     if detach and output == "-":
         raise UsageError("--detach cannot write to stdout; give -o a path")
     if dry_run:
-        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=not sys.stdout.isatty(),
+        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=json,
                  token=token)
         return
     cfg = RunConfig(
@@ -141,19 +144,34 @@ def submit(
         budget=budget, prices=prices,
         fallback=tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else (),
     )
-    _run_and_print(cfg)
+    _run_and_print(cfg, json)
 
 
-def _run_and_print(cfg: RunConfig) -> None:
+def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
+    """Run, then: the batch's view for people on a terminal (stderr), the Batch object for programs."""
+    from rich.text import Text
+
     from .running import run_batch
-    from .ui import final_table
+    from .tables import files_lines
+    from .ui import show, show_batch, width
 
     result = run_batch(cfg)
+    batch = result.batch
+    to_stderr = cfg.output_path == "-"
+    machine = wants_json(json, to_stderr=to_stderr)
     if result.replayed and result.error is None and not cfg.quiet:
-        print(f"hfbatch: batch {result.batch['id']} already ended ({result.batch['status']}); nothing was "
-              "sent. Its stored result follows", file=sys.stderr)
-    final_table(result.batch, enabled=not cfg.quiet and not result.replayed and not result.detached)
-    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path)
+        print(f"hfbatch: batch {batch['id']} already ended ({batch['status']}); nothing was sent"
+              + (". Its stored result follows" if machine else ""), file=sys.stderr)
+    if result.detached:
+        if not machine or sys.stderr.isatty():
+            print(f"hfbatch: batch {batch['id']} runs in the background: `hfbatch status {batch['id']}` shows it, "
+                  f"`hfbatch wait {batch['id']}` waits for it", file=sys.stderr)
+    elif sys.stderr.isatty():
+        if not cfg.quiet:
+            show_batch(batch)
+        elif not machine:
+            show([Text(f"{batch['id']}  {batch['status']}"), *files_lines(batch, width(stderr=True))])
+    emit_json(batch, to_stderr=to_stderr, path=cfg.summary_path, stream=machine)
     if result.error is not None:
         raise result.error
 
@@ -165,6 +183,7 @@ def resume(
     retry_failed: RetryFailedOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
 ) -> None:
     """Continue an unfinished batch with the options it was submitted with."""
@@ -176,7 +195,7 @@ def resume(
     stored = RunConfig.from_meta(meta)
     cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait,
                               token=resolve_token(token, stored.base_url), **overrides)
-    _run_and_print(cfg)
+    _run_and_print(cfg, json)
 
 
 def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
@@ -209,7 +228,7 @@ def estimate(
     Input tokens come from a tokenizer in the local Hugging Face cache when one is there, else
     characters / 4; output tokens are bounded by each body's max_tokens (512 when absent)."""
     from ..config import resolve_token
-    from ..cost.estimate import render_table, run_estimate
+    from ..cost.estimate import run_estimate
     from ..errors import UsageError
 
     if input == "-" or not os.path.isfile(input):
@@ -219,12 +238,10 @@ def estimate(
     except UsageError:
         tok = None  # the price list is public: estimate without a token
     est = run_estimate(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint)
-    if json or not sys.stdout.isatty():
+    if wants_json(json):
         sys.stdout.buffer.write(orjson.dumps(est) + b"\n")
         return
-    from rich.console import Console
+    from .tables import estimate_view
+    from .ui import show, width
 
-    console = Console()
-    console.print(render_table(est))
-    for note in est.get("notes") or []:
-        console.print(f"note: {note}", style="dim")
+    show(estimate_view(dict(est), width()), stderr=False)
