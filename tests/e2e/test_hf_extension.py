@@ -13,6 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from conftest import cli_env
 
 from hfbatch import __version__
@@ -30,6 +31,13 @@ def test_hf_batch_is_the_hfbatch_app(tmp_path: Path) -> None:
     assert p.stdout.startswith("Usage: hf batch [OPTIONS] COMMAND")  # the command people typed
     for command in ("submit", "prepare", "merge", "status"):
         assert f"\n  {command} " in p.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from hfbatch.__main__ import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"hfbatch {__version__}\n"
 
 
 def test_hf_runs_the_installed_extension(tmp_path: Path) -> None:
@@ -60,9 +68,6 @@ def test_hf_runs_the_installed_extension(tmp_path: Path) -> None:
     helped = hf("batch", "--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("Usage: hf batch [OPTIONS] COMMAND") and "\n  prepare " in helped.stdout
-
-    version = hf("batch", "--version")
-    assert version.stdout.strip() == f"hfbatch {__version__}"
 
     failed = hf("batch", "submit", "no-such-file.jsonl")  # the exit code comes back through hf
     assert failed.returncode == 2 and "input file not found: no-such-file.jsonl" in failed.stderr

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import CHAT_MODEL, TOKEN, batch_from, chat_line, check_output_line, cli_env, read_jsonl, write_jsonl
 
+from hfbatch import __version__
 from hfbatch.testing.fake_hub_files import ThreadedFakeHubFiles
 from hfbatch.testing.fake_provider import ThreadedFakeProvider
 
@@ -59,6 +60,7 @@ def test_parquet_round_trip_through_submit(tmp_path: Path, fake: ThreadedFakePro
     assert sub.returncode == 3, sub.stderr  # one request failed
     batch = batch_from(sub.stdout)
     assert batch["request_counts"] == {"total": 11, "completed": 10, "failed": 1}
+    assert batch["hfbatch"]["version"] == __version__  # a result file says what produced it
     for line in read_jsonl(tmp_path / "batch.output.jsonl"):
         check_output_line(line, "/v1/chat/completions")
 
