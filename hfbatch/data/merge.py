@@ -15,7 +15,7 @@ import orjson
 
 from ..errors import UsageError
 from ..fingerprints import FingerprintIds
-from .answers import AnswerStore, Found, Loaded
+from .answers import AnswerStore, Loaded
 from .arrow import pyarrow
 from .prepare import _text, duplicates_message, row_id
 from .read import CHUNK_ROWS, Chunk, check_columns, chunks, column_names
@@ -78,6 +78,7 @@ def merge(ds: Dataset, answer_files: list[str], dest: str, *, id_column: str | N
     try:
         for path in answer_files:
             store.load(path)
+        store.index()
         loaded = store.loaded
         cols = new_columns(loaded)
         taken = [prefix + c for c in cols if prefix + c in column_names(ds)]
@@ -115,20 +116,21 @@ def _join(ds: Dataset, store: AnswerStore, sink: _Sink, cols: list[str], prefix:
             for cid in cids:
                 ids.add(cid)
         found = store.lookup(cids)
-        values: dict[str, list[Any]] = {c: [] for c in cols}
-        for cid in cids:
-            hit = found.get(cid)
-            if hit is None:
-                missing += 1
-                hit = _MISSING
-                error: str | None = f"no_answer: no line for custom_id {cid!r} in the output or error file"
+        hits = [found.get(cid) for cid in cids]
+        values: dict[str, list[Any]] = {}
+        for col in cols:
+            if col == "error":
+                values[col] = [hit[6] if hit is not None else
+                               f"no_answer: no line for custom_id {cid!r} in the output or error file"
+                               for cid, hit in zip(cids, hits, strict=True)]
             else:
-                error = hit[6]
-                if hit[0]:
-                    answered += 1
-                else:
-                    failed += 1
-            _add(values, hit, error)
+                i = _INDEX[col]
+                values[col] = [hit[i] if hit is not None else None for hit in hits]
+        n_ok = sum(1 for hit in hits if hit is not None and hit[0])
+        n_found = len(cids) - hits.count(None)
+        answered += n_ok
+        failed += n_found - n_ok
+        missing += len(cids) - n_found
         sink.write(chunk, {prefix + c: v for c, v in values.items()})
         rows += chunk.length
         if progress is not None:
@@ -144,13 +146,7 @@ def _join(ds: Dataset, store: AnswerStore, sink: _Sink, cols: list[str], prefix:
             "columns": [prefix + c for c in cols], "models": []}
 
 
-_MISSING: Found = (0, None, None, None, None, None, None)
 _INDEX = {"response": 1, "embedding": 2, "finish_reason": 3, "prompt_tokens": 4, "completion_tokens": 5}
-
-
-def _add(values: dict[str, list[Any]], hit: Found, error: str | None) -> None:
-    for col, out in values.items():
-        out.append(error if col == "error" else hit[_INDEX[col]])
 
 
 def _chunk_ids(chunk: Chunk, id_column: str | None) -> list[str]:
