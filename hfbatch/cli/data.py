@@ -226,9 +226,10 @@ def _report(report: Any, *, json: bool, to_stderr: bool, human: Any) -> None:
 
 def _prepare_lines(r: PrepareReport) -> list[str]:
     split = f" (split {r['split']})" if r["split"] else ""
-    ids = f"--id-column {r['id_column']}" if r["id_column"] else "row-<index>"
-    lines = [f"prepared {r['requests']:,} requests from {r['rows']:,} rows of {r['data']}{split} → {r['output']}",
-             f"  {r['model']} · {r['endpoint']} · custom_id {ids}"]
+    ids = f"custom_id from {r['id_column']}" if r["id_column"] else "custom_id row-<index>"
+    lines = [f"prepared {r['requests']:,} requests → {r['output']}",
+             f"  from {r['rows']:,} rows of {r['data']}{split}",
+             f"  {r['model']} · {r['endpoint']} · {ids}"]
     if r["skipped"]:
         shown = ", ".join(str(i) for i in r["skipped_rows"]) + (" ..." if r["skipped"] > len(r["skipped_rows"]) else "")
         lines.append(f"  skipped {r['skipped']:,} rows with an empty prompt (rows {shown}); merge marks them no_answer")
@@ -238,11 +239,14 @@ def _prepare_lines(r: PrepareReport) -> list[str]:
 
 
 def _merge_lines(r: dict[str, Any]) -> list[str]:
-    lines = [f"merged {r['rows']:,} rows of {r['data']} → {r['output']}: {r['answered']:,} answered · "
-             f"{r['failed']:,} failed · {r['missing']:,} without an answer",
-             f"  new columns: {', '.join(r['columns'])}" + (f" · {', '.join(r['models'])}" if r["models"] else "")]
+    lines = [f"merged {r['rows']:,} rows → {r['output']}",
+             f"  from {r['data']}" + (f" (split {r['split']})" if r["split"] else ""),
+             f"  {r['answered']:,} answered · {r['failed']:,} failed · {r['missing']:,} without an answer",
+             f"  new columns {', '.join(r['columns'])}"]
+    if r["models"]:
+        lines.append(f"  {', '.join(r['models'])}")
     if r.get("pushed"):
-        lines.append(f"  pushed to {r['pushed']}")
+        lines.append(f"pushed to {r['pushed']}")
     return lines
 
 

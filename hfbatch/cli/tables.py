@@ -315,7 +315,7 @@ def progress_line(s: Snapshot, width: int) -> Text:
     """done/total, the rate and the ETA always, whole; then, as the width allows, in this order: failed, cost, a
     bar, elapsed, retries, in flight, the concurrency limits (the less useful leave first; the bar, 10 columns at
     least, is left out alone when it does not fit)."""
-    per_s = s.done / s.elapsed if s.elapsed > 0.5 else None
+    per_s = s.done / s.elapsed if s.elapsed > 0.5 or (s.done and s.done == s.total and s.elapsed > 0) else None
     total = s.total or None
     fields: list[tuple[str, str]] = [(f"{s.done:,}/{total:,}" if total else f"{s.done:,}", "green"),
                                      (rate(per_s), "")]
