@@ -41,7 +41,7 @@ def data_path(split: str, result: str) -> str:
 def push(result: str, repo_id: str, *, split: str, report: MergeReport, batch: dict[str, Any] | None,
          private: bool = False, token: str | None = None) -> str:
     """Upload `result` (and the card, unless the repo's own card was written by someone else); the repo's URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import CommitOperationAdd, HfApi, HfFileSystem, constants
 
     api = HfApi(token=token)
     exists = hub_call(lambda: api.repo_exists(repo_id, repo_type="dataset"), repo_id)
@@ -55,9 +55,8 @@ def push(result: str, repo_id: str, *, split: str, report: MergeReport, batch: d
     in_repo = data_path(split, result)
     old = None
     if exists and hub_call(lambda: api.file_exists(repo_id, "README.md", repo_type="dataset"), repo_id):
-        path = hub_call(lambda: api.hf_hub_download(repo_id, "README.md", repo_type="dataset"), repo_id)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            old = f.read()
+        fs = HfFileSystem(token=token, endpoint=api.endpoint)  # read, not downloaded into the user's cache
+        old = hub_call(lambda: fs.cat_file(f"datasets/{repo_id}/README.md"), repo_id).decode("utf-8", "replace")
     ops = [CommitOperationAdd(in_repo, result)]
     if old is None or MARKER in old:
         card = dataset_card(repo_id, split=split, in_repo=in_repo, report=report, batch=batch, old=old)

@@ -328,3 +328,51 @@ def test_merge_counts_answers_that_match_no_row(tmp_path: Path) -> None:
     out, err = answer_files(tmp_path, ["row-0", "row-1"], fail=set(), missing=set(), extra=["row-7", "stray"])
     report = merge(resolve(str(data)), [err, out], str(tmp_path / "r.parquet"))
     assert report["unmatched_answers"] == 2 and sorted(report["unmatched_examples"]) == ["row-7", "stray"]
+
+
+# ------------------------------------------------------------------ push (HfApi against the local fake Hub)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    from huggingface_hub import constants
+
+    from hfbatch.testing.fake_hub_files import ThreadedFakeHubFiles
+
+    with ThreadedFakeHubFiles("hf_push_token") as h:
+        # what HF_ENDPOINT sets when huggingface_hub is imported
+        monkeypatch.setattr(constants, "ENDPOINT", h.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            h.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        for name in ("HF_HUB_CACHE", "AGENT_HARNESSES_PATH"):  # nothing written to the user's own HF_HOME
+            monkeypatch.setattr(constants, name, str(tmp_path / "hf" / name.lower()), raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
+        yield h
+
+
+def test_push_cards_splits_and_visibility(tmp_path: Path, hub: Any) -> None:
+    from hfbatch.data.push import push
+
+    data = parquet(tmp_path / "d.parquet", {"t": ["a", "b"]})
+    out, err = answer_files(tmp_path, ["row-0", "row-1"], fail=set(), missing=set())
+    report = merge(resolve(str(data)), [err, out], str(tmp_path / "r.parquet"))
+    batch = {"id": "batch_" + "a" * 24, "status": "completed", "endpoint": "/v1/chat/completions",
+             "request_counts": {"total": 2, "completed": 2, "failed": 0}, "usage": {"input_tokens": 10}}
+    url = push(str(tmp_path / "r.parquet"), "me/answers", split="train", report=report, batch=batch,
+               private=True, token="hf_push_token")
+    assert url == f"{hub.url}/datasets/me/answers" and hub.hub.repos[("dataset", "me/answers")].private
+    push(str(tmp_path / "r.parquet"), "me/answers", split="test", report=report, batch=None, token="hf_push_token")
+    card = hub.hub.files("me/answers")["README.md"].decode()
+    assert "split: test" in card and "split: train" in card and batch["id"] not in card  # the card of the last push
+    assert set(hub.hub.files("me/answers")) == {"README.md", "data/train-00000-of-00001.parquet",
+                                                "data/test-00000-of-00001.parquet"}
+    # a card someone wrote is left alone; --private never applies to an existing public repo
+    hub.hub.add_repo("me/public", {"README.md": "# mine\n"})
+    push(str(tmp_path / "r.parquet"), "me/public", split="train", report=report, batch=None, token="hf_push_token")
+    assert hub.hub.files("me/public")["README.md"] == b"# mine\n"
+    with pytest.raises(UsageError, match="exists and is public"):
+        push(str(tmp_path / "r.parquet"), "me/public", split="train", report=report, batch=None, private=True,
+             token="hf_push_token")
+    with pytest.raises(UsageError, match="401"):
+        push(str(tmp_path / "r.parquet"), "me/other", split="train", report=report, batch=None, token="hf_wrong")
