@@ -345,8 +345,9 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                             h.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        for name in ("HF_HUB_CACHE", "AGENT_HARNESSES_PATH"):  # nothing written to the user's own HF_HOME
+        for name in ("HF_HUB_CACHE", "AGENT_HARNESSES_PATH", "HF_TOKEN_PATH"):  # not the user's own HF_HOME
             monkeypatch.setattr(constants, name, str(tmp_path / "hf" / name.lower()), raising=False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
         yield h
 
@@ -376,3 +377,34 @@ def test_push_cards_splits_and_visibility(tmp_path: Path, hub: Any) -> None:
              token="hf_push_token")
     with pytest.raises(UsageError, match="401"):
         push(str(tmp_path / "r.parquet"), "me/other", split="train", report=report, batch=None, token="hf_wrong")
+
+
+def test_hub_datasets_through_hffilesystem(hub: Any) -> None:
+    card = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*.parquet\n"
+            "  - split: test\n    path: data/test.csv\n---\n# Reviews\n")
+    buf0, buf1, old = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    pq.write_table(pa.table({"t": ["a", "b"]}), buf0)
+    pq.write_table(pa.table({"t": ["c"]}), buf1)
+    pq.write_table(pa.table({"t": ["from v1"]}), old)
+    hub.hub.add_repo("acme/reviews", {"README.md": card, "data/train-00000-of-00002.parquet": buf0.getvalue(),
+                                      "data/train-00001-of-00002.parquet": buf1.getvalue(),
+                                      "data/test.csv": 't\n"x, ""y"""\nz\n'}, private=True)
+    hub.hub.add_repo("acme/reviews", {"data/train-00000-of-00001.parquet": old.getvalue()}, private=True,
+                     revision="v1")
+    token = "hf_push_token"
+
+    def texts(ds: Dataset) -> list[str]:
+        return [r.body["messages"][0]["content"] for r in run_prepare(ds, Prompt(MODEL, column="t"))[1]]
+
+    # a private dataset without a token: one line saying what to do
+    with pytest.raises(UsageError, match="not found on the Hub.*token"):
+        resolve("acme/reviews")
+    ds = resolve("acme/reviews", token=token)  # the card's train split: two Parquet files, in order
+    assert (ds.split, ds.repo_id, texts(ds)) == ("train", "acme/reviews", ["a", "b", "c"])
+    assert texts(resolve("acme/reviews", split="test", token=token)) == ['x, "y"', "z"]  # CSV, streamed
+    assert texts(resolve("hf://datasets/acme/reviews/data/train-00000-of-00001.parquet", revision="v1",
+                         token=token)) == ["from v1"]
+    with pytest.raises(UsageError, match="no split 'dev'; its splits: train, test"):
+        resolve("acme/reviews", split="dev", token=token)
+    ranged = [r for m, p, r in hub.hub.requests if p.endswith(".parquet") and "/resolve/" in p]
+    assert ranged and all(r.startswith("bytes=") for r in ranged)  # Parquet: ranged reads, never a whole GET
