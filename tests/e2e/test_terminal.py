@@ -66,3 +66,11 @@ def test_submit_and_status_on_an_80_column_terminal(tmp_path: Path, fake: Thread
     assert code == 0 and batch_id.group(0) in status and "40/40 done" in status and '"object"' not in status
     code, raw = on_terminal(tmp_path, fake, "status", batch_id.group(0), "--json")
     assert code == 0 and json.loads(raw.strip().splitlines()[-1])["id"] == batch_id.group(0)
+
+
+def test_shell_completion_completes_commands(tmp_path: Path) -> None:
+    """What the script `hfbatch --install-completion` installs runs: bash asks, hfbatch answers."""
+    env = cli_env(tmp_path, None, {"COMP_WORDS": "hfbatch pre", "COMP_CWORD": "1",
+                                   "_HFBATCH_COMPLETE": "complete_bash"})
+    p = subprocess.run([sys.executable, "-m", "hfbatch"], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.split() == ["prepare"], (p.stdout, p.stderr)
