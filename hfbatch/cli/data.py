@@ -80,6 +80,8 @@ def prepare(
     out = output or default_output(ds)
     if out != "-":
         _check_writable(out, "-o")
+        if ds.is_local_file(out):
+            raise UsageError(f"-o {out} is a file of DATA itself; write the batch elsewhere")
     progress = RowsProgress(f"reading {ds.label}")
     try:
         if out == "-":
@@ -148,8 +150,8 @@ def merge(
     if os.path.abspath(output) in {os.path.abspath(p) for p in (out_path, err_path) if p}:
         raise UsageError("-o must not be the batch's output or error file")
     ds = resolve(data, split=split, config=config, revision=revision, token=token)
-    if os.path.isfile(ds.label) and os.path.abspath(output) == os.path.abspath(ds.label):
-        raise UsageError("-o must not be DATA itself")
+    if ds.is_local_file(output):
+        raise UsageError(f"-o {output} is a file of DATA itself; write the result elsewhere")
     progress = RowsProgress(f"merging {ds.label}")
     try:
         report = run_merge(ds, [p for p in (err_path, out_path) if p], output, id_column=id_column, prefix=prefix,

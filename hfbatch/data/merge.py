@@ -15,6 +15,7 @@ import orjson
 
 from ..errors import UsageError
 from ..fingerprints import FingerprintIds
+from ..writer import escape_separators
 from .answers import AnswerStore, Loaded
 from .arrow import pyarrow
 from .prepare import _text, duplicates_message, row_id
@@ -206,7 +207,7 @@ class _JsonSink(_Sink):
             for name, vals in items:
                 v = vals[i]
                 rec[name] = orjson.Fragment(v) if name.endswith("embedding") and v is not None else v
-            out.append(orjson.dumps(rec, default=_json_default))
+            out.append(escape_separators(orjson.dumps(rec, default=_json_default)))
         self.f.write(b"\n".join(out) + b"\n" if out else b"")
 
     def close(self) -> None:

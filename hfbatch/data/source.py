@@ -50,6 +50,13 @@ class Dataset:
     def format(self) -> str:
         return self.files[0].format
 
+    def is_local_file(self, path: str) -> bool:
+        """Is `path` one of this dataset's local files (so writing it would destroy the data)?"""
+        if self.fs is not None:
+            return False
+        real = os.path.realpath(path)
+        return any(os.path.realpath(f.path) == real for f in self.files)
+
     @property
     def name(self) -> str:
         """A short name for derived files: the repo's name, or the file or folder's stem."""
@@ -91,6 +98,8 @@ def resolve(spec: str, *, split: str | None = None, config: str | None = None, r
         card = _read_text(readme) if os.path.isfile(readme) else None
         chosen, split, config = choose(rels, split, config, card, spec)
         return Dataset(spec, [DataFile(os.path.join(spec, r), r, fmt) for r, fmt in chosen], split, config)
+    if _format(spec) is not None:  # data/train.parquet: a local file that is not there, not a repo id
+        raise UsageError(f"DATA {spec}: no such file")
     if _REPO_ID_RE.match(spec) and not spec.startswith(("./", "../")):
         return _hub(f"datasets/{spec}", spec, split, config, revision, token)
     raise UsageError(f"DATA {spec!r} not found: give {KINDS}, a folder of them, hf://datasets/OWNER/NAME[/PATH] "

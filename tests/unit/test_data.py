@@ -186,12 +186,14 @@ def test_a_local_folder_reads_its_split_in_order(tmp_path: Path) -> None:
 
 def test_data_that_is_not_there_says_what_was_expected(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="hf://datasets/OWNER/NAME"):
-        resolve(str(tmp_path / "nope.parquet"))
+        resolve(str(tmp_path / "nope"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(UsageError, match="not a dataset file"):
         resolve(str(tmp_path / "x.txt"))
     with pytest.raises(UsageError, match="--split"):
         resolve(str(tmp_path / "x.txt"), split="train")
+    with pytest.raises(UsageError, match="no such file"):  # a missing local file, not a Hub repo named data/x
+        resolve("data/x.parquet")
 
 
 # ------------------------------------------------------------------ answers
