@@ -65,8 +65,7 @@ def prepare(
     custom_id is --id-column's value or row-<index>; `hfbatch merge` joins the answers back on it. Rows
     whose prompt is empty are skipped (listed in the report); merge marks them no_answer."""
     from ..data.arrow import pyarrow
-    from ..data.prepare import Prompt, default_output, unescape
-    from ..data.prepare import prepare as run_prepare
+    from ..data.prepare import Prompt, default_output, unescape, write_batch
     from ..data.source import resolve
     from ..errors import UsageError
     from .ui import RowsProgress
@@ -84,22 +83,9 @@ def prepare(
             raise UsageError(f"-o {out} is a file of DATA itself; write the batch elsewhere")
     progress = RowsProgress(f"reading {ds.label}")
     try:
-        if out == "-":
-            report = run_prepare(ds, prompt, sys.stdout.buffer, "-", id_column=id_column, progress=progress.update)
-            sys.stdout.buffer.flush()
-        else:
-            tmp = f"{out}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    report = run_prepare(ds, prompt, f, out, id_column=id_column, progress=progress.update)
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-    except UsageError:
+        report = write_batch(ds, prompt, out, stdout=sys.stdout.buffer, id_column=id_column, progress=progress.update)
+    finally:
         progress.stop()
-        raise
-    progress.stop()
     _report(report, json=json, to_stderr=out == "-", human=_prepare_lines)
 
 

@@ -201,6 +201,25 @@ def prepare(ds: Dataset, prompt: Prompt, out: IO[bytes], out_name: str, *, id_co
             "endpoint": url, "id_column": id_column}
 
 
+def write_batch(ds: Dataset, prompt: Prompt, out: str, *, stdout: IO[bytes], id_column: str | None = None,
+                progress: Callable[[int], None] | None = None) -> PrepareReport:
+    """prepare() into the file `out` (written beside it, then renamed: a failed prepare leaves nothing half
+    written) or, for "-", into `stdout`."""
+    if out == "-":
+        report = prepare(ds, prompt, stdout, "-", id_column=id_column, progress=progress)
+        stdout.flush()
+        return report
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            report = prepare(ds, prompt, f, out, id_column=id_column, progress=progress)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return report
+
+
 def _prompts(chunk: Chunk, prompt: Prompt) -> Iterator[Any]:
     if prompt.column is not None:
         return iter(chunk.values(prompt.column))
