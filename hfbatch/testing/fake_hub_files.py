@@ -99,7 +99,13 @@ class FakeHubFiles:
         return dict(self.repos[(repo_type, repo_id)].branches[revision])
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.route("*", "/{tail:.*}", self.handle)]
+        """Its routes only (no catch-all), so that another fake's routes (the Jobs API's /api/jobs/...) can be
+        added to the same application."""
+        h = self.handle
+        return [web.route("*", f"/api/{kind}/{{tail:.*}}", h) for kind in _TYPES] + [
+            web.post("/api/repos/create", h), web.post("/api/validate-yaml", h),
+            *(web.route("*", f"/{kind}/{{owner}}/{{name}}/resolve/{{tail:.*}}", h) for kind in ("datasets", "spaces")),
+            web.route("*", "/{owner}/{name}/resolve/{tail:.*}", h)]
 
     # -------------------------------------------------------------- HTTP
 
