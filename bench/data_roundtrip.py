@@ -98,11 +98,21 @@ def check_result(result: Path, rows: int, n_fail: int, n_missing: int, submitted
     assert errors == n_fail + n_missing, (errors, n_fail, n_missing)
 
 
+def helper(*args: Any) -> Any:
+    """Run one of this file's helpers in its own process: this process stays small, so that a measured child's
+    peak RSS is its own (Linux counts the parent's memory at fork into the child's ru_maxrss)."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, __file__, "--helper", json.dumps([str(a) for a in args])], check=True,
+                       capture_output=True, text=True)
+    return json.loads(p.stdout or "null")
+
+
 def one(rows: int, folder: Path, submit: bool) -> dict[str, Any]:
     exe, env = hfbatch_exe(), child_env(HFBATCH_HOME=str(folder / "home"), HF_TOKEN="hf_bench")
     data, batch = folder / "data.parquet", folder / "batch.jsonl"
     t0 = time.perf_counter()
-    make_dataset(data, rows)
+    helper("make", data, rows)
     made = time.perf_counter() - t0
     prep = run_measured([*exe, "prepare", str(data), "-m", MODEL, "--template", "Summarize: {title}\\n{body}",
                          "--max-tokens", "64", "--id-column", "id", "-o", str(batch)], env, 3600,
@@ -121,17 +131,30 @@ def one(rows: int, folder: Path, submit: bool) -> dict[str, Any]:
         n_fail = sum(1 for _ in err.open("rb")) if err.exists() else 0
         n_missing = 0
     else:
-        n_fail, n_missing = write_answers(batch, out, err)
+        n_fail, n_missing = helper("answers", batch, out, err)
     merge = run_measured([*exe, "merge", str(data), str(out), "-o", str(folder / "result.parquet"),
                           "--id-column", "id"], env, 3600, stderr=folder / "merge.err")
     assert merge["rc"] == 0, (folder / "merge.err").read_text()
-    check_result(folder / "result.parquet", rows, n_fail, n_missing, submit)
+    helper("check", folder / "result.parquet", rows, n_fail, n_missing, int(submit))
     sizes = {p.name: p.stat().st_size for p in (data, batch, out, err, folder / "result.parquet") if p.exists()}
     return {"rows": rows, "generate_s": made, "prepare": prep, "submit": sub, "merge": merge, "bytes": sizes,
             "failed": n_fail, "missing": n_missing}
 
 
+def run_helper(args: list[str]) -> None:
+    name, rest = args[0], args[1:]
+    if name == "make":
+        make_dataset(Path(rest[0]), int(rest[1]))
+    elif name == "answers":
+        print(json.dumps(write_answers(Path(rest[0]), Path(rest[1]), Path(rest[2]))))
+    elif name == "check":
+        check_result(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])))
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--helper":
+        run_helper(json.loads(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--submit", action="store_true", help="run hfbatch submit against the local fake provider")
