@@ -148,30 +148,14 @@ def submit(
 
 
 def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
-    """Run, then: the batch's view for people on a terminal (stderr), the Batch object for programs."""
-    from rich.text import Text
-
+    """Run, then: the batch for people on a terminal (stderr), the Batch object for programs."""
     from .running import run_batch
-    from .tables import files_lines
-    from .ui import show, show_batch, width
+    from .ui import show_result
 
     result = run_batch(cfg)
-    batch = result.batch
-    to_stderr = cfg.output_path == "-"
-    machine = wants_json(json, to_stderr=to_stderr)
-    if result.replayed and result.error is None and not cfg.quiet:
-        print(f"hfbatch: batch {batch['id']} already ended ({batch['status']}); nothing was sent"
-              + (". Its stored result follows" if machine else ""), file=sys.stderr)
-    if result.detached:
-        if not machine or sys.stderr.isatty():
-            print(f"hfbatch: batch {batch['id']} runs in the background: `hfbatch status {batch['id']}` shows it, "
-                  f"`hfbatch wait {batch['id']}` waits for it", file=sys.stderr)
-    elif sys.stderr.isatty():
-        if not cfg.quiet:
-            show_batch(batch)
-        elif not machine:
-            show([Text(f"{batch['id']}  {batch['status']}"), *files_lines(batch, width(stderr=True))])
-    emit_json(batch, to_stderr=to_stderr, path=cfg.summary_path, stream=machine)
+    machine = wants_json(json, to_stderr=cfg.output_path == "-")
+    show_result(result, quiet=cfg.quiet, machine=machine)
+    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
     if result.error is not None:
         raise result.error
 

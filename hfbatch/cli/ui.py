@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..models import RunResult
 from ..summary import Stats
-from .tables import Snapshot, batch_view, progress_line
+from .tables import Snapshot, batch_view, files_lines, progress_line
 
 
 class Progress:
@@ -80,6 +81,27 @@ def width(stderr: bool = False) -> int:
 def show_batch(batch: dict[str, Any], *, live: bool = False, stderr: bool = True) -> None:
     """A batch as a few lines: id and status, counts, time, rate (ETA while it runs), tokens, cost, its files."""
     show(batch_view(batch, width(stderr), live=live), stderr=stderr)
+
+
+def show_result(result: RunResult, *, quiet: bool, machine: bool) -> None:
+    """What a person sees on stderr when a run ends (`machine`: the Batch object goes to a program as well):
+    a replay said as such, a detached run's next commands, else the batch's figures and files (with --quiet
+    and no JSON: one line naming them)."""
+    from rich.text import Text
+
+    batch = result.batch
+    if result.replayed and result.error is None and not quiet:
+        print(f"hfbatch: batch {batch['id']} already ended ({batch['status']}); nothing was sent"
+              + (". Its stored result follows" if machine else ""), file=sys.stderr)
+    if result.detached:
+        if not machine or sys.stderr.isatty():
+            print(f"hfbatch: batch {batch['id']} runs in the background: `hfbatch status {batch['id']}` shows it, "
+                  f"`hfbatch wait {batch['id']}` waits for it", file=sys.stderr)
+    elif sys.stderr.isatty():
+        if not quiet:
+            show_batch(batch)
+        elif not machine:
+            show([Text(f"{batch['id']}  {batch['status']}"), *files_lines(batch, width(stderr=True))])
 
 
 class RowsProgress:
