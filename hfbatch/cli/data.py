@@ -105,7 +105,7 @@ def merge(
     push_to_hub: Annotated[str | None, typer.Option(
         metavar="OWNER/NAME", help="Also upload the result to this Hub dataset (created if needed), with a short "
         "dataset card naming the data, model(s) and batch.")] = None,
-    private: Annotated[bool, typer.Option(help="Create the --push-to-hub dataset private.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the --push-to-hub dataset private.")] = False,
     split: SplitOpt = None,
     config: ConfigOpt = None,
     revision: RevisionOpt = None,

@@ -16,7 +16,9 @@ cache_app = typer.Typer(help="The local response cache (submit --cache).", no_ar
 
 
 @cache_app.command("stats")
-def cache_stats(json: JsonOpt = False) -> None:
+def cache_stats(
+    json: Annotated[bool, typer.Option("--json", help="JSON even on a terminal (the default when piped).")] = False,
+) -> None:
     """Entries, size, hits and tokens saved, per model (JSON when piped or with --json)."""
     from ..cache import ResponseCache, default_path
 
