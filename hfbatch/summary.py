@@ -75,7 +75,8 @@ class Stats:
     cost: CostReport | None = None  # what the run spent (token prices, or GPU time)
     concurrency: dict[str, int] = field(default_factory=dict)  # final AIMD limit per provider
     # GPU engines (vLLM's batch runner, Jobs): requests the runner reports done whose lines are not written
-    # yet (its progress lines), one short status for the progress bar, and each run (hfbatch.jobs).
+    # yet (its progress lines), a short status per running part for the progress line (` · `-joined: the line
+    # shows as many as fit), and each run (hfbatch.jobs).
     engine_done: int = 0
     engine_note: str = ""
     jobs: list[JobFigures] = field(default_factory=list)

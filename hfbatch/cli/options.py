@@ -58,3 +58,5 @@ NamespaceOpt = Annotated[str | None, typer.Option(
     "[default: the token's user].")]
 JobTimeoutOpt = Annotated[str | None, typer.Option(
     help="--engine hf-jobs: each Job's timeout (45m, 3h) [default: twice the estimate, at least 30m].")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the Batch object as JSON even on a terminal (the default when stdout is not one).")]

@@ -21,6 +21,7 @@ from .options import (
     GraceOpt,
     ImageOpt,
     JobTimeoutOpt,
+    JsonOpt,
     NamespaceOpt,
     PricesOpt,
     QuietOpt,
@@ -30,7 +31,7 @@ from .options import (
     VllmArgsOpt,
     WaitOpt,
 )
-from .output import emit_json
+from .output import emit_json, wants_json
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -103,6 +104,7 @@ def submit(
     namespace: NamespaceOpt = None,
     job_timeout: JobTimeoutOpt = None,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
         help="Bill a Team/Enterprise organization (X-HF-Bill-To).", envvar="HFBATCH_BILL_TO")] = None,
@@ -110,8 +112,9 @@ def submit(
     """Run every request of INPUT and write OpenAI-format output and error files.
 
     The same command run again resumes an unfinished batch (sending only what has no line yet) or
-    prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
-    (on stderr when -o - puts the output lines on stdout)."""
+    prints a finished one without sending anything. On a terminal: a progress line, then the batch's
+    figures and files. Otherwise (or with --json) the Batch object as one JSON line on stdout (on
+    stderr when -o - puts the output lines on stdout)."""
     from ..config import RunConfig, default_output_paths, parse_size, parse_window
     from ..errors import UsageError
 
@@ -144,7 +147,7 @@ def submit(
                   coalesce=coalesce, budget=budget, bill_to=bill_to, vllm_args=vllm_args, gpu_price=gpu_price,
                   flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout)
     if dry_run:
-        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=not sys.stdout.isatty(),
+        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=json,
                  token=token, compare=engine == "hf-jobs", flavors=flavor)
         return
     cfg = RunConfig(
@@ -159,7 +162,7 @@ def submit(
         budget=budget, prices=prices, fallback=fallbacks, vllm_args=vllm_args, gpu_price=gpu_price,
         flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout,
     )
-    _run_and_print(cfg)
+    _run_and_print(cfg, json)
 
 
 def _check_engine(engine: str, **flags: object) -> None:
@@ -213,16 +216,15 @@ def engine_token(engine: str, flag: str | None, base_url: str | None) -> str | N
     return resolve_token(flag, base_url)
 
 
-def _run_and_print(cfg: RunConfig) -> None:
+def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
+    """Run, then: the batch for people on a terminal (stderr), the Batch object for programs."""
     from .running import run_batch
-    from .ui import final_table
+    from .ui import show_result
 
     result = run_batch(cfg)
-    if result.replayed and result.error is None and not cfg.quiet:
-        print(f"hfbatch: batch {result.batch['id']} already ended ({result.batch['status']}); nothing was "
-              "sent. Its stored result follows", file=sys.stderr)
-    final_table(result.batch, enabled=not cfg.quiet and not result.replayed and not result.detached)
-    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path)
+    machine = wants_json(json, to_stderr=cfg.output_path == "-")
+    show_result(result, quiet=cfg.quiet, machine=machine)
+    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
     if result.error is not None:
         raise result.error
 
@@ -234,6 +236,7 @@ def resume(
     retry_failed: RetryFailedOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
 ) -> None:
     """Continue an unfinished batch with the options it was submitted with."""
@@ -245,7 +248,7 @@ def resume(
     stored = RunConfig.from_meta(meta)
     cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait,
                               token=engine_token(stored.engine, token, stored.base_url), **overrides)
-    _run_and_print(cfg)
+    _run_and_print(cfg, json)
 
 
 def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
@@ -296,31 +299,27 @@ def estimate(
         tok = resolve_token(token, base_url)
     except UsageError:
         tok = None  # the price list is public: estimate without a token
-    from rich.console import Console
-
     if compare:
-        from ..cost.estimate import render_compare, run_compare
+        from ..cost.estimate import run_compare
         from ..cost.gpu import parse_flavors
 
         cmp = run_compare(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint,
                           flavors=parse_flavors(flavors))
-        if json or not sys.stdout.isatty():
+        if wants_json(json):
             sys.stdout.buffer.write(orjson.dumps(cmp) + b"\n")
             return
-        console = Console()
-        console.print(render_compare(cmp))
-        for skip in cmp["skipped_flavors"]:
-            console.print(f"not shown: {skip['flavor']}: {skip['why']}", style="dim")
-        for note in cmp["notes"]:
-            console.print(f"note: {note}", style="dim")
+        from .tables import compare_view
+        from .ui import show, width
+
+        show(compare_view(dict(cmp), width()), stderr=False)
         return
-    from ..cost.estimate import render_table, run_estimate
+    from ..cost.estimate import run_estimate
 
     est = run_estimate(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint)
-    if json or not sys.stdout.isatty():
+    if wants_json(json):
         sys.stdout.buffer.write(orjson.dumps(est) + b"\n")
         return
-    console = Console()
-    console.print(render_table(est))
-    for note in est.get("notes") or []:
-        console.print(f"note: {note}", style="dim")
+    from .tables import estimate_view
+    from .ui import show, width
+
+    show(estimate_view(dict(est), width()), stderr=False)

@@ -19,7 +19,7 @@ import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import orjson
 
@@ -29,10 +29,7 @@ from ..models import LineError
 from ..reader import iter_lines, open_input
 from ..routing import split_model
 from ..validate import validate_line
-from .pricing import Catalog, ProviderInfo, iso, request_cost, round_usd
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from .pricing import Catalog, ProviderInfo, request_cost, round_usd
 
 DEFAULT_MAX_OUTPUT = 512  # output-token bound of a chat / responses request that sets no max
 COMPLETIONS_DEFAULT_MAX_OUTPUT = 16  # OpenAI's (and vLLM's) max_tokens default for /v1/completions
@@ -301,38 +298,6 @@ def _model_entry(model: str, a: _ModelAcc, catalog: Catalog) -> ModelEstimate:
             "providers": rows}
 
 
-def usd(x: float | None) -> str:
-    """$ figure for terminals: 6 decimals under a cent, else 4; None -> 'unknown'."""
-    return "unknown" if x is None else (f"${x:.6f}" if x < 0.01 else f"${x:,.4f}")
-
-
-def render_table(est: Estimate) -> Table:
-    """A rich Table of estimate_file's result: one row per model and provider, cheapest first."""
-    from rich.table import Table
-
-    t = est["total"]
-    table = Table(title=f"Cost estimate for {est['requests']:,} request(s) (USD, estimate)",
-                  caption=f"cheapest {usd(t['cheapest_usd'])} · most expensive {usd(t['most_expensive_usd'])}"
-                          f" · savings {usd(t['savings_usd'])} · prices: {est['price_source']}"
-                          + (f" ({iso(est['prices_fetched_at'])})" if est.get("prices_fetched_at") else ""))
-    for col, right in (("Model", False), ("Provider", False), ("Requests", True), ("Input tok (est.)", True),
-                       ("Output tok (max)", True), ("$/1M in", True), ("$/1M out", True), ("Cost (est.)", True)):
-        table.add_column(col, justify="right" if right else "left")
-    for model, m in est["models"].items():
-        for i, p in enumerate(m["providers"]):
-            flags = (("fastest", p["fastest"]), ("expected", p["provider"] == m["expected_provider"]))
-            tags = [tag for tag, on in flags if on]
-            table.add_row(model if i == 0 else "", p["provider"] + (f" ({', '.join(tags)})" if tags else ""),
-                          f"{m['requests']:,}" if i == 0 else "", f"{m['input_tokens']:,}" if i == 0 else "",
-                          f"{m['max_output_tokens']:,}" if i == 0 else "",
-                          "?" if p["input_price"] is None else f"{p['input_price']:g}",
-                          "?" if p["output_price"] is None else f"{p['output_price']:g}", usd(p["cost_usd"]))
-        if not m["providers"]:
-            table.add_row(model, "-", f"{m['requests']:,}", f"{m['input_tokens']:,}", f"{m['max_output_tokens']:,}",
-                          "?", "?", "unknown")
-    return table
-
-
 def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: str | None,
                  endpoint: str | None = None) -> Estimate:
     """`hfbatch estimate`: fetch the price catalog (one GET, no inference) and estimate the file."""
@@ -468,21 +433,6 @@ def compare_file(est: Estimate, catalog: Catalog, flavors: list[Any], sizes: dic
     return {"object": "hfbatch.estimate.compare", "input_file": est["input_file"], "requests": est["requests"],
             "invalid_lines": est["invalid_lines"], "tokens": tokens, "options": options, "skipped_flavors": skipped,
             "notes": all_notes, "is_estimate": True}
-
-
-def render_compare(cmp: Comparison) -> Table:
-    from rich.table import Table
-
-    table = Table(title=f"Serverless tokens or GPU minutes for {cmp['requests']:,} request(s) (USD, estimate, "
-                        "cheapest first)")
-    for col, right in (("Engine", False), ("Provider / flavor", False), ("Cost (est.)", True),
-                       ("Wall time", True), ("Basis", False)):
-        table.add_column(col, justify="right" if right else "left", overflow="fold")
-    for o in cmp["options"]:
-        minutes = o.get("minutes")
-        table.add_row("serverless" if o["engine"] == "http" else "HF Jobs", o.get("provider") or o.get("flavor") or "",
-                      usd(o.get("cost_usd")), "?" if minutes is None else f"{minutes:,.1f} min", o.get("basis", ""))
-    return table
 
 
 def run_compare(path: str, *, base_url: str | None, prices: str | None, token: str | None,
