@@ -317,15 +317,23 @@ def batch_view(batch: dict[str, Any], width: int, *, live: bool = False) -> list
     if n_saved:
         pairs.append(("saved", f"{n_saved:,} requests not sent · ~{usd(saved.get('estimated_saved_usd') or 0)}"))
     if hb.get("providers"):
-        pairs.append(("providers", ", ".join(f"{k} {v:,}" for k, v in hb["providers"].items())))
+        pairs += _listing("providers", [f"{k} {v:,}" for k, v in hb["providers"].items()], width)
     if batch.get("model"):
         pairs.append(("model", str(batch["model"])))
     elif hb.get("models"):
-        pairs.append(("models", ", ".join(f"{k} {v:,}" for k, v in hb["models"].items())))
+        pairs += _listing("models", [f"{k} {v:,}" for k, v in hb["models"].items()], width)
     if live:
         pairs.append(("input", short_path(batch.get("input_file_id"))))
         pairs.append(("created", _when(batch.get("created_at"))))
     return [head, *key_values(pairs), *jobs_lines(jobs, width), *files_lines(batch, width)]
+
+
+def _listing(key: str, items: list[str], width: int) -> list[tuple[str, str]]:
+    """`key  a 1, b 2` when it fits the width (the keys of batch_view are 9 columns at most), else one item a
+    line under the key (several models with long names)."""
+    if cell_len(", ".join(items)) <= width - 2 - 9 - 2:
+        return [(key, ", ".join(items))]
+    return [(key if i == 0 else "", item) for i, item in enumerate(items)]
 
 
 def jobs_lines(jobs: list[dict[str, Any]], width: int) -> list[Text]:

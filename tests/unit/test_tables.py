@@ -149,7 +149,7 @@ def gpu_batch(*, cost: float | None, basis: str) -> dict[str, object]:
     assert isinstance(hb, dict)
     hb.update(latency_ms={"p50": None, "p95": None}, http_requests=0, retries=0, providers={},
               cost={"estimated_cost_usd": cost, "unpriced_requests": 0, "basis": basis},
-              models={"org-a/chat-one": 20, "org-b/chat-two": 20},
+              models={"org-a/chat-one": 20, LONG_MODEL: 20},
               jobs=[{"part": "p0001", "model": "org-a/chat-one", "requests": 20, "id": "41234", "url": None,
                      "flavor": "local", "stage": "COMPLETED", "billed_seconds": None, "answered": 20, "message": None},
                     {"part": "p0002", "model": LONG_MODEL, "requests": 20, "id": "68ab12cd34ef5678",
@@ -163,7 +163,7 @@ def test_a_gpu_batch_view_shows_its_jobs_and_no_http_figures(width: int) -> None
     text = check_lines(batch_view(gpu_batch(cost=None, basis="gpu_time"), width), width, [
         "p0001", "p0002", "org-a/chat-one", LONG_MODEL, "COMPLETED", "ERROR", "20/20", "7/20", "local",
         "a100-large", "pid 41234", "https://huggingface.co/jobs/my-org/68ab12cd34ef5678",
-        "unknown (pass --gpu-price USD_PER_HOUR)", "40/40 done"])
+        "unknown (pass --gpu-price USD_PER_HOUR)", "40/40 done", f"{LONG_MODEL} 20", "org-a/chat-one 20"])
     assert "p50" not in text and "http" not in text.replace("https://", "")  # no latency or HTTP figures
     assert "no prices for these models" not in text
     jobs = plain(batch_view(gpu_batch(cost=0.0867, basis="jobs_billing"), width))
