@@ -7,15 +7,18 @@ import signal
 import sys
 import traceback
 
-from .errors import ExitCode, HfbatchError, Interrupted
+from .errors import ExitCode, HfbatchError, Interrupted, UsageError
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog_name: str = "hfbatch") -> int:
     """Run the CLI and return its exit code (never raises for a known error)."""
     from .cli import app
 
     try:
-        app(args=argv, prog_name="hfbatch", standalone_mode=True)
+        if prog_name != "hfbatch" and {"--install-completion", "--show-completion"} & set(
+                sys.argv[1:] if argv is None else argv):
+            raise UsageError("shell completion is for the hfbatch command: run `hfbatch --install-completion`")
+        app(args=argv, prog_name=prog_name, standalone_mode=True)
     except SystemExit as e:  # typer/click: --help, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else ExitCode.USAGE)
     except HfbatchError as e:
@@ -44,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console script: exit with main()'s code; after a clean stop on SIGINT/SIGTERM, die by that
-    signal so the shell sees 130/143 and loops stop."""
+    signal so the shell sees 130/143 and loops stop. Installed as `hfbatch` and as `hf-batch`, the `hf` CLI's
+    extension (`hf batch ...` runs it): its help then names the command people typed."""
+    prog_name = "hf batch" if os.path.basename(sys.argv[0]) == "hf-batch" else "hfbatch"
     try:
-        code = main()
+        code = main(prog_name=prog_name)
     except Interrupted as e:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -53,6 +53,13 @@ class RunConfig:
     coalesce: int | None = None
     budget: float | None = None
     prices: str | None = None
+    # --engine vllm / hf-jobs (engines/vllm.py, engines/hf_jobs.py)
+    vllm_args: str | None = None  # extra `vllm run-batch` flags, split like a shell would
+    gpu_price: float | None = None  # --engine vllm: USD per hour of this machine's GPU
+    flavor: str | None = None  # --engine hf-jobs: the Jobs hardware (l4x1, a100-large...)
+    image: str | None = None  # --engine hf-jobs: the Docker image (default: a pinned vllm/vllm-openai)
+    namespace: str | None = None  # --engine hf-jobs: where the Jobs and the bucket live (default: whoami)
+    job_timeout: str | None = None  # --engine hf-jobs: each Job's timeout (default: twice the estimate, >= 30m)
     summary_path: str | None = field(default=None, metadata=_ONCE)
     quiet: bool = field(default=False, metadata=_ONCE)
     overwrite: bool = field(default=False, metadata=_ONCE)

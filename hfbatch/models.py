@@ -132,6 +132,7 @@ class StopReason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug: the run stops, resumable, exit 1
     PROCESS_EXITED = "process_exited"  # its process died without a word (seen by list/status)
     OVERWRITTEN = "overwritten"  # another batch took its files (--overwrite)
+    ENGINE_FAILED = "engine_failed"  # a vLLM run or a Job ended in an error (the rest is resumable)
 
 
 @dataclass

@@ -15,6 +15,11 @@ _HTTP_TYPES = {
     413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
 }
 
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status (invalid_request_error, not_found_error, server_error...)."""
+    return _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def tokens_used(parsed: object, default: int) -> int:
     if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
         u = parsed["usage"]
@@ -40,7 +45,7 @@ def error_body(status: int, o: Outcome) -> dict[str, Any]:
     OpenAI-shaped answers pass through unchanged; Hugging Face's `{"error": "text"}`, `{"detail":
     ...}`, `{"message": ...}`, plain text and HTML are wrapped so OpenAI code can read them."""
     p = o.parsed
-    kind = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = error_type(status)
     if isinstance(p, dict) and isinstance(p.get("error"), dict) and "message" in p["error"]:
         e = p["error"]
         if all(k in e for k in ("type", "param", "code")):

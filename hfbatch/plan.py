@@ -8,7 +8,7 @@ from .fingerprints import ExactIds, FingerprintIds, RepeatFinder, canonical_requ
 from .models import LineError
 from .reader import iter_lines
 from .summary import MAX_REPORTED_ERRORS
-from .validate import validate_line
+from .validate import EngineRule, validate_line
 
 
 @dataclass
@@ -25,7 +25,7 @@ class InputPlan:
 
 
 def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, endpoint: str | None,
-               ids: bool = False) -> InputPlan:
+               ids: bool = False, rule: EngineRule | None = None) -> InputPlan:
     """One streaming pass over the input. Strict: collect every invalid line (OpenAI validates the
     whole file before running anything). Dedupe: find requests (endpoint + body) that occur more
     than once. `ids` (implied by strict): find the custom_ids used more than once, for the run's own
@@ -44,7 +44,7 @@ def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, end
             plan.total += 1
             if not parse:
                 continue
-            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=endpoint)
+            r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=endpoint, rule=rule)
             if isinstance(r, LineError):
                 if errors is not None:
                     errors.add(r)
@@ -63,7 +63,7 @@ def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, end
         exact = plan.unique_ids()
         with open(path, "rb") as f:
             for line_no, raw in iter_lines(f):
-                r = validate_line(line_no, raw, exact, pass_through=pass_through, endpoint=endpoint)
+                r = validate_line(line_no, raw, exact, pass_through=pass_through, endpoint=endpoint, rule=rule)
                 if isinstance(r, LineError):
                     errors.add(r)
     if plan.total == 0:

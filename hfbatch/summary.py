@@ -75,6 +75,12 @@ class Stats:
     cost: CostReport | None = None  # what the run spent (token prices, or GPU time)
     concurrency: dict[str, int] = field(default_factory=dict)  # the adaptive limit per provider at the end
     pace: dict[str, float] = field(default_factory=dict)  # requests per second, per provider that showed a rate
+    # GPU engines (vLLM's batch runner, Jobs): requests the runner reports done whose lines are not written
+    # yet (its progress lines), a short status per running part for the progress line (` · `-joined: the line
+    # shows as many as fit), and each run (hfbatch.jobs).
+    engine_done: int = 0
+    engine_note: str = ""
+    jobs: list[JobFigures] = field(default_factory=list)
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
@@ -164,6 +170,21 @@ _STAMP_KEYS = {
 }
 
 
+class JobFigures(TypedDict):
+    """One run of a GPU engine's part (a local `vllm run-batch`, a Hugging Face Job): `hfbatch.jobs`."""
+
+    part: str
+    model: str
+    requests: int
+    id: str | None  # the Job's id; local: the process id
+    url: str | None  # the Job's page
+    flavor: str | None  # the Jobs hardware; local: "local"
+    stage: str  # SCHEDULING, RUNNING, COMPLETED, ERROR, CANCELED (local runs: the same words)
+    billed_seconds: float | None
+    answered: int  # lines of the part written to the output or error file
+    message: str | None  # why it ended in ERROR (the tail of its log)
+
+
 class LatencyMs(TypedDict):
     p50: float | None
     p95: float | None
@@ -202,6 +223,7 @@ class HfbatchFigures(TypedDict):
     savings: Savings
     models: dict[str, int]
     endpoints: dict[str, int]
+    jobs: list[JobFigures]
 
 
 def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> dict[str, Any]:
@@ -254,6 +276,7 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
         },
         "models": dict(stats.models),
         "endpoints": dict(stats.endpoints),
+        "jobs": stats.jobs,
     }
     return {
         "id": info.id,

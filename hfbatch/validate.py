@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -62,6 +63,11 @@ def endpoints_hint(pass_through: bool) -> str:
             "path is passed to your own server)")
 
 
+# What an engine adds to the rules (engines.endpoint_rule): (url, body) -> None, or (param, message) when the
+# engine cannot run that line (vLLM's batch runner serves fewer endpoints than OpenAI's batch API).
+EngineRule = Callable[[str, dict[str, Any]], tuple[str, str] | None]
+
+
 class SeenIds(Protocol):
     def add(self, custom_id: str) -> bool:
         """Record `custom_id`; False if it was already there."""
@@ -82,11 +88,13 @@ def validate_line(
     *,
     pass_through: bool = False,
     endpoint: str | None = None,
+    rule: EngineRule | None = None,
 ) -> Request | LineError:
     """Check one line. `seen` (None: skip the uniqueness check) records custom_ids of valid lines.
 
     `pass_through` (a --base-url run) accepts any relative URL path; `endpoint` (when given)
-    must equal every line's url, as a batch's `endpoint` must in OpenAI's API.
+    must equal every line's url, as a batch's `endpoint` must in OpenAI's API; `rule` is the engine's
+    own check of a line that passed every other.
     """
     if isinstance(raw, LineTooLong):
         return LineError(
@@ -152,6 +160,8 @@ def validate_line(
             line_no, cid, "invalid_request",
             "body.stream is true; batch requests cannot stream, remove it or set it to false", "body.stream",
         )
+    if rule is not None and (problem := rule(url, body)) is not None:
+        return LineError(line_no, cid, "invalid_request", problem[1], problem[0])
     return Request(line_no, cid, url, body, model)
 
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from hfbatch.cli import app
 
-COMMANDS = ["", "submit", "resume", "estimate", "list", "status", "cancel", "wait", "results", "cache stats",
-            "cache clear", "serve"]
+COMMANDS = ["", "submit", "resume", "estimate", "list", "status", "cancel", "wait", "results", "prepare", "merge",
+            "cache stats", "cache clear", "serve"]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 

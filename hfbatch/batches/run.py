@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from ..config import RunConfig, parse_duration
-from ..engines import Engine, Work, for_config
+from ..engines import Engine, Work, endpoint_rule, for_config
 from ..errors import (
     AlreadyRunning,
     AuthError,
@@ -115,6 +115,7 @@ class BatchRun:
         # New batches' windows are checked against the range where they come in (the CLI flag, serve's
         # POST /v1/batches); here a stored batch keeps the window it was created with.
         self.window = parse_duration(cfg.completion_window, "--completion-window")
+        self.rule = endpoint_rule(cfg.engine)  # the lines this engine cannot run are invalid for it
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM (the caller's handler): dispatching stops, in-flight requests get the grace
@@ -261,7 +262,7 @@ class BatchRun:
             validating = info.status == BatchStatus.VALIDATING
             plan = await asyncio.to_thread(scan_input, input_file, strict=validating and not cfg.skip_invalid,
                                            dedupe=cfg.dedupe, pass_through=cfg.base_url is not None,
-                                           endpoint=cfg.endpoint, ids=cfg.skip_invalid)
+                                           endpoint=cfg.endpoint, ids=cfg.skip_invalid, rule=self.rule)
             if validating:
                 info.errors, info.errors_dropped = plan.errors, plan.errors_dropped
                 if info.errors:
@@ -276,22 +277,32 @@ class BatchRun:
             if cfg.detach:
                 if self.io.launch is None:
                     raise UsageError("--detach: this caller cannot start a background run")
+                if getattr(engine, "remote", False):
+                    # An engine that runs elsewhere (Jobs) launches its work here, so that a refused model or
+                    # flavor fails now; the background process follows what runs (_detached).
+                    return await self._start(batch, engine, plan, detach=True)
                 result = batch_object(info, stats, self.window)
                 b.save_batch(result)
                 meta["pid"] = self.io.launch(info.id)
                 b.save_meta(meta)
                 return RunResult(result, None, detached=True)
-            ledger = Ledger()
-            if batch.resume:
-                ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
-                              retry_failed=cfg.retry_failed)
-            if b.cancel_requested():
-                info.set_status(BatchStatus.CANCELLING)
-                self.stop.stop(StopReason.CANCELLED, "cancelled")
-            b.save_batch(batch_object(info, stats, self.window))
-            return await self._execute(batch, engine, plan, ledger)
+            return await self._start(batch, engine, plan)
 
-    async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger) -> RunResult:
+    async def _start(self, batch: _Batch, engine: Engine, plan: InputPlan, detach: bool = False) -> RunResult:
+        """Read the ledger back (a resumed batch), look for a cancel, then let the engine run."""
+        cfg, b, info, stats = self.cfg, batch.dir, batch.info, batch.stats
+        ledger = Ledger()
+        if batch.resume:
+            ledger = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, stats,
+                          retry_failed=cfg.retry_failed)
+        if b.cancel_requested():
+            info.set_status(BatchStatus.CANCELLING)
+            self.stop.stop(StopReason.CANCELLED, "cancelled")
+        b.save_batch(batch_object(info, stats, self.window))
+        return await self._execute(batch, engine, plan, ledger, detach=detach)
+
+    async def _execute(self, batch: _Batch, engine: Engine, plan: InputPlan, ledger: Ledger,
+                       detach: bool = False) -> RunResult:
         cfg, stop, stats = self.cfg, self.stop, batch.stats
 
         def write_failed(sink: JsonlSink, e: OSError) -> None:
@@ -307,7 +318,8 @@ class BatchRun:
             out = JsonlSink.open(cfg.output_path, append=batch.resume, on_error=write_failed)
         err = JsonlSink.open(cfg.errors_path, append=batch.resume, on_error=write_failed)
         answers = Answers(out, err, stats)
-        work = Work(self._pending(plan, ledger, answers), answers, stats, stop, plan.duplicates, batch.stored)
+        work = Work(self._pending(plan, ledger, answers), answers, stats, stop, plan.duplicates, batch.stored,
+                    batch_dir=batch.dir.path, answered=ledger.done, detach=detach)
         progress = self.io.progress
         failure: BaseException | None = None
         try:
@@ -323,7 +335,12 @@ class BatchRun:
                     raise
             except Exception as e:  # noqa: BLE001 - an engine's bug: the run ends resumable, exit 1
                 failure = e
-                stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
+                if isinstance(e, HfbatchError) and e.exit_code != ExitCode.INTERNAL:
+                    # A known refusal that stops the run (a model too big for the flavor, the Hub refusing a
+                    # Job): not a bug. Its own words and exit code (_conclude); the batch stays resumable.
+                    stop.stop(StopReason.ENGINE_FAILED, str(e)[:300])
+                else:
+                    stop.stop(StopReason.INTERNAL_ERROR, f"internal error: {type(e).__name__}: {e}"[:300])
             finally:
                 guard.cancel()
                 ticker.cancel()
@@ -338,7 +355,18 @@ class BatchRun:
             err.close()
         if answers.broken:
             self._recount(stats, out, err)
+        if detach and failure is None and stop.reason is None and not answers.broken:
+            return self._detached(batch)
         return self._conclude(batch, answers, failure)
+
+    def _detached(self, batch: _Batch) -> RunResult:
+        """--detach with a remote engine: its work is launched; a background process follows it."""
+        assert self.io.launch is not None
+        result = batch_object(batch.info, batch.stats, self.window)
+        batch.dir.save_batch(result)
+        batch.meta["pid"] = self.io.launch(batch.info.id)
+        batch.dir.save_meta(batch.meta)
+        return RunResult(result, None, detached=True)
 
     def _pending(self, plan: InputPlan, ledger: Ledger, answers: Answers) -> Iterator[Request]:
         """The requests with no line yet, read lazily in file order; lines refused under --skip-invalid get
@@ -348,7 +376,8 @@ class BatchRun:
         done, rejected = ledger.done, ledger.rejected
         with open(self.input_file, "rb") as f:
             for line_no, raw in iter_lines(f):
-                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
+                                  rule=self.rule)
                 if isinstance(r, LineError):
                     if line_no not in rejected:
                         answers.write(r.custom_id, NoAnswer(r.code, f"line {r.line_no}: {r.message}"))
@@ -422,7 +451,8 @@ class BatchRun:
         seen = plan.unique_ids()
         with open(self.input_file, "rb") as f:
             for line_no, raw in iter_lines(f):
-                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint)
+                r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
+                                  rule=self.rule)
                 if isinstance(r, Request) and r.custom_id not in done:
                     answers.write(r.custom_id, answer)
 
@@ -459,8 +489,9 @@ class BatchRun:
                         stop.message)
             error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
                                f"the same command (or `hfbatch resume {info.id}`) to send only those")
-        elif stop.reason == StopReason.INTERNAL_ERROR:
-            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INTERNAL_ERROR
+        elif stop.reason == StopReason.INTERNAL_ERROR or (failure is not None and
+                                                          stop.reason == StopReason.ENGINE_FAILED):
+            info.state, info.stop_reason = RunState.INTERRUPTED, stop.reason
             if isinstance(failure, HfbatchError):
                 error = failure  # a known failure that stops the run (a dependency's API changed...): its words
             else:

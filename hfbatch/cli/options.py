@@ -39,3 +39,24 @@ BatchIdArg = Annotated[str, typer.Argument(help="A batch id (batch_...), as `hfb
 PricesOpt = Annotated[str | None, typer.Option(
     help="Prices for custom servers: a /v1/models JSON file or {model: {provider: {input, output}}} "
     "(USD per 1M tokens).")]
+EngineOpt = Annotated[str, typer.Option(
+    help="Where the requests run: http (the router or --base-url), vllm (vLLM's batch runner on this machine's "
+    "GPU) or hf-jobs (vLLM in Hugging Face Jobs, billed by the GPU minute).", envvar="HFBATCH_ENGINE")]
+VllmArgsOpt = Annotated[str | None, typer.Option(
+    help="--engine vllm / hf-jobs: more `vllm run-batch` flags, as one string (\"--max-model-len 8192 "
+    "--gpu-memory-utilization 0.95\").")]
+GpuPriceOpt = Annotated[float | None, typer.Option(
+    min=0, metavar="USD_PER_HOUR", help="--engine vllm: what this machine's GPU costs per hour (the cost is "
+    "then price x wall time; unknown without it).")]
+FlavorOpt = Annotated[str | None, typer.Option(
+    help="--engine hf-jobs: the Jobs hardware (l4x1, a10g-large, l40sx1, a100-large, h200, ...; `hfbatch "
+    "estimate FILE --compare` says which fit and what each costs).")]
+ImageOpt = Annotated[str | None, typer.Option(
+    help="--engine hf-jobs: the Docker image with vLLM [default: a pinned vllm/vllm-openai tag].")]
+NamespaceOpt = Annotated[str | None, typer.Option(
+    help="--engine hf-jobs: the user or organization that runs (and pays for) the Jobs and owns the bucket "
+    "[default: the token's user].")]
+JobTimeoutOpt = Annotated[str | None, typer.Option(
+    help="--engine hf-jobs: each Job's timeout (45m, 3h) [default: twice the estimate, at least 30m].")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the Batch object as JSON even on a terminal (the default when stdout is not one).")]

@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 
 
-def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None) -> None:
-    """The Batch object as one JSON line: stdout is data, unless stdout carries the output lines."""
+def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None, stream: bool = True) -> None:
+    """The Batch object as one JSON line: stdout is data, unless stdout carries the output lines. `path`
+    (--summary) gets it too; `stream` False: only there (a person reads a table instead)."""
     from ..writer import escape_separators
 
     data = escape_separators(orjson.dumps(batch)) + b"\n"
@@ -19,6 +20,12 @@ def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None) -> No
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    stream = sys.stderr.buffer if to_stderr else sys.stdout.buffer
-    stream.write(data)
-    stream.flush()
+    if stream:
+        out = sys.stderr.buffer if to_stderr else sys.stdout.buffer
+        out.write(data)
+        out.flush()
+
+
+def wants_json(json: bool, *, to_stderr: bool = False) -> bool:
+    """JSON for programs: asked for (--json), or the stream it goes to is not a terminal (pipes, cron, scripts)."""
+    return json or not (sys.stderr if to_stderr else sys.stdout).isatty()

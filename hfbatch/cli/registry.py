@@ -9,19 +9,32 @@ from typing import Annotated
 import orjson
 import typer
 
-from .options import BatchIdArg, QuietOpt
-from .output import emit_json
+from .options import BatchIdArg, JsonOpt, QuietOpt
+from .output import emit_json, wants_json
 
 cache_app = typer.Typer(help="The local response cache (submit --cache).", no_args_is_help=True)
 
 
 @cache_app.command("stats")
-def cache_stats() -> None:
-    """Entries, size, hits and tokens saved, per model (JSON)."""
+def cache_stats(
+    json: Annotated[bool, typer.Option("--json", help="JSON even on a terminal (the default when piped).")] = False,
+) -> None:
+    """Entries, size, hits and tokens saved, per model (JSON when piped or with --json)."""
     from ..cache import ResponseCache, default_path
 
     with ResponseCache(default_path()) as c:
-        sys.stdout.buffer.write(orjson.dumps(c.stats()) + b"\n")
+        stats = c.stats()
+    if wants_json(json):
+        sys.stdout.buffer.write(orjson.dumps(stats) + b"\n")
+        return
+    from .tables import key_values
+    from .ui import show
+
+    pairs = [("path", str(stats["path"])), ("entries", f"{stats['entries']:,} ({stats['bytes']:,} bytes)"),
+             ("hits", f"{stats['hits']:,}"),
+             ("saved", f"{stats['saved_input_tokens']:,} tokens in · {stats['saved_output_tokens']:,} out")]
+    pairs += [(f"  {model}", f"{n:,} entries") for model, n in stats["by_model"].items()]
+    show(key_values(pairs, indent=0), stderr=False)
 
 
 @cache_app.command("clear")
@@ -36,7 +49,10 @@ def cache_clear(
     age = parse_duration(older_than, "--older-than") if older_than else None
     with ResponseCache(default_path()) as c:
         n = c.clear(older_than=age, model=model)
-    sys.stdout.buffer.write(orjson.dumps({"deleted": n}) + b"\n")
+    if wants_json(False):
+        sys.stdout.buffer.write(orjson.dumps({"deleted": n}) + b"\n")
+    else:
+        print(f"deleted {n:,} cached answers")
 
 
 def list_(
@@ -51,52 +67,63 @@ def list_(
     rows = list(list_batches(limit, newer=newer))
     if newer:  # listed apart, never silently left out
         print(f"hfbatch: note: {len(newer)} batch(es) not listed: {newer[0]}", file=sys.stderr)
-    if json or not sys.stdout.isatty():
+    if wants_json(json):
         from ..writer import escape_separators
 
         for r in rows:
             sys.stdout.buffer.write(escape_separators(orjson.dumps(r)) + b"\n")
         return
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import list_view
+    from .ui import show, width
 
-    t = Table("id", "status", "state", "done/total", "failed", "created", "input")
-    import time as _time
-
-    for r in rows:
-        rc, hb = r["request_counts"], r.get("hfbatch", {})
-        t.add_row(r["id"], r["status"], str(hb.get("state") or ""), f"{rc['completed'] + rc['failed']}/{rc['total']}",
-                  str(rc["failed"]), _time.strftime("%Y-%m-%d %H:%M", _time.localtime(r["created_at"])),
-                  str(r["input_file_id"]))
-    Console().print(t)
+    show(list_view(rows, width()), stderr=False)
 
 
-def status(batch_id: BatchIdArg) -> None:
-    """The Batch object as JSON (live while the batch runs)."""
+def status(batch_id: BatchIdArg, json: JsonOpt = False) -> None:
+    """A batch, live while it runs: on a terminal its counts, rate, ETA and cost so far; else (or with --json)
+    its Batch object."""
     from ..batches.control import get, live_batch
 
-    emit_json(live_batch(get(batch_id)), to_stderr=False, path=None)
+    _print_batch(live_batch(get(batch_id)), json)
 
 
-def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False) -> None:
-    """Cancel a batch: in-flight requests finish, the rest end as batch_cancelled."""
+def cancel(batch_id: BatchIdArg, quiet: QuietOpt = False, json: JsonOpt = False) -> None:
+    """Cancel a batch: in-flight requests finish (a batch's Hugging Face Jobs are cancelled), the rest end as
+    batch_cancelled."""
     from ..batches.control import cancel as cancel_batch
+    from ..config import resolve_token
+    from ..errors import UsageError
     from .running import run_loop
 
-    batch = run_loop(lambda: cancel_batch(batch_id))
-    emit_json(batch, to_stderr=False, path=None)
+    try:  # a batch whose Jobs still run needs it to cancel them; others do not
+        token = resolve_token(None, None)
+    except UsageError:
+        token = None
+    batch = run_loop(lambda: cancel_batch(batch_id, token))
+    _print_batch(batch, json)
 
 
 def wait(
     batch_id: BatchIdArg,
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 2).")] = None,
+    json: JsonOpt = False,
 ) -> None:
-    """Block until the batch ends; print its Batch object and exit with the batch's exit code."""
+    """Block until the batch ends; print it and exit with the batch's exit code."""
     from ..batches.control import wait as wait_batch
 
     batch, code = wait_batch(batch_id, timeout=timeout)
-    emit_json(batch, to_stderr=False, path=None)
+    _print_batch(batch, json)
     raise typer.Exit(code)
+
+
+def _print_batch(batch: dict[str, object], json: bool) -> None:
+    """The Batch object for programs; its view for people on a terminal."""
+    if wants_json(json):
+        emit_json(batch, to_stderr=False, path=None)
+        return
+    from .ui import show_batch
+
+    show_batch(batch, live=True, stderr=False)
 
 
 def results(

@@ -25,6 +25,40 @@ def fake_provider(
                                   reset=reset, garbage=garbage))
 
 
+def fake_hub(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8766,
+    storage: Annotated[str | None, typer.Option(
+        help="The buckets' folder (give the same to hfbatch as HFBATCH_BUCKETS_DIR) [default: a new temporary one].")
+    ] = None,
+    bin_dir: Annotated[str | None, typer.Option(
+        help="Put first on the Jobs' PATH (where the stand-in `vllm` is).")] = None,
+    params: Annotated[list[str] | None, typer.Option(
+        help="MODEL=N: the parameter count the model info gives for MODEL (repeatable).")] = None,
+    schedule_seconds: Annotated[float, typer.Option(help="How long a Job stays SCHEDULING.")] = 0.0,
+    job_env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE in every Job's environment: the stand-in vllm's knobs (FAKE_VLLM_DELAY=0.2, "
+        "FAKE_VLLM_CRASH_AFTER=3; see hfbatch/testing/vllm.py) (repeatable).")] = None,
+) -> None:
+    """Run the local fake Hugging Face Hub (Jobs, model info, buckets) for the GPU engines' tests and demo."""
+    from ..errors import UsageError
+    from ..testing.fake_hub import FakeHubConfig, serve
+
+    counts: dict[str, int] = {}
+    for pair in params or []:
+        model, sep, n = pair.partition("=")
+        if not sep or not n.isdigit():
+            raise UsageError(f"--params {pair!r}: use MODEL=N (a number of parameters)")
+        counts[model] = int(n)
+    env: dict[str, str] = {}
+    for pair in job_env or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--job-env {pair!r}: use KEY=VALUE")
+        env[key] = value
+    serve(port, config=FakeHubConfig(storage=storage or "", bin_dir=bin_dir or "", params=counts,
+                                     schedule_seconds=schedule_seconds, job_env=env))
+
+
 def serve(
     host: Annotated[str, typer.Option(
         help="Address to listen on; anything but loopback requires --api-key.")] = "127.0.0.1",

@@ -15,15 +15,23 @@ from .options import (
     BaseUrlOpt,
     BatchIdArg,
     ConcurrencyOpt,
+    EngineOpt,
+    FlavorOpt,
+    GpuPriceOpt,
     GraceOpt,
+    ImageOpt,
+    JobTimeoutOpt,
+    JsonOpt,
+    NamespaceOpt,
     PricesOpt,
     QuietOpt,
     RetryFailedOpt,
     TimeoutOpt,
     TokenOpt,
+    VllmArgsOpt,
     WaitOpt,
 )
-from .output import emit_json
+from .output import emit_json, wants_json
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -36,6 +44,7 @@ def submit(
         "stdout.")] = None,
     errors: Annotated[str | None, typer.Option(
         "--errors", "-e", help="Error file for failed lines [default: <input>.errors.jsonl].")] = None,
+    engine: EngineOpt = "http",
     base_url: BaseUrlOpt = None,
     concurrency: ConcurrencyOpt = 32,
     timeout: TimeoutOpt = 300.0,
@@ -89,7 +98,14 @@ def submit(
         help="Validate and estimate the cost (like `hfbatch estimate`); send nothing.")] = False,
     metadata: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE stored in the Batch object's metadata (repeatable; up to 16, as OpenAI).")] = None,
+    vllm_args: VllmArgsOpt = None,
+    gpu_price: GpuPriceOpt = None,
+    flavor: FlavorOpt = None,
+    image: ImageOpt = None,
+    namespace: NamespaceOpt = None,
+    job_timeout: JobTimeoutOpt = None,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
     bill_to: Annotated[str | None, typer.Option(
         help="Bill a Team/Enterprise organization (X-HF-Bill-To).", envvar="HFBATCH_BILL_TO")] = None,
@@ -97,9 +113,10 @@ def submit(
     """Run every request of INPUT and write OpenAI-format output and error files.
 
     The same command run again resumes an unfinished batch (sending only what has no line yet) or
-    prints a finished one without sending anything. The Batch object (JSON) is printed on stdout
-    (on stderr when -o - puts the output lines on stdout)."""
-    from ..config import RunConfig, default_output_paths, parse_size, parse_window, resolve_token
+    prints a finished one without sending anything. On a terminal: a progress line, then the batch's
+    figures and files. Otherwise (or with --json) the Batch object as one JSON line on stdout (on
+    stderr when -o - puts the output lines on stdout)."""
+    from ..config import RunConfig, default_output_paths, parse_size, parse_window
     from ..errors import UsageError
 
     if base_url is not None and not base_url.startswith(("http://", "https://")):
@@ -126,35 +143,89 @@ def submit(
             raise UsageError(f"cannot write {path}: directory {parent} does not exist")
     if detach and output == "-":
         raise UsageError("--detach cannot write to stdout; give -o a path")
+    fallbacks = tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else ()
+    _check_engine(engine, base_url=base_url, rpm=rpm, tpm=tpm, route=route, fallback=fallbacks, cache=cache,
+                  coalesce=coalesce, budget=budget, bill_to=bill_to, vllm_args=vllm_args, gpu_price=gpu_price,
+                  flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout)
     if dry_run:
-        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=not sys.stdout.isatty(),
-                 token=token)
+        estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=json,
+                 token=token, compare=engine == "hf-jobs", flavors=flavor)
         return
     cfg = RunConfig(
-        input_path=input, output_path=output, errors_path=errors, base_url=base_url,
+        input_path=input, output_path=output, errors_path=errors, engine=engine, base_url=base_url,
         concurrency=concurrency, timeout=timeout, max_attempts=max_attempts, max_response_bytes=max_body,
         skip_invalid=skip_invalid,
         endpoint=endpoint, summary_path=summary, quiet=quiet, bill_to=bill_to,
         completion_window=completion_window, grace=grace, overwrite=overwrite,
-        retry_failed=retry_failed, wait=wait, detach=detach, token=resolve_token(token, base_url),
+        retry_failed=retry_failed, wait=wait, detach=detach, token=engine_token(engine, token, base_url),
         rpm=rpm, tpm=tpm, adapt=adapt, route=route, max_tokens=max_tokens, dedupe=dedupe, cache=cache,
         coalesce=coalesce, metadata=_metadata(metadata),
-        budget=budget, prices=prices,
-        fallback=tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else (),
+        budget=budget, prices=prices, fallback=fallbacks, vllm_args=vllm_args, gpu_price=gpu_price,
+        flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout,
     )
-    _run_and_print(cfg)
+    _run_and_print(cfg, json)
 
 
-def _run_and_print(cfg: RunConfig) -> None:
+def _check_engine(engine: str, **flags: object) -> None:
+    """--engine and the flags that only make sense with some engines (exit 2 for the others)."""
+    from ..config import parse_duration
+    from ..engines import ENGINES
+    from ..errors import UsageError
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    only = {"http": ("base_url", "rpm", "tpm", "route", "fallback", "cache", "coalesce", "budget", "bill_to"),
+            "vllm": ("gpu_price",), "hf-jobs": ("flavor", "image", "namespace", "job_timeout")}
+    gpu = ("vllm_args",)
+    for owner, names in only.items():
+        for name in names:
+            if flags.get(name) not in (None, False, ()) and engine != owner:
+                raise UsageError(f"--{name.replace('_', '-')} only applies to --engine {owner} (this run: --engine "
+                                 f"{engine})")
+    for name in gpu:
+        if flags.get(name) is not None and engine == "http":
+            raise UsageError(f"--{name.replace('_', '-')} only applies to --engine vllm or hf-jobs")
+    if engine == "vllm":
+        from ..engines.vllm import find_vllm
+
+        find_vllm()
+    if engine == "hf-jobs":
+        if not flags.get("flavor"):
+            raise UsageError("--engine hf-jobs needs --flavor (l4x1, a10g-large, a100-large, ...): `hfbatch estimate "
+                             "FILE --compare` says which flavors fit the model and what each costs")
+        if flags.get("job_timeout"):
+            parse_duration(str(flags["job_timeout"]), "--job-timeout")
+
+
+def engine_token(engine: str, flag: str | None, base_url: str | None) -> str | None:
+    """The token a run needs: the router's (required), a Job's secret (required), a local vLLM's (optional: for
+    gated models it downloads)."""
+    from ..config import resolve_token
+    from ..errors import UsageError
+
+    if engine == "vllm":
+        try:
+            return resolve_token(flag, None)
+        except UsageError:
+            return None
+    if engine == "hf-jobs":
+        try:
+            return resolve_token(flag, None)
+        except UsageError:
+            raise UsageError("--engine hf-jobs: no Hugging Face token found. Set HF_TOKEN=hf_..., pass --token, or "
+                             "run `hf auth login`, with a token that may run Jobs (write access)") from None
+    return resolve_token(flag, base_url)
+
+
+def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
+    """Run, then: the batch for people on a terminal (stderr), the Batch object for programs."""
     from .running import run_batch
-    from .ui import final_table
+    from .ui import show_result
 
     result = run_batch(cfg)
-    if result.replayed and result.error is None and not cfg.quiet:
-        print(f"hfbatch: batch {result.batch['id']} already ended ({result.batch['status']}); nothing was "
-              "sent. Its stored result follows", file=sys.stderr)
-    final_table(result.batch, enabled=not cfg.quiet and not result.replayed and not result.detached)
-    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path)
+    machine = wants_json(json, to_stderr=cfg.output_path == "-")
+    show_result(result, quiet=cfg.quiet, machine=machine)
+    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
     if result.error is not None:
         raise result.error
 
@@ -166,18 +237,19 @@ def resume(
     retry_failed: RetryFailedOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
+    json: JsonOpt = False,
     token: TokenOpt = None,
 ) -> None:
     """Continue an unfinished batch with the options it was submitted with."""
     from ..batches.control import get
-    from ..config import RunConfig, resolve_token
+    from ..config import RunConfig
 
     meta = get(batch_id).meta()
     overrides: dict[str, object] = {"concurrency": concurrency} if concurrency is not None else {}
     stored = RunConfig.from_meta(meta)
     cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait,
-                              token=resolve_token(token, stored.base_url), **overrides)
-    _run_and_print(cfg)
+                              token=engine_token(stored.engine, token, stored.base_url), **overrides)
+    _run_and_print(cfg, json)
 
 
 def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
@@ -202,30 +274,53 @@ def estimate(
     base_url: BaseUrlOpt = None,
     prices: PricesOpt = None,
     endpoint: Annotated[str | None, typer.Option(help="Require every line's url to be this endpoint.")] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Serverless tokens or GPU minutes: one table, cheapest first, of the router's providers "
+        "and a Hugging Face Job per model on each flavor that fits (prices from the Hub's Jobs hardware list).")
+    ] = False,
+    flavors: Annotated[str | None, typer.Option(
+        help="With --compare: only these Jobs flavors (l4x1,a100-large) [default: every GPU flavor].")] = None,
     json: Annotated[bool, typer.Option("--json", help="One JSON object (the default when piped).")] = False,
     token: TokenOpt = None,
 ) -> None:
     """Validate INPUT and estimate its tokens and cost per provider, cheapest first; sends no inference request.
 
     Input tokens come from a tokenizer in the local Hugging Face cache when one is there, else
-    characters / 4; output tokens are bounded by each body's max_tokens (512 when absent)."""
+    characters / 4; output tokens are bounded by each body's max_tokens (512 when absent). With
+    --compare, GPU minutes are start-up + tokens / throughput: measured by earlier runs of the model on
+    the flavor when there are any, else documented priors (README: serverless or GPU job)."""
     from ..config import resolve_token
-    from ..cost.estimate import render_table, run_estimate
     from ..errors import UsageError
 
     if input == "-" or not os.path.isfile(input):
         raise UsageError(f"input file not found: {input} (estimate reads a file, not stdin)")
+    if flavors is not None and not compare:
+        raise UsageError("--flavors goes with --compare")
     try:
         tok = resolve_token(token, base_url)
     except UsageError:
         tok = None  # the price list is public: estimate without a token
+    if compare:
+        from ..cost.estimate import run_compare
+        from ..cost.gpu import parse_flavors
+
+        cmp = run_compare(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint,
+                          flavors=parse_flavors(flavors))
+        if wants_json(json):
+            sys.stdout.buffer.write(orjson.dumps(cmp) + b"\n")
+            return
+        from .tables import compare_view
+        from .ui import show, width
+
+        show(compare_view(dict(cmp), width()), stderr=False)
+        return
+    from ..cost.estimate import run_estimate
+
     est = run_estimate(input, base_url=base_url, prices=prices, token=tok, endpoint=endpoint)
-    if json or not sys.stdout.isatty():
+    if wants_json(json):
         sys.stdout.buffer.write(orjson.dumps(est) + b"\n")
         return
-    from rich.console import Console
+    from .tables import estimate_view
+    from .ui import show, width
 
-    console = Console()
-    console.print(render_table(est))
-    for note in est.get("notes") or []:
-        console.print(f"note: {note}", style="dim")
+    show(estimate_view(dict(est), width()), stderr=False)

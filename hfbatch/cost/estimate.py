@@ -19,7 +19,7 @@ import importlib.util
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import orjson
 
@@ -29,10 +29,7 @@ from ..models import LineError
 from ..reader import iter_lines, open_input
 from ..routing import split_model
 from ..validate import validate_line
-from .pricing import Catalog, ProviderInfo, iso, request_cost, round_usd
-
-if TYPE_CHECKING:
-    from rich.table import Table
+from .pricing import Catalog, ProviderInfo, request_cost, round_usd
 
 DEFAULT_MAX_OUTPUT = 512  # output-token bound of a chat / responses request that sets no max
 COMPLETIONS_DEFAULT_MAX_OUTPUT = 16  # OpenAI's (and vLLM's) max_tokens default for /v1/completions
@@ -301,41 +298,15 @@ def _model_entry(model: str, a: _ModelAcc, catalog: Catalog) -> ModelEstimate:
             "providers": rows}
 
 
-def usd(x: float | None) -> str:
-    """$ figure for terminals: 6 decimals under a cent, else 4; None -> 'unknown'."""
-    return "unknown" if x is None else (f"${x:.6f}" if x < 0.01 else f"${x:,.4f}")
-
-
-def render_table(est: Estimate) -> Table:
-    """A rich Table of estimate_file's result: one row per model and provider, cheapest first."""
-    from rich.table import Table
-
-    t = est["total"]
-    table = Table(title=f"Cost estimate for {est['requests']:,} request(s) (USD, estimate)",
-                  caption=f"cheapest {usd(t['cheapest_usd'])} · most expensive {usd(t['most_expensive_usd'])}"
-                          f" · savings {usd(t['savings_usd'])} · prices: {est['price_source']}"
-                          + (f" ({iso(est['prices_fetched_at'])})" if est.get("prices_fetched_at") else ""))
-    for col, right in (("Model", False), ("Provider", False), ("Requests", True), ("Input tok (est.)", True),
-                       ("Output tok (max)", True), ("$/1M in", True), ("$/1M out", True), ("Cost (est.)", True)):
-        table.add_column(col, justify="right" if right else "left")
-    for model, m in est["models"].items():
-        for i, p in enumerate(m["providers"]):
-            flags = (("fastest", p["fastest"]), ("expected", p["provider"] == m["expected_provider"]))
-            tags = [tag for tag, on in flags if on]
-            table.add_row(model if i == 0 else "", p["provider"] + (f" ({', '.join(tags)})" if tags else ""),
-                          f"{m['requests']:,}" if i == 0 else "", f"{m['input_tokens']:,}" if i == 0 else "",
-                          f"{m['max_output_tokens']:,}" if i == 0 else "",
-                          "?" if p["input_price"] is None else f"{p['input_price']:g}",
-                          "?" if p["output_price"] is None else f"{p['output_price']:g}", usd(p["cost_usd"]))
-        if not m["providers"]:
-            table.add_row(model, "-", f"{m['requests']:,}", f"{m['input_tokens']:,}", f"{m['max_output_tokens']:,}",
-                          "?", "?", "unknown")
-    return table
-
-
 def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: str | None,
                  endpoint: str | None = None) -> Estimate:
     """`hfbatch estimate`: fetch the price catalog (one GET, no inference) and estimate the file."""
+    return estimate_file(path, fetch_catalog(base_url, prices, token), pass_through=base_url is not None,
+                         endpoint=endpoint)
+
+
+def fetch_catalog(base_url: str | None, prices: str | None, token: str | None) -> Catalog:
+    """The price catalog (router, --base-url server or --prices file; the cache when offline)."""
     import asyncio
 
     from ..http.transport import Transport
@@ -346,4 +317,163 @@ def run_estimate(path: str, *, base_url: str | None, prices: str | None, token: 
             url = models_url(base_url)
             return await load_catalog(t.get_json, url, default_cache_path(url), prices)
 
-    return estimate_file(path, asyncio.run(catalog()), pass_through=base_url is not None, endpoint=endpoint)
+    return asyncio.run(catalog())
+
+
+# -- serverless tokens or GPU minutes: `hfbatch estimate FILE --compare` --------------------------------
+
+DEFAULT_CONCURRENCY = 32  # submit's -c: what the serverless wall time assumes
+
+
+class CompareOption(TypedDict, total=False):
+    engine: str  # "http" (serverless: the router) or "hf-jobs"
+    provider: str  # http: the provider that serves every model of the file
+    flavor: str  # hf-jobs: the Jobs hardware
+    cost_usd: float | None
+    minutes: float | None  # wall time (Jobs: one per model, in parallel)
+    basis: str  # what the figures rest on
+
+
+class SkippedFlavor(TypedDict):
+    flavor: str
+    why: str
+
+
+class Comparison(TypedDict):
+    """`hfbatch estimate FILE --compare --json`: the options cheapest first."""
+
+    object: str  # "hfbatch.estimate.compare"
+    input_file: str
+    requests: int
+    invalid_lines: int
+    tokens: dict[str, int]  # per model: input estimate + output bound
+    options: list[CompareOption]
+    skipped_flavors: list[SkippedFlavor]
+    notes: list[str]
+    is_estimate: bool
+
+
+def _serverless(est: Estimate, catalog: Catalog) -> list[CompareOption]:
+    """One option per provider that prices every model of the file (else one "cheapest per model" mix)."""
+    models = est["models"]
+    if not models:
+        return []
+    per: dict[str, list[float]] = {}
+    for m in models.values():
+        for p in m["providers"]:
+            if p["cost_usd"] is not None:
+                per.setdefault(p["provider"], []).append(p["cost_usd"])
+    out: list[CompareOption] = []
+    for provider, costs in per.items():
+        if len(costs) != len(models):
+            continue
+        minutes = _serverless_minutes(est, catalog, provider)
+        out.append({"engine": "http", "provider": provider, "cost_usd": round_usd(sum(costs)), "minutes": minutes,
+                    "basis": "tokens x the provider's price (prices: " + est["price_source"] + ")"
+                             + ("" if minutes is not None else "; wall time unknown (no throughput listed)")})
+    if not out and all(any(p["cost_usd"] is not None for p in m["providers"]) for m in models.values()):
+        total = sum(min(p["cost_usd"] for p in m["providers"] if p["cost_usd"] is not None) for m in models.values())
+        out.append({"engine": "http", "provider": "cheapest per model", "cost_usd": round_usd(total), "minutes": None,
+                    "basis": "tokens x each model's cheapest provider (no provider serves every model)"})
+    return out
+
+
+def _serverless_minutes(est: Estimate, catalog: Catalog, provider: str) -> float | None:
+    """Requests x (first-token latency + output / the provider's throughput), DEFAULT_CONCURRENCY at a time."""
+    total = 0.0
+    for model, m in est["models"].items():
+        info = next((p for p in catalog.providers(model) if p.provider == provider), None)
+        if info is None or not info.throughput:
+            return None
+        n = max(1, m["requests"])
+        per_request = (info.latency_ms or 0.0) / 1000 + m["max_output_tokens"] / n / info.throughput
+        total += n * per_request / min(DEFAULT_CONCURRENCY, n)
+    return round(total / 60, 2)
+
+
+def compare_file(est: Estimate, catalog: Catalog, flavors: list[Any], sizes: dict[str, Any],
+                 notes: list[str] | None = None) -> Comparison:
+    """The options for `est` (estimate_file's result): serverless per provider, and a Job per model on each
+    flavor that fits every model (`flavors`: cost.gpu.Flavor; `sizes`: model -> cost.gpu.ModelSize)."""
+    from .gpu import billed_minutes, estimate_run, fits, needs_gb
+
+    tokens = {m: e["input_tokens"] + e["max_output_tokens"] for m, e in est["models"].items()}
+    options = _serverless(est, catalog)
+    skipped: list[SkippedFlavor] = []
+    all_notes = list(est["notes"]) + list(notes or [])
+    for flavor in flavors:
+        cost, wall, bases, why = 0.0, 0.0, list[str](), ""
+        for model, n in tokens.items():
+            size = sizes[split_model(model)[0]]
+            fit = fits(size, flavor)
+            if fit is False:
+                why = (f"{model} needs about {needs_gb(size):.0f} GB of GPU memory; {flavor.name} has "
+                       f"{flavor.memory_gb:.0f}")
+                break
+            run = estimate_run(flavor, split_model(model)[0], size, n)
+            if run.minutes is None:
+                why = run.basis
+                break
+            cost += billed_minutes(run.minutes * 60) * flavor.usd_per_minute
+            wall = max(wall, run.minutes)
+            start = f"start-up {run.startup_seconds / 60:.1f} min (image pull + weights + engine start: a prior)"
+            if run.basis.startswith("measured"):
+                start = f"start-up {run.startup_seconds / 60:.1f} min (measured)"
+            bases.append(f"{split_model(model)[0]}: {start}; {run.basis}" + ("" if fit else "; fit not checked "
+                                                                                        "(no safetensors size)"))
+        if why:
+            skipped.append({"flavor": flavor.name, "why": why})
+            continue
+        options.append({"engine": "hf-jobs", "flavor": flavor.name, "cost_usd": round(cost, 4),
+                        "minutes": round(wall, 2), "basis": " | ".join(bases)})
+    options.sort(key=lambda o: (o.get("cost_usd") is None, o.get("cost_usd") or 0.0))
+    if any(o["engine"] == "hf-jobs" for o in options):
+        all_notes.append("Jobs: billed per started minute of each Job (one per model) at the flavor's price from "
+                         "the Hub's hardware list; output tokens counted at their upper bound (max_tokens)")
+    return {"object": "hfbatch.estimate.compare", "input_file": est["input_file"], "requests": est["requests"],
+            "invalid_lines": est["invalid_lines"], "tokens": tokens, "options": options, "skipped_flavors": skipped,
+            "notes": all_notes, "is_estimate": True}
+
+
+def run_compare(path: str, *, base_url: str | None, prices: str | None, token: str | None,
+                endpoint: str | None = None, flavors: list[str] | None = None) -> Comparison:
+    """`hfbatch estimate --compare`: the router's prices (one GET), the Jobs hardware and each model's size from
+    the Hub (huggingface_hub), then compare_file."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .gpu import ModelSize, flavors_from, model_size
+
+    catalog = fetch_catalog(base_url, prices, token)
+    est = estimate_file(path, catalog, pass_through=base_url is not None, endpoint=endpoint)
+    api = HfApi(token=token or False, library_name="hfbatch")
+    notes: list[str] = []
+    try:
+        hardware = flavors_from(api.list_jobs_hardware())
+    except Exception as e:  # noqa: BLE001 - without the Hub, the serverless side still stands
+        hardware = {}
+        notes.append(f"the Jobs hardware list is unavailable ({type(e).__name__}): GPU options left out")
+    if flavors is None:
+        chosen = [f for f in hardware.values() if f.gpu]
+    else:
+        unknown = [n for n in flavors if n not in hardware]
+        if unknown and hardware:
+            gpus = ", ".join(sorted(n for n, f in hardware.items() if f.gpu))
+            raise UsageError(f"--flavors: {', '.join(unknown)} not among the Jobs hardware ({gpus})")
+        chosen = [hardware[n] for n in flavors if n in hardware]
+    sizes: dict[str, ModelSize] = {}
+    for model in est["models"]:
+        base = split_model(model)[0]
+        if base in sizes:
+            continue
+        try:
+            sizes[base] = model_size(api.model_info(base, expand=["safetensors"]))
+        except HfHubHTTPError as e:
+            sizes[base] = ModelSize(None, None)
+            status = e.response.status_code if e.response is not None else "?"
+            notes.append(f"{base}: no model info from the Hub (HTTP {status}): its size, hence what fits, is unknown")
+        except Exception as e:  # noqa: BLE001 - same: an unknown size, said in the notes
+            sizes[base] = ModelSize(None, None)
+            notes.append(f"{base}: no model info from the Hub ({type(e).__name__}): its size is unknown")
+    return compare_file(est, catalog, chosen, sizes, notes)
+

@@ -5,11 +5,12 @@ from __future__ import annotations
 from ..config import RunConfig
 from ..errors import UsageError
 from ..limits import Capacity
+from ..validate import EngineRule
 from .base import Engine, Work
 
-ENGINES = ("http",)
+ENGINES = ("http", "vllm", "hf-jobs")
 
-__all__ = ["ENGINES", "Engine", "Work", "for_config"]
+__all__ = ["ENGINES", "Engine", "Work", "endpoint_rule", "for_config"]
 
 
 def for_config(cfg: RunConfig, *, input_size: int, capacity: Capacity | None = None, warm: bool = True) -> Engine:
@@ -18,4 +19,21 @@ def for_config(cfg: RunConfig, *, input_size: int, capacity: Capacity | None = N
         from .http import HttpEngine
 
         return HttpEngine(cfg, input_size=input_size, capacity=capacity, warm=warm)
+    if cfg.engine == "vllm":
+        from .vllm import VllmEngine
+
+        return VllmEngine(cfg)
+    if cfg.engine == "hf-jobs":
+        from .hf_jobs import HfJobsEngine
+
+        return HfJobsEngine(cfg)
     raise UsageError(f"--engine {cfg.engine!r}: use one of {', '.join(ENGINES)}")
+
+
+def endpoint_rule(engine: str) -> EngineRule | None:
+    """What the engine adds to validation: the lines it cannot run (None: it runs every valid line)."""
+    if engine in ("vllm", "hf-jobs"):
+        from .vllm_parts import engine_rule
+
+        return engine_rule(engine)
+    return None

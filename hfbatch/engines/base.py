@@ -11,8 +11,9 @@ grace period). Requests it never answers get no line: the rerun sends them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -32,6 +33,13 @@ class Work:
     stop: StopControl  # set: dispatch no more (hard: cancel in-flight work too)
     duplicates: dict[int, int] = field(default_factory=dict)  # request fingerprint -> occurrences (dedupe)
     stored: dict[str, Any] | None = None  # the stored Batch object of a resumed batch (its spend so far)
+    # The batch's folder in the registry: an engine's own state lives in `engine/` under it (part files,
+    # job ids), so that the rerun finds it. None: nowhere to keep state (an engine that needs it refuses).
+    batch_dir: Path | None = None
+    answered: Container[str] = frozenset()  # custom_ids that had a line when the run started (the ledger)
+    # --detach with an engine that runs remotely (hf-jobs): launch the work and return; a background process
+    # follows it. Engines that run here ignore it (BatchRun only sets it for those that say `remote = True`).
+    detach: bool = False
 
 
 class Engine(Protocol):
