@@ -380,6 +380,12 @@ class AdaptiveLimit:
         evidence.clear()
         evidence.extend(kept)
         ripe = [t for t in kept if t.at <= settled]
+        if ripe and now - self._served_since < max(self.srtt, 0.05):
+            return  # what the provider serves at once is not known yet: judged when it is
+        # Refused with what the provider serves at once out: a cap's refusals, whatever the trailing count said (at
+        # the start of a run every send leaves with more accepted than any before it).
+        top = TOP * self.held(now)
+        ripe = [t for t in ripe if t.level < top]
         if len(ripe) >= 3:
             evidence.clear()
             self._pace(now, min(t.trailing for t in ripe))

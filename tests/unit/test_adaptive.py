@@ -73,6 +73,21 @@ def test_a_hidden_cap_over_a_network(schedule: list[tuple[float, int]], n: int, 
     assert result.executor.concurrency_now() == {"fake": schedule[-1][1] if schedule else 40}
 
 
+def test_a_cap_over_a_slower_network_is_not_taken_for_a_rate() -> None:
+    """Seen end to end (one run in three, -c 200 against a cap of 40): the first refusals come before a whole round
+    trip was served, so what the provider serves at once is not known yet and they could not be told to be at the
+    top; in the first second every send leaves with more accepted than any before (the run is starting), so they
+    looked like a rate's refusals, and a round trip later sends were paced at ~120-180/s for the rest of the run
+    (0.5-0.65 of the ideal). Judged a round trip later, a refusal that left with what the provider serves at once
+    out is a cap's, whatever the trailing count said. Here: up to 10 ms each way, refusals in up to 10 ms."""
+    cap = HiddenCap(limit=40, latency=0.1, retry_after=1.0, door=0.01, trip=0.01, seed=3)
+    result, transport = simulate(cap, 4000, 200, 200)
+    assert result.executor.pace_now() == {}  # a cap, not a rate
+    assert result.executor.concurrency_now() == {"fake": 40}
+    assert 10.0 / result.elapsed >= 0.85, result.elapsed  # (10 ms each way costs what it costs: see above 0.9)
+    assert transport.posts <= 1.3 * 4000, transport.posts
+
+
 @pytest.mark.parametrize("door", [0.0005, 0.002])
 def test_a_hidden_rate_limit_is_paced_not_hammered(door: float) -> None:
     """At most 300 requests per second (429 at arrival, no Retry-After): a rate, not a concurrency. The
