@@ -271,6 +271,26 @@ def assert_each_once(expected: Iterable[str], *files: list[dict[str, Any]]) -> N
                               f"unexpected: {sorted(set(seen) - exp, key=str)[:20]}")
 
 
+# --------------------------------------------------------------------------- byte-code caches
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-code caches for the hundreds of `python -m hfbatch` children, as an installed package has them.
+
+    The sandbox sets PYTHONDONTWRITEBYTECODE and the editable hfbatch/ has no __pycache__, so without this
+    every child compiles hfbatch again (~60 ms a start). As bench/harness.py does, the children write their
+    caches under a prefix outside the source tree: .pytest_cache/d/pycache (kept between runs), shared by
+    the xdist workers (they inherit the controller's environment).
+    """
+    if os.environ.get("PYTHONPYCACHEPREFIX") or hasattr(config, "workerinput"):
+        return
+    cache = getattr(config, "cache", None)
+    prefix = cache.mkdir("pycache") if cache is not None else Path(config.rootpath) / ".pytest_cache" / "pycache"
+    prefix.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 

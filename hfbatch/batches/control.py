@@ -90,7 +90,7 @@ def request_cancel(batch_id: str) -> tuple[dict[str, Any], bool]:
     return batch, True
 
 
-def wait(batch_id: str, poll: float = 0.5, timeout: float | None = None) -> tuple[dict[str, Any], int]:
+def wait(batch_id: str, poll: float = 0.1, timeout: float | None = None) -> tuple[dict[str, Any], int]:
     """Block until the batch ends (or its process is gone); returns (batch, its exit code)."""
     b = get(batch_id)
     start = time.monotonic()

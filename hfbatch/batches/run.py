@@ -389,13 +389,13 @@ class BatchRun:
                 yield r
 
     async def _tick(self, batch: _Batch, answers: Answers, progress: ProgressView | None) -> None:
-        """Every 100 ms: hand finished lines to the OS and refresh the progress bar. Every 0.5 s: look
-        for a cancel request, the completion window and a shutdown. Every 2 s: publish live counts."""
+        """Every 100 ms: hand finished lines to the OS, refresh the progress bar, and look for a cancel
+        request (one stat), the completion window and a shutdown. Every 2 s: publish live counts."""
         b, info, stop = batch.dir, batch.info, self.stop
         expires_at = info.created_at + self.window
         shutdown = self.io.shutdown
         loop = asyncio.get_running_loop()
-        last_save = last_check = loop.time()
+        last_save = loop.time()
         while True:
             await asyncio.sleep(0.1)
             answers.out.flush()
@@ -403,17 +403,15 @@ class BatchRun:
             if progress is not None:
                 progress.update()
             now = loop.time()
-            if now - last_check >= 0.5:
-                last_check = now
-                if stop.reason is None and shutdown is not None and shutdown.is_set():
-                    stop.stop(StopReason.SHUTDOWN, "the server is stopping")
-                elif stop.reason is None and b.cancel_requested():
-                    stop.stop(StopReason.CANCELLED, "cancelled")
-                    info.set_status(BatchStatus.CANCELLING)
-                    self._save(batch)
-                    last_save = now
-                elif stop.reason is None and time.time() >= expires_at:
-                    stop.stop(StopReason.EXPIRED, "the completion window expired")
+            if stop.reason is None and shutdown is not None and shutdown.is_set():
+                stop.stop(StopReason.SHUTDOWN, "the server is stopping")
+            elif stop.reason is None and b.cancel_requested():
+                stop.stop(StopReason.CANCELLED, "cancelled")
+                info.set_status(BatchStatus.CANCELLING)
+                self._save(batch)
+                last_save = now
+            elif stop.reason is None and time.time() >= expires_at:
+                stop.stop(StopReason.EXPIRED, "the completion window expired")
             if now - last_save >= SAVE_EVERY:
                 last_save = now
                 self._save(batch)

@@ -181,17 +181,18 @@ def test_stdin_input_and_stdout_output(tmp_path: Path, fake, run_cli) -> None:
 
 def test_concurrency_is_bounded(tmp_path: Path, make_fake, run_cli) -> None:
     fake = make_fake(latency=0.15)
-    lines = [chat_line(f"k{i}", f"[[id:k{i}]] n {i}") for i in range(24)]
+    n = 12  # four waves of -c 3 (each 0.15 s): enough to reach the limit and to show it is never passed
+    lines = [chat_line(f"k{i}", f"[[id:k{i}]] n {i}") for i in range(n)]
     write_jsonl(tmp_path / "in.jsonl", lines)
     p = run_cli(["in.jsonl", "-q", "-c", "3"])
     assert p.returncode == 0, p.stderr
     st = fake.stats()
     assert st["max_inflight"] == 3, st
-    assert st["requests"] == 24 and st["dup_ok"] == 0 and st["distinct_ok"] == 24
+    assert st["requests"] == n and st["dup_ok"] == 0 and st["distinct_ok"] == n
     out = read_jsonl(tmp_path / "in.output.jsonl")
     assert_each_once(ids(lines), out)
     batch = batch_from(p.stdout)
-    assert Counter(batch["hfbatch"]["providers"]) == Counter({"fake-b": 24})
+    assert Counter(batch["hfbatch"]["providers"]) == Counter({"fake-b": n})
     assert batch["hfbatch"]["latency_ms"]["p50"] >= 100  # the fake's 150 ms latency is measured
 
 
