@@ -22,9 +22,10 @@ different answer, and the answers themselves say which it is:
 - Refused twice in a row: each refusal frees its slot at once and the next request would meet the same. The
   storm guard holds sends to what is out (lower with each refusal) until an answer is served.
 - Every cut and every pace decided on a storm (5 % of a round trip's answers refused) is a trial: if the next
-  answers are refused as often as before (and a minority), backing off did not help (429s that are not about
-  us): it is undone, and refusals at that background share no longer move anything. So load-blind 429s never
-  collapse the limit, and a real cap is still found above them.
+  answers are refused as often as before (and a minority), and again those sent a second later (a rate limit
+  still counts the second before the cut), backing off did not help (429s that are not about us): it is
+  undone, and refusals at that background share no longer move anything. So load-blind 429s never collapse the
+  limit, and a real cap is still found above them.
 - Growth: slow start (double per round trip) until the first throttle on a shared provider; then, only
   while requests wait for this limit and more input is coming, +step per round trip, the step doubling
   after each clean round trip; at a limit a throttle found, one probe above it per HOLD (a refused probe
@@ -101,6 +102,7 @@ class _Trial:
     below: float = math.inf  # a cut: judged on requests that left under the new limit (not ones let in before)
     answers: int = 0  # answers to requests sent since (the ones the trial is judged on)
     refused: int = 0
+    since: float = -math.inf  # judged on the requests sent from then on (a second verdict: a second after it)
 
 
 class AdaptiveLimit:
@@ -399,7 +401,7 @@ class AdaptiveLimit:
 
     def _answer(self, now: float, ticket: Ticket, refused: bool) -> None:
         trial = self._trial
-        if trial is not None and ticket.at >= trial.at and ticket.level < trial.below:
+        if trial is not None and ticket.at >= max(trial.at, trial.since) and ticket.level < trial.below:
             trial.answers += 1
             trial.refused += refused
         self._answers.append((now, ticket))
@@ -427,12 +429,19 @@ class AdaptiveLimit:
             self._trial = None
             after = trial.refused / trial.answers  # of the requests sent since the cut
             if max(0.5 * trial.share, TRIAL_SHARE) <= after <= BACKGROUND_MAX and trial.refused >= 3:
-                # Backing off did not lower the refusals: they are not about our load. Undo, and learn their share.
-                # (Most refused even so: about our load, but not yet backed off enough. The cut stands.)
-                self.limit = max(self.limit, trial.limit)
-                self.rate = trial.rate
-                self.ceiling = None
-                self.background = max(self.background, after)
+                # Backing off did not lower the refusals. A rate limit still counts the sends of the second before
+                # the cut: judged again on the requests sent a second after it. Then they are not about our load:
+                # undo, and learn their share. (Most refused even so: about our load, not yet backed off enough:
+                # the cut stands.)
+                if trial.since < trial.at + WINDOW:
+                    trial.since = max(now, trial.at + WINDOW)
+                    trial.answers = trial.refused = 0
+                    self._trial = trial
+                else:
+                    self.limit = max(self.limit, trial.limit)
+                    self.rate = trial.rate
+                    self.ceiling = None
+                    self.background = max(self.background, after)
         if self._round_clean and self._round_limited and self.ceiling is None:
             self.step = min(self.step * 2, max(1.0, self.limit / 2))
         if (self.rate is not None and self._round_limited and self._growing
