@@ -20,9 +20,7 @@ import hashlib
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .threaded import OnAThread
 
 # (name, pretty name, GPU model, count, VRAM, USD per hour): the prices of hub-docs' jobs-pricing page.
 HARDWARE = [
@@ -466,63 +466,19 @@ def _kill(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-class ThreadedFakeHub:
+class ThreadedFakeHub(OnAThread):
     """A FakeHub served from a daemon thread with its own event loop (for synchronous tests)."""
 
     def __init__(self, config: FakeHubConfig | None = None) -> None:
         self.hub = FakeHub(config)
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(self.hub, "fake-hub")
 
     @property
     def config(self) -> FakeHubConfig:
         return self.hub.config
 
-    def start(self) -> ThreadedFakeHub:
-        loop, ready, port = asyncio.new_event_loop(), threading.Event(), []
-
-        def run() -> None:
-            try:
-                port.append(loop.run_until_complete(self.hub.start()))
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._loop, self._thread = loop, threading.Thread(target=run, name="fake-hub", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or not port:
-            raise RuntimeError("fake hub failed to start")
-        self.url = f"http://127.0.0.1:{port[0]}"
-        return self
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the hub's loop (its state is not thread-safe) and return its result."""
-        async def run() -> Any:
-            return fn()
-
-        assert self._loop is not None, "not started"
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
-
     def stats(self) -> dict[str, Any]:
         return dict(self.call(self.hub.snapshot))
-
-    def stop(self) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.hub.stop(), loop).result(10)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-
-    def __enter__(self) -> ThreadedFakeHub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def serve(port: int, host: str = "127.0.0.1", config: FakeHubConfig | None = None) -> None:

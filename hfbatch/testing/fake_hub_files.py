@@ -21,19 +21,18 @@ fake_hub.py) can serve them from the same application.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
+
+from .threaded import OnAThread
 
 _TYPES = {"datasets": "dataset", "models": "model", "spaces": "space"}
 _API_RE = re.compile(r"^/api/(datasets|models|spaces)/([^/]+)/([^/]+)(?:/(revision|tree|paths-info|preupload|commit)"
@@ -84,6 +83,7 @@ class FakeHubFiles:
         self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.page_size = PAGE_SIZE
         self.url = ""
+        self._runner: web.AppRunner | None = None
 
     # -------------------------------------------------------------- test API
 
@@ -97,6 +97,22 @@ class FakeHubFiles:
 
     def files(self, repo_id: str, repo_type: str = "dataset", revision: str = "main") -> dict[str, bytes]:
         return dict(self.repos[(repo_type, repo_id)].branches[revision])
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        app = web.Application(client_max_size=1 << 30)
+        app.add_routes(self.routes())
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        self._runner = runner
+        bound = int(runner.addresses[0][1])
+        self.url = f"http://{host}:{bound}"
+        return bound
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     def routes(self) -> list[web.RouteDef]:
         """Its routes only (no catch-all), so that another fake's routes (the Jobs API's /api/jobs/...) can be
@@ -305,68 +321,10 @@ def _bytes(request: web.Request, data: bytes, sha: str) -> web.Response:
     return web.Response(status=status, body=body, headers=headers)
 
 
-class ThreadedFakeHubFiles:
+class ThreadedFakeHubFiles(OnAThread):
     """A FakeHubFiles served from a daemon thread with its own event loop (for synchronous tests):
     `with ThreadedFakeHubFiles(token) as hub: hub.url ...; hub.hub.add_repo(...)`."""
 
     def __init__(self, token: str | None = None) -> None:
         self.hub = FakeHubFiles(token)
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-
-    def start(self) -> ThreadedFakeHubFiles:
-        loop, ready, port = asyncio.new_event_loop(), threading.Event(), []
-
-        async def serve() -> int:
-            app = web.Application(client_max_size=1 << 30)
-            app.add_routes(self.hub.routes())
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            server = site._server
-            assert server is not None
-            return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-
-        def run() -> None:
-            try:
-                port.append(loop.run_until_complete(serve()))
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._loop, self._thread = loop, threading.Thread(target=run, name="fake-hub-files", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or not port:
-            raise RuntimeError("fake Hub failed to start")
-        self.url = self.hub.url = f"http://127.0.0.1:{port[0]}"
-        return self
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the server's loop (reads and changes of the repos while it serves)."""
-
-        async def run() -> Any:
-            return fn()
-
-        assert self._loop is not None, "not started"
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
-
-    def stop(self) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            if self._runner is not None:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-
-    def __enter__(self) -> ThreadedFakeHubFiles:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(self.hub, "fake-hub-files")

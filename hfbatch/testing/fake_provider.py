@@ -9,7 +9,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from .threaded import OnAThread
 
 _ID_RE = re.compile(rb"\[\[id:([^\]]+)\]\]")
 _FAULT_RE = re.compile(rb"\[\[fault:([^\]]*)\]\]")
@@ -450,65 +451,22 @@ class FakeProvider:
         return self._json(404, _oai_err(f"no route for {request.method} {request.path}", code="not_found"))
 
 
-class ThreadedFakeProvider:
+class ThreadedFakeProvider(OnAThread):
     """A FakeProvider served from a daemon thread with its own event loop (for synchronous tests)."""
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self.provider = FakeProvider(config)
-        self.url = ""
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> ThreadedFakeProvider:
-        loop, ready, port = asyncio.new_event_loop(), threading.Event(), []
-
-        def run() -> None:
-            try:
-                port.append(loop.run_until_complete(self.provider.start()))
-            finally:
-                ready.set()
-            loop.run_forever()
-            loop.close()
-
-        self._loop, self._thread = loop, threading.Thread(target=run, name="fake-provider", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or not port:
-            raise RuntimeError("fake provider failed to start")
-        self.url = f"http://127.0.0.1:{port[0]}"
-        return self
+        super().__init__(self.provider, "fake-provider")
 
     def release(self) -> None:
         """Answer the requests marked [[hold]] (waiting and future ones)."""
-        self._call(self.provider.release)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        async def run() -> Any:
-            return fn()
-
-        assert self._loop is not None, "not started"
-        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+        self.call(self.provider.release)
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._call(self.provider.snapshot))
+        return dict(self.call(self.provider.snapshot))
 
     def reset_stats(self) -> None:
-        self._call(self.provider.reset_stats)
-
-    def stop(self) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self.provider.stop(), loop).result(10)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
-
-    def __enter__(self) -> ThreadedFakeProvider:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.call(self.provider.reset_stats)
 
 
 def serve(port: int, host: str = "127.0.0.1", config: FakeConfig | None = None) -> None:
