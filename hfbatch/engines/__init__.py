@@ -33,7 +33,7 @@ def for_config(cfg: RunConfig, *, input_size: int, capacity: Capacity | None = N
 def endpoint_rule(engine: str) -> EngineRule | None:
     """What the engine adds to validation: the lines it cannot run (None: it runs every valid line)."""
     if engine in ("vllm", "hf-jobs"):
-        from .vllm_parts import engine_rule
+        from .vllm_lines import engine_rule
 
         return engine_rule(engine)
     return None
