@@ -37,8 +37,10 @@ class ShardFigures:
     failed: int = 0
     abandoned: int = 0
     concurrency: dict[str, int] = field(default_factory=dict)  # its adaptive limit per provider
+    providers: dict[str, int] = field(default_factory=dict)  # 2xx answers per serving provider
     pace: dict[str, float] = field(default_factory=dict)
-    cost: dict[str, Any] | None = None  # its CostLedger.summary()
+    cost: dict[str, Any] | None = None  # its CostLedger.summary() (GPU mode: its GpuCost's)
+    jobs: list[dict[str, Any]] = field(default_factory=list)  # GPU mode: its vLLM runs (summary.JobFigures)
 
 
 @dataclass(slots=True)
