@@ -37,13 +37,14 @@ from ..models import StopReason
 from ..storage import private_dir, read_json, write_json
 from ..summary import ShardRow
 from .base import Work
-from .ray_limits import LimitsBook, Snapshot
+from .ray_limits import SAVINGS, LimitsBook, Snapshot
 from .ray_merge import ClusterCost, Merger
 from .ray_shard import ShardResult, ShardSpec, shard_task
 from .vllm_store import create_private
 
 STATE_SCHEMA = 1
 MAX_RETRIES = 3  # a shard's task re-run when its worker dies (each re-run resumes from the shard's files)
+SAVE_EVERY = 2.0  # seconds between saves of the engine's state while shards run
 POLL = 0.1  # seconds between the driver's looks at the shards (merge, figures, ends)
 DRAIN = 5.0  # seconds workers get to return after a hard stop before their processes are killed
 INSTALL = "pip install 'hfbatch[ray]'"
@@ -224,23 +225,23 @@ class RayEngine:
                 shutil.rmtree(folder, ignore_errors=True)
         self._rows(work, state)
         state.save()
-        shards, duplicates = await self._split(work, state, merger.merged)
+        shards, copies = await self._split(work, state, merger.merged)
         if not shards or work.stop.reason is not None:
             for shard in shards:
                 shutil.rmtree(state.folder(shard), ignore_errors=True)
             state.shards = [s for s in state.shards if s not in shards]
             state.save()
             return
-        await self._drive(work, state, merger, cost, shards, duplicates)
+        await self._drive(work, state, merger, cost, shards, copies)
 
-    async def _split(self, work: Work, state: RayState, skip: IdSet) -> tuple[list[Shard], list[dict[int, int]]]:
+    async def _split(self, work: Work, state: RayState, skip: IdSet) -> tuple[list[Shard], list[bool]]:
         """The pending requests (no line yet, not merged just now) -> shard input files, round-robin; identical
         requests (dedupe) in one shard, so each is sent once."""
         n = self.cfg.shards or default_shards(self.input_size, self.cpus)
         first = len(state.shards) + 1
         made = [Shard(id=f"s{first + i:04d}") for i in range(n)]
         files: list[BinaryIO | None] = [None] * n
-        dups: list[dict[int, int]] = [{} for _ in range(n)]
+        copies = [False] * n
         private_dir(Path(state.storage))
         i = 0
         try:
@@ -255,10 +256,9 @@ class RayEngine:
                 i += 1
                 if work.duplicates:
                     fp = request_fingerprint(canonical_request(req.url, req.body))
-                    copies = work.duplicates.get(fp)
-                    if copies is not None:
+                    if fp in work.duplicates:
                         at = fp % n
-                        dups[at][fp] = copies
+                        copies[at] = True
                 f = files[at]
                 if f is None:
                     folder = state.folder(made[at])
@@ -271,13 +271,13 @@ class RayEngine:
             for f in files:
                 if f is not None:
                     f.close()
-        keep = [(s, d) for s, d in zip(made, dups, strict=True) if s.requests]
+        keep = [(s, c) for s, c in zip(made, copies, strict=True) if s.requests]
         state.shards.extend(s for s, _ in keep)
         state.save()
         return [s for s, _ in keep], [d for _, d in keep]
 
     async def _drive(self, work: Work, state: RayState, merger: Merger, cost: ClusterCost, shards: list[Shard],
-                     duplicates: list[dict[int, int]]) -> None:
+                     copies: list[bool]) -> None:
         import ray
 
         cfg = self.cfg
@@ -290,7 +290,7 @@ class RayEngine:
         env = worker_env()
         gpu = cfg.gpus_per_worker is not None
         refs: dict[Any, Shard] = {}
-        for shard, dups in zip(shards, duplicates, strict=True):
+        for shard, dups in zip(shards, copies, strict=True):
             spec = ShardSpec(shard.id, str(state.folder(shard)), cfg, dups, env, gpu=gpu)
             refs[task.remote(spec, book)] = shard
             shard.status = "running"
@@ -309,7 +309,12 @@ class RayEngine:
 
         told: tuple[StopReason, bool] | None = None
         stop = work.stop
+        loop = asyncio.get_running_loop()
+        saved = loop.time()
         while refs:
+            if loop.time() - saved >= SAVE_EVERY:
+                saved = loop.time()
+                state.save()  # attempts and figures, for a rerun after this driver is killed
             self._merge(state, merger, refs.values())
             try:
                 self.snapshot = await book.snapshot.remote()
@@ -353,6 +358,10 @@ class RayEngine:
                 ray.cancel(ref, force=True)  # its requests in flight get no line: the rerun sends them
                 shard.status = "stopped"
         self._merge(state, merger, state.shards)
+        try:
+            self.snapshot = await book.snapshot.remote()  # the workers' last reports
+        except ray.exceptions.RayActorError:
+            pass
         self._figures(work, state, cost)
         work.stats.in_flight = 0
         state.save()
@@ -401,6 +410,7 @@ class RayEngine:
             return
         sent = retries = in_flight = abandoned = 0
         providers: dict[str, int] = {}
+        savings = dict.fromkeys(SAVINGS, 0.0)
         concurrency: dict[str, int] = {}
         pace: dict[str, float] = {}
         by_shard = {s.id: s for s in state.shards}
@@ -411,6 +421,8 @@ class RayEngine:
             abandoned += f.abandoned
             for k, v in f.providers.items():
                 providers[k] = providers.get(k, 0) + v
+            for k, x in f.savings.items():
+                savings[k] = savings.get(k, 0.0) + x
             if epoch >= latest.get(sid, 0):
                 latest[sid] = epoch
             shard = by_shard.get(sid)
@@ -428,6 +440,8 @@ class RayEngine:
                 shard.sent = sum(f.sent for (s, _), f in snap.figures.items() if s == sid)
                 shard.retries = sum(f.retries for (s, _), f in snap.figures.items() if s == sid)
         stats.sent, stats.retries, stats.in_flight, stats.abandoned = sent, retries, in_flight, abandoned
+        for k, x in savings.items():
+            setattr(stats, k, x if k == "saved_usd" else int(x))
         stats.providers.clear()
         stats.providers.update(providers)
         if concurrency:

@@ -25,6 +25,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# Stats counters a worker reports as they are and the driver sums (dedupe, cache, coalescing, fallbacks, caps).
+SAVINGS = ("deduped", "cache_hits", "coalesced", "fallbacks", "capped", "saved_input_tokens", "saved_output_tokens",
+           "saved_usd")
+
 
 @dataclass(slots=True)
 class ShardFigures:
@@ -39,6 +43,7 @@ class ShardFigures:
     concurrency: dict[str, int] = field(default_factory=dict)  # its adaptive limit per provider
     providers: dict[str, int] = field(default_factory=dict)  # 2xx answers per serving provider
     pace: dict[str, float] = field(default_factory=dict)
+    savings: dict[str, float] = field(default_factory=dict)  # Stats' counters named in SAVINGS
     cost: dict[str, Any] | None = None  # its CostLedger.summary() (GPU mode: its GpuCost's)
     jobs: list[dict[str, Any]] = field(default_factory=list)  # GPU mode: its vLLM runs (summary.JobFigures)
 

@@ -29,16 +29,17 @@ from .. import __version__
 from ..config import RunConfig
 from ..cost.spend import Budget, CostLedger
 from ..errors import DependencyChanged
-from ..fingerprints import IdSet
+from ..fingerprints import IdSet, RepeatFinder, canonical_request, request_fingerprint
 from ..limits import Capacity, Gate, RateBucket, StopControl
 from ..models import Request, StopReason
 from ..reader import iter_lines
+from ..storage import write_json
 from ..summary import Stats
 from ..validate import validate_line
 from ..writer import Answers, JsonlSink, repair
 from .base import Engine, Work
 from .http import first_limit
-from .ray_limits import Reply, Report, ShardFigures, Stop
+from .ray_limits import SAVINGS, Reply, Report, ShardFigures, Stop
 
 SYNC_EVERY = 0.05  # seconds between a worker's syncs with the book (at once when a request waits for a slot)
 Call = Callable[..., Awaitable[Any]]  # (method name, *args) -> the book's answer
@@ -51,7 +52,7 @@ class ShardSpec:
     id: str  # s0001, ...
     dir: str  # input.jsonl, output.jsonl, errors.jsonl (and engine/ in GPU mode)
     cfg: RunConfig
-    duplicates: dict[int, int] = field(default_factory=dict)  # fingerprint -> copies, all in this shard
+    copies: bool = False  # it holds identical requests (all copies of each: the driver shards them together)
     env: dict[str, str] = field(default_factory=dict)  # the driver's HFBATCH_*/HF_* settings (not the token)
     version: str = __version__
     gpu: bool = False
@@ -139,6 +140,7 @@ class Lease:
                                completed=stats.completed, failed=stats.failed, abandoned=stats.abandoned,
                                concurrency=self.engine.live() if self.engine is not None else {},
                                providers=dict(stats.providers), pace=dict(stats.pace),
+                               savings={k: getattr(stats, k) for k in SAVINGS},
                                cost=stats.cost.summary() if stats.cost is not None else None,
                                jobs=[dict(j) for j in stats.jobs])
         r = Report(self.shard, self.epoch, held=max(gate.limit, gate.active), want=gate.active + gate.waiting,
@@ -235,6 +237,15 @@ def shard_requests(path: Path, cfg: RunConfig, done: IdSet) -> Iterator[Request]
                 yield r
 
 
+def repeats(path: Path, cfg: RunConfig) -> dict[int, int]:
+    """The shard's identical requests: fingerprint -> occurrences (fingerprints are per process: the driver's mean
+    nothing here, so the worker finds them again in its own file, all copies being in it)."""
+    finder = RepeatFinder()
+    for r in shard_requests(path, cfg, IdSet()):
+        finder.add(request_fingerprint(canonical_request(r.url, r.body)))
+    return finder.repeats()
+
+
 def make_engine(spec: ShardSpec, lease: Lease, input_size: int) -> Engine:
     if spec.gpu:
         from .vllm import VllmEngine
@@ -250,6 +261,8 @@ async def run_shard(spec: ShardSpec, call: Call) -> ShardResult:
     t0 = time.monotonic()
     d = Path(spec.dir)
     epoch: int = await call("join", spec.id)
+    # Where this attempt runs (an operator's answer to "which process is shard s0003?"; tests kill it by its pid).
+    write_json(d / "attempt.json", {"epoch": epoch, "pid": os.getpid(), "node": socket.gethostname()})
     stats, stop = Stats(), StopControl()
     done = read_ledger(d / "output.jsonl", d / "errors.jsonl", stats)
     lease = Lease(call, spec.id, epoch, spec.cfg, stats, stop)
@@ -261,7 +274,8 @@ async def run_shard(spec: ShardSpec, call: Call) -> ShardResult:
         yield from shard_requests(d / "input.jsonl", spec.cfg, done)
         lease.done = True
 
-    work = Work(requests(), answers, stats, stop, duplicates=spec.duplicates, batch_dir=d, answered=done)
+    duplicates = repeats(d / "input.jsonl", spec.cfg) if spec.copies else {}
+    work = Work(requests(), answers, stats, stop, duplicates=duplicates, batch_dir=d, answered=done)
     pump: asyncio.Task[None] | None = None
     try:
         engine = lease.engine = make_engine(spec, lease, os.path.getsize(d / "input.jsonl"))
