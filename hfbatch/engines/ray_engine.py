@@ -170,6 +170,7 @@ class RayEngine:
         blocking: the input is being scanned meanwhile. Ray's SIGTERM handler is taken back (ours stops cleanly)."""
         if self.connected:
             return
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # not a line per second while a cluster is unreachable
         import ray
 
         for name in ("ray", "ray._private", "ray.runtime_env"):
@@ -181,7 +182,9 @@ class RayEngine:
                      logging_level=logging.ERROR, configure_logging=True, ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = "start a local Ray" if address is None else f"reach the Ray cluster at {address}"
-            raise UsageError(f"--engine ray: cannot {where}: {str(e).splitlines()[0][:300]}") from None
+            hint = ("" if address is None or os.environ.get("RAY_AUTH_MODE") else " (a cluster with token "
+                    "authentication: set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+            raise UsageError(f"--engine ray: cannot {where}: {str(e).splitlines()[0][:300]}{hint}") from None
         finally:
             if before is not None:
                 signal.signal(signal.SIGTERM, before)
@@ -218,6 +221,10 @@ class RayEngine:
         for shard in state.shards:  # an earlier run's shards: keep what they wrote, send the rest anew
             if shard.status != "merged":
                 folder = state.folder(shard)
+                try:  # its last attempt (the state may be older: that driver was killed between two saves)
+                    shard.attempts = max(shard.attempts, int(read_json(folder / "attempt.json")["epoch"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
                 got = merger.take(shard.id, folder)
                 shard.completed += got[0]
                 shard.failed += got[1]

@@ -9,11 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import (
     TOKEN,
     Cli,
@@ -22,7 +20,6 @@ from conftest import (
     chat_line,
     check_batch,
     check_completed,
-    check_interrupted,
     check_output_line,
     cli_env,
     count_lines,
@@ -34,18 +31,7 @@ from conftest import (
 
 from hfbatch.testing.vllm import install
 
-pytestmark = pytest.mark.xdist_group("ray")  # one local Ray for all of them (make test: --dist loadgroup)
-
-
-@pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    ray = pytest.importorskip("ray", reason="the `ray` extra is not installed: pip install 'hfbatch[ray]'")
-    # Fractional CPUs per task (the engine asks for them): whole-CPU tasks queue behind each other on 2 cores.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+# `ray_address`: one local Ray for the whole run, started in the background by tests/ray_cluster.py.
 
 
 def ray_args(address: str, *more: str) -> list[str]:
@@ -105,8 +91,8 @@ def test_same_files_as_http_under_429s_with_c_held_across_four_workers(tmp_path:
 
 def test_a_killed_worker_resends_at_most_its_in_flight_and_a_killed_driver_resumes(
         tmp_path: Path, make_fake: Any, cli: Cli, ray_address: str) -> None:
-    ids = chat_file(tmp_path / "in.jsonl", 300)
-    fake = make_fake(latency=0.15)
+    ids = chat_file(tmp_path / "in.jsonl", 240)
+    fake = make_fake(latency=0.1)
     args = ["submit", "in.jsonl", "-c", "8", "-q", *ray_args(ray_address, "--shards", "2")]
     p = cli.start(*args)
     s1 = poll(lambda: started(cli, "s0001"), "shard s0001 to start", 30, proc=p)
@@ -115,7 +101,7 @@ def test_a_killed_worker_resends_at_most_its_in_flight_and_a_killed_driver_resum
     os.kill(first["pid"], signal.SIGKILL)  # the worker dies mid-shard: Ray runs the task again
     poll(lambda: json.loads((s1 / "attempt.json").read_bytes())["epoch"] == 2, "Ray to re-run s0001", 30, proc=p)
     resent_by_worker = fake.stats()["dup_ok"]
-    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 150, "150 merged lines", 30, proc=p)
+    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 120, "120 merged lines", 30, proc=p)
     cli.kill9(p)  # the driver dies: Ray ends its tasks and its limits actor with it
     again = cli.run(*args, timeout=90)
     assert again.returncode == 0, again.stderr
@@ -123,7 +109,7 @@ def test_a_killed_worker_resends_at_most_its_in_flight_and_a_killed_driver_resum
     assert_each_once(ids, out, err)
     assert not err
     st = fake.stats()
-    assert st["distinct_ok"] == 300
+    assert st["distinct_ok"] == 240
     assert resent_by_worker <= 8, st  # at most what the killed worker held of -c
     assert st["dup_ok"] <= 16, st  # ... plus at most -c in flight when the driver died
     b = check_batch(last_json(again.stdout))
@@ -135,7 +121,7 @@ def test_a_killed_worker_resends_at_most_its_in_flight_and_a_killed_driver_resum
 
 def test_cancel_stops_every_worker_keeps_every_line_and_closes_the_rest(tmp_path: Path, make_fake: Any, cli: Cli,
                                                                         ray_address: str) -> None:
-    ids = chat_file(tmp_path / "in.jsonl", 400)
+    ids = chat_file(tmp_path / "in.jsonl", 300)
     make_fake(latency=0.2)
     p = cli.start("submit", "in.jsonl", "-c", "4", "-q", *ray_args(ray_address, "--shards", "2"))
     poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 10, "10 merged lines", 30, proc=p)
@@ -149,24 +135,8 @@ def test_cancel_stops_every_worker_keeps_every_line_and_closes_the_rest(tmp_path
     assert b["status"] == "cancelled"
     lines, err = read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl")
     assert_each_once(ids, lines, err)
-    assert {e["error"]["code"] for e in err} == {"batch_cancelled"} and len(lines) < 400
+    assert {e["error"]["code"] for e in err} == {"batch_cancelled"} and len(lines) < 300
     assert {s["status"] for s in b["hfbatch"]["shards"]} <= {"done", "stopped"}
-
-
-def test_sigint_stops_cleanly_and_resumes(tmp_path: Path, make_fake: Any, cli: Cli, ray_address: str) -> None:
-    ids = chat_file(tmp_path / "in.jsonl", 200)
-    fake = make_fake(latency=0.2)
-    args = ["submit", "in.jsonl", "-c", "4", "-q", "--grace", "1", *ray_args(ray_address, "--shards", "2")]
-    p = cli.start(*args)
-    poll(lambda: count_lines(tmp_path / "in.output.jsonl") >= 8, "8 merged lines", 30, proc=p)
-    p.send_signal(signal.SIGINT)
-    code, out, _ = cli.finish(p, timeout=30)
-    assert code == -signal.SIGINT  # re-raised after the clean stop: the shell sees 130
-    check_interrupted(check_batch(last_json(out)))
-    again = cli.run(*args, timeout=60)
-    assert again.returncode == 0, again.stderr
-    assert_each_once(ids, read_jsonl(tmp_path / "in.output.jsonl"), read_jsonl(tmp_path / "in.errors.jsonl"))
-    assert fake.stats()["dup_ok"] <= 4
 
 
 def test_gpu_mode_runs_the_vllm_part_runner_per_shard(tmp_path: Path, cli: Cli, ray_address: str) -> None:
