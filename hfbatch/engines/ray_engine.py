@@ -176,9 +176,11 @@ class RayEngine:
         for name in ("ray", "ray._private", "ray.runtime_env"):
             logging.getLogger(name).setLevel(logging.ERROR)
         before = signal.getsignal(signal.SIGTERM)
-        address = self.cfg.ray_address
+        # No address: a Ray of its own for this run (never a stale or unrelated cluster Ray would find on its own).
+        address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         try:
-            ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
+            ray.init(address=address or "local", log_to_driver=False,
+                     include_dashboard=False if address is None else None,
                      logging_level=logging.ERROR, configure_logging=True, ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = "start a local Ray" if address is None else f"reach the Ray cluster at {address}"

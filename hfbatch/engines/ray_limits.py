@@ -30,6 +30,10 @@ SAVINGS = ("deduped", "cache_hits", "coalesced", "fallbacks", "capped", "saved_i
            "saved_usd")
 
 
+SYNC_EVERY = 0.05  # seconds between a worker's syncs with few workers (at once when a request waits for a slot)
+SYNCS_PER_SECOND = 400  # what the book is held to: one actor serves ~500-900 syncs/s on a busy 2-core node
+
+
 @dataclass(slots=True)
 class ShardFigures:
     """A shard attempt's live counters (the driver sums them: the progress bar, the Batch object)."""
@@ -80,6 +84,7 @@ class Reply:
     usd: float | None  # this worker's budget: the most its spent + reserved may reach
     usd_left: float | None  # the whole budget minus what every worker spent: may a request still ever fit?
     stop: Stop | None
+    every: float = SYNC_EVERY  # seconds until this worker's next sync (longer with many workers: the book's load)
 
 
 def fair(capacity: float, wants: dict[str, float], whole: bool, first: dict[str, float] | None = None
@@ -185,7 +190,7 @@ class LimitsBook:
             usd_left = self.usd.capacity - sum(self.spent.values())
         n = max(1, len(self.running))
         return Reply(False, slots, self.rpm / n if self.rpm else None, self.tpm / n if self.tpm else None,
-                     usd, usd_left, self.stopped)
+                     usd, usd_left, self.stopped, max(SYNC_EVERY, n / SYNCS_PER_SECOND))
 
     def leave(self, shard: str, epoch: int | None = None, spent: float | None = None) -> None:
         """A shard's attempt ended (or the driver saw its task fail): its slots and budget go back to the pool,

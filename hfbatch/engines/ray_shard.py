@@ -39,9 +39,8 @@ from ..validate import validate_line
 from ..writer import Answers, JsonlSink, repair
 from .base import Engine, Work
 from .http import first_limit
-from .ray_limits import SAVINGS, Reply, Report, ShardFigures, Stop
+from .ray_limits import SAVINGS, SYNC_EVERY, Reply, Report, ShardFigures, Stop
 
-SYNC_EVERY = 0.05  # seconds between a worker's syncs with the book (at once when a request waits for a slot)
 Call = Callable[..., Awaitable[Any]]  # (method name, *args) -> the book's answer
 
 
@@ -129,6 +128,7 @@ class Lease:
         self.engine: Engine | None = None
         self.done = False  # every request has been read: no more demand than what is in use
         self.from_book = False  # the stop came from the book (not ours to report)
+        self.every = SYNC_EVERY  # until the next sync (the book says: longer when many workers share it)
 
     def make_budget(self, limit: float, ledger: CostLedger) -> Budget:
         self.budget = SharedBudget(ledger)
@@ -158,6 +158,7 @@ class Lease:
     def apply(self, reply: Reply) -> bool:
         """The book's answer; True when the allotment of slots grew."""
         stop = self.stop
+        self.every = reply.every
         if reply.fenced:
             self.from_book = True
             stop.stop(StopReason.SHUTDOWN, f"shard {self.shard}: a newer attempt of it runs", hard=True)
@@ -188,17 +189,17 @@ class Lease:
 
     async def pump(self) -> None:
         """Sync until cancelled: at once when a request waits for a slot (unless the last sync brought none),
-        else every SYNC_EVERY."""
+        else every `every` seconds."""
         loop = asyncio.get_running_loop()
         grew = True
         while True:
             if grew:
                 try:
-                    await asyncio.wait_for(self.gate.hungry.wait(), SYNC_EVERY)
+                    await asyncio.wait_for(self.gate.hungry.wait(), self.every)
                 except TimeoutError:
                     pass
             else:
-                await asyncio.sleep(SYNC_EVERY)  # nothing free in the cluster: no call storm while we wait
+                await asyncio.sleep(self.every)  # nothing free in the cluster: no call storm while we wait
             self.gate.hungry.clear()
             started = loop.time()
             grew = await self.sync()
