@@ -201,9 +201,10 @@ def _check_engine(engine: str, **flags: object) -> None:
     if flags.get("vllm_args") is not None and not gpu:
         raise UsageError("--vllm-args only applies to --engine vllm or hf-jobs, or ray with --gpus-per-worker")
     if engine == "ray":
-        from ..engines.ray_engine import require_ray
+        from ..engines.ray_engine import check_storage, require_ray
 
         require_ray()
+        check_storage(flags.get("ray_storage"))  # type: ignore[arg-type]
     if engine == "vllm":
         from ..engines.vllm import find_vllm
 

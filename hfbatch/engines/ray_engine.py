@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..config import RunConfig
-from ..errors import ExitCode, HfbatchError, UsageError
+from ..errors import ExitCode, HfbatchError, StoppedEarly, UsageError
 from ..fingerprints import IdSet, canonical_request, request_fingerprint
 from ..models import StopReason
 from ..storage import private_dir, read_json, write_json
@@ -58,6 +58,13 @@ def require_ray() -> None:
     if importlib.util.find_spec("ray") is None:
         raise UsageError(f"--engine ray needs Ray, which is not installed here: {INSTALL} (on every node of the "
                          "cluster, the same hfbatch version)")
+
+
+def check_storage(storage: str | None) -> None:
+    """--ray-storage: a folder (every node mounts it at the same path); URLs are refused, saying why."""
+    if storage and "://" in storage:
+        raise UsageError(f"--ray-storage {storage}: give a folder mounted at the same path on every node (NFS, EFS, "
+                         "Lustre, CephFS: a file system that appends; an object store cannot hold a shard's ledger)")
 
 
 def default_shards(input_size: int, cpus: float) -> int:
@@ -142,9 +149,7 @@ class RayEngine:
 
     def __init__(self, cfg: RunConfig, *, input_size: int) -> None:
         require_ray()
-        if cfg.ray_storage and "://" in cfg.ray_storage:
-            raise UsageError(f"--ray-storage {cfg.ray_storage}: give a folder mounted at the same path on every node "
-                             "(NFS, EFS, Lustre, CephFS: a file system that appends); URLs are not supported yet")
+        check_storage(cfg.ray_storage)
         self.cfg, self.input_size = cfg, input_size
         self.connected = False
         self.cpus = 1.0
@@ -328,7 +333,7 @@ class RayEngine:
             try:
                 self.snapshot = await book.snapshot.remote()
             except ray.exceptions.RayActorError as e:
-                raise HfbatchError(f"the Ray actor holding the batch's limits died ({str(e).splitlines()[0]}); "
+                raise StoppedEarly(f"the Ray actor holding the batch's limits died ({str(e).splitlines()[0]}); "
                                    "every answered line is kept: rerun the same command to send the rest") from None
             self._figures(work, state, cost)
             s = self.snapshot.stopped if self.snapshot is not None else None
