@@ -401,10 +401,11 @@ class RayEngine:
             f = result.figures
             shard.sent, shard.retries = f.sent, f.retries
         self._merge(state, merger, [shard])
-        self.snapshot_final(shard)
+        self._attempts_seen(shard)
         state.save()
 
-    def snapshot_final(self, shard: Shard) -> None:
+    def _attempts_seen(self, shard: Shard) -> None:
+        """Every attempt the book saw of it (a worker that died before returning counts too)."""
         if self.snapshot is not None:
             epochs = [e for (s, e) in self.snapshot.figures if s == shard.id]
             shard.attempts = max([shard.attempts, *epochs])
@@ -480,6 +481,8 @@ class RayEngine:
         if isinstance(cause, HfbatchError) and cause.exit_code != ExitCode.INTERNAL:
             work.stop.stop(StopReason.ENGINE_FAILED, f"{what}; its answered lines are kept: rerun to send the rest")
         elif isinstance(cause, Exception) and not isinstance(cause, HfbatchError) and _is_bug(cause):
+            if os.environ.get("HFBATCH_DEBUG"):
+                raise cause  # debug means loud: the worker's traceback (Ray's error carries it)
             work.stop.stop(StopReason.INTERNAL_ERROR, f"internal error in a Ray worker: {what}")
         else:
             work.stop.stop(StopReason.ENGINE_FAILED, f"{what}; its answered lines are kept: rerun to send the rest")
