@@ -267,8 +267,12 @@ async def run_shard(spec: ShardSpec, call: Call) -> ShardResult:
     stats, stop = Stats(), StopControl()
     done = read_ledger(d / "output.jsonl", d / "errors.jsonl", stats)
     lease = Lease(call, spec.id, epoch, spec.cfg, stats, stop)
-    out = JsonlSink.open(str(d / "output.jsonl"), append=True)
-    err = JsonlSink.open(str(d / "errors.jsonl"), append=True)
+
+    def write_failed(sink: JsonlSink, e: OSError) -> None:  # dispatch no more: what has no line is sent again
+        stop.stop(StopReason.WRITE_ERROR, f"shard {spec.id}: {sink.describe_error()}")
+
+    out = JsonlSink.open(str(d / "output.jsonl"), append=True, on_error=write_failed)
+    err = JsonlSink.open(str(d / "errors.jsonl"), append=True, on_error=write_failed)
     answers = Answers(out, err, stats)
 
     def requests() -> Iterator[Request]:
@@ -298,9 +302,6 @@ async def run_shard(spec: ShardSpec, call: Call) -> ShardResult:
             await asyncio.gather(pump, return_exceptions=True)
         out.close()
         err.close()
-        if out.error is not None or err.error is not None:
-            e = out.error or err.error
-            stop.stop(StopReason.WRITE_ERROR, f"shard {spec.id}: {e}")
     lease.done = True
     final = lease.report()
     await call("sync", final)
