@@ -10,6 +10,8 @@ Scenarios (full sizes; --quick uses 2,000 / 2,000 / 10,000+50,000):
       child).                                          target < 150 MB and not growing with N
   (d) start-up: `hfbatch --help`, `hfbatch estimate` on a small file, and a 1-line submit
       end to end (all clients).                                    target: --help < 0.25 s
+  (r) the (a) file on this machine with `--engine ray` (a local Ray started by the run, its default
+      shards) against the http engine: wall times and their ratio (only with the `ray` extra).
 
 Every client runs as a child process; each run gets a reset mock (/__reset), fresh output files and
 a fresh HFBATCH_HOME (nothing is resumed), and is checked: output lines == N, every marker answered
@@ -69,9 +71,11 @@ def log(msg: str = "") -> None:
 
 def client_cmd(client: str, referee: Path, inp: Path, out: Path, err: Path, base: str, conc: int,
                home: Path) -> tuple[list[str], dict[str, str]]:
-    if client == "hfbatch":
+    if client in ("hfbatch", "hfbatch_ray"):
         cmd = [*hfbatch_exe(), "submit", str(inp), "-o", str(out), "-e", str(err),
                "--base-url", base + "/v1", "-c", str(conc), "-q"]
+        if client == "hfbatch_ray":
+            cmd += ["--engine", "ray"]
         return cmd, child_env(HF_TOKEN=TOKEN, HFBATCH_HOME=str(home))
     script = referee / f"{client}.py"
     return [venv_python(), str(script), str(inp), str(out), base + "/v1", str(conc)], child_env()
@@ -93,7 +97,7 @@ def one_run(client: str, referee: Path, mock: Mock, inp: Path, n: int, conc: int
     rec = run_measured(cmd, env, timeout=120 + n * 0.01, stdout=rundir / "stdout", stderr=rundir / "stderr",
                        mock_pid=mock.proc.pid if mock.proc else None)
     rec["foreign_share_before"] = before
-    if client == "hfbatch":
+    if client.startswith("hfbatch"):
         rec["hfbatch_source"] = source_fingerprint()["sha256"]  # the tree may change between runs
     st = mock.stats()
     rec.update(n=n, concurrency=conc, latency_ms=mock.latency_ms, client=client,
@@ -254,6 +258,18 @@ def build_rows(res: dict[str, Any], sizes: dict[str, Any], clients: list[str]) -
                     if c == "hfbatch":
                         met = y <= x * 1.10
             row(f"(c) {int(lo):,} -> {int(hi):,}", "RSS growth", growth, "+0", "<= +10%", met)
+    if "r" in res:
+        r, n = res["r"], sizes["a"]
+        scen = f"(r) {n:,} req, {A_LATENCY_MS} ms, c={A_CONC}: --engine ray"
+        wall = {c: med(r[c], lambda x: x["wall_s"]) for c in r}
+        h, ray = wall.get("hfbatch"), wall.get("hfbatch_ray")
+        row(scen, "wall s (http | ray)", {"hfbatch": f"{fmt(h, '.2f', r['hfbatch'])} | "
+                                                     f"{fmt(ray, '.2f', r['hfbatch_ray'])}"},
+            f"{n * A_LATENCY_MS / 1000 / A_CONC:.2f}", raw={"wall_s": wall})
+        row(scen, "ray / http wall", {"hfbatch": fmt(ray / h if h and ray else None, ".2f") + "x"},
+            raw={"ratio": ray / h if h and ray else None,
+                 "cpu_s": {c: med(r[c], lambda x: x["cpu_s"]) for c in r},
+                 "rss_mb": {c: med(r[c], lambda x: x["maxrss_kb"] / 1024) for c in r}})
     if "d" in res:
         d = res["d"]
         help_wall = med(d["help"], lambda r: r["wall_s"])
@@ -297,7 +313,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke sizes: 2,000 / 2,000 / 10,000+50,000 (1 run "
                     "unless --runs is given)")
     ap.add_argument("--runs", type=int, default=None, help="runs per figure, medians reported (default 3)")
-    ap.add_argument("--only", default="a,b,c,d", help="comma-separated scenarios among a,b,c,d")
+    ap.add_argument("--only", default="a,b,c,d,r", help="comma-separated scenarios among a,b,c,d,r (r: only with "
+                    "the `ray` extra installed)")
     ap.add_argument("--skip-baselines", action="store_true", help="run hfbatch only")
     ap.add_argument("--c-baseline-runs", type=int, default=1,
                     help="runs of each baseline in (c) (default 1: RSS barely varies, and they are slow)")
@@ -315,8 +332,11 @@ def main() -> int:
     QUIET_WAIT = args.quiet_wait
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not only <= {"a", "b", "c", "d"}:
-        ap.error("--only takes a,b,c,d")
+    if not only <= {"a", "b", "c", "d", "r"}:
+        ap.error("--only takes a,b,c,d,r")
+    if "r" in only and not ray_installed():
+        log("(r) skipped: the `ray` extra is not installed (pip install -e '.[ray]')")
+        only.discard("r")
     sizes = QUICK if args.quick else FULL
     clients = ["hfbatch"] if args.skip_baselines else list(CLIENTS)
     referee = referee_dir()
@@ -344,6 +364,9 @@ def main() -> int:
         floor = [run_measured([venv_python(), "-c", "import asyncio, aiohttp, orjson"], child_env(), 60)
                  for _ in range(3)]
         res["c_floor_mb"] = med(floor, lambda r: r["maxrss_kb"] / 1024)
+    if "r" in only:
+        res["r"] = load_scenario("r", referee, sizes["a"], A_LATENCY_MS, A_CONC, ["hfbatch", "hfbatch_ray"],
+                                 lambda c: runs, args.keep)
     if "d" in only:
         log("(d) start-up")
         k = max(runs, 5)
@@ -388,9 +411,17 @@ def main() -> int:
     return 1 if failures else 0
 
 
+def ray_installed() -> bool:
+    """Is `ray` importable by the venv's python (the child runs)?"""
+    import subprocess
+
+    return subprocess.run([venv_python(), "-c", "import importlib.util as u; raise SystemExit(u.find_spec('ray') "
+                           "is None)"], capture_output=True).returncode == 0
+
+
 def _all_runs(res: dict[str, Any]) -> list[list[dict[str, Any]]]:
     out: list[list[dict[str, Any]]] = []
-    for key in ("a", "b"):
+    for key in ("a", "b", "r"):
         out.extend(res.get(key, {}).values())
     for per_n in res.get("c", {}).values():
         out.extend(per_n.values())

@@ -60,6 +60,11 @@ class RunConfig:
     image: str | None = None  # --engine hf-jobs: the Docker image (default: a pinned vllm/vllm-openai)
     namespace: str | None = None  # --engine hf-jobs: where the Jobs and the bucket live (default: whoami)
     job_timeout: str | None = None  # --engine hf-jobs: each Job's timeout (default: twice the estimate, >= 30m)
+    # --engine ray (engines/ray_engine.py)
+    ray_address: str | None = None  # None: start a local Ray; "auto": the cluster this machine is in; or an address
+    shards: int | None = None  # how many shards the pending requests are split into (None: from size and CPUs)
+    ray_storage: str | None = None  # a folder every node reads and writes: the shard files (default: the batch's)
+    gpus_per_worker: float | None = None  # set: each shard runs vLLM's batch runner on this many GPUs
     summary_path: str | None = field(default=None, metadata=_ONCE)
     quiet: bool = field(default=False, metadata=_ONCE)
     overwrite: bool = field(default=False, metadata=_ONCE)

@@ -130,8 +130,9 @@ class Executor:
         # Shared with other batches in `hfbatch serve` (this executor is then one tenant of its gates).
         self.capacity = capacity or Capacity(limits.concurrency, limits.adapt, limits.start, clock=self.clock)
         self.gate = self.capacity.gate
-        self.rpm = RateBucket(limits.rpm / 60.0, clock=self.clock) if limits.rpm else None
-        self.tpm = RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0, clock=self.clock) if limits.tpm else None
+        self.rpm = self.capacity.rpm or (RateBucket(limits.rpm / 60.0, clock=self.clock) if limits.rpm else None)
+        self.tpm = self.capacity.tpm or (RateBucket(limits.tpm / 60.0, burst=limits.tpm / 60.0, clock=self.clock)
+                                         if limits.tpm else None)
         self.dedupe_keys = dedupe_keys
         self.groups: dict[tuple[str, bytes], _Group] = {}
         self.hooks: RunHooks = hooks or NoHooks()

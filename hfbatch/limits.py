@@ -174,6 +174,10 @@ class Capacity:
         self.gate = Gate(concurrency)
         self.providers: dict[str, ProviderLimit] = {}
         self.learned: dict[str, str] = {}  # auto-routed model -> the provider that served it
+        # --rpm / --tpm buckets set by the owner (the Ray engine's shard worker: its share of the cluster's rate,
+        # moved as shards come and go); None: each executor builds its own from its flags.
+        self.rpm: RateBucket | None = None
+        self.tpm: RateBucket | None = None
 
     def provider(self, key: str) -> ProviderLimit:
         p = self.providers.get(key)

@@ -7,7 +7,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 from . import __version__
 from .models import BatchStatus, LineError, RunState, StopReason
@@ -81,6 +81,9 @@ class Stats:
     engine_done: int = 0
     engine_note: str = ""
     jobs: list[JobFigures] = field(default_factory=list)
+    # The Ray engine: each shard's figures (hfbatch.shards) and the most shard tasks that ran at once (workers).
+    shards: list[ShardRow] | None = None
+    workers: int | None = None
     providers: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     endpoints: Counter[str] = field(default_factory=Counter)
@@ -185,6 +188,22 @@ class JobFigures(TypedDict):
     message: str | None  # why it ended in ERROR (the tail of its log)
 
 
+class ShardRow(TypedDict):
+    """One shard of a Ray run (`hfbatch.shards`)."""
+
+    shard: str
+    requests: int  # requests written to it
+    status: str  # written, running, done (its every request has a line), stopped, failed, merged (a rerun's)
+    attempts: int  # Ray tasks that ran it (more than one: a worker died and Ray ran it again)
+    completed: int  # its lines merged into the output file
+    failed: int  # ... into the error file
+    sent: int  # HTTP attempts (every attempt of it)
+    retries: int
+    node: str | None  # where its last attempt ran
+    seconds: float | None  # its last attempt's wall time
+    message: str | None  # why it failed
+
+
 class LatencyMs(TypedDict):
     p50: float | None
     p95: float | None
@@ -224,6 +243,8 @@ class HfbatchFigures(TypedDict):
     models: dict[str, int]
     endpoints: dict[str, int]
     jobs: list[JobFigures]
+    shards: NotRequired[list[ShardRow]]  # --engine ray
+    workers: NotRequired[int]
 
 
 def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> dict[str, Any]:
@@ -278,6 +299,9 @@ def batch_object(info: BatchInfo, stats: Stats, window_seconds: int = 86400) -> 
         "endpoints": dict(stats.endpoints),
         "jobs": stats.jobs,
     }
+    if stats.shards is not None:
+        figures["shards"] = stats.shards
+        figures["workers"] = stats.workers or 0
     return {
         "id": info.id,
         "object": "batch",

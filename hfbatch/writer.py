@@ -246,6 +246,36 @@ class JsonlSink:
             self._fail(e)
 
 
+def repair(path: str) -> int:
+    """Cut a torn last line (no trailing newline); returns the bytes removed."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        os.lseek(fd, size - 1, os.SEEK_SET)
+        if os.read(fd, 1) == b"\n":
+            return 0
+        pos, keep = size, 0
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            os.lseek(fd, start, os.SEEK_SET)
+            chunk = os.read(fd, pos - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        return size - keep
+    finally:
+        os.close(fd)
+
+
 def escape_separators(line: bytes) -> bytes:
     """U+2028, U+2029 and U+0085 escaped (`\\u2028`...): Python's splitlines() and older JavaScript split
     lines on them. In valid UTF-8 JSON these bytes can only be those characters, inside strings, where

@@ -30,6 +30,8 @@ from openai.types.shared import ErrorObject
 
 from hfbatch.testing.fake_provider import FakeConfig, ThreadedFakeProvider
 
+pytest_plugins = ["ray_cluster"]  # one local Ray for the Ray engine's tests (tests/ray_cluster.py)
+
 TOKEN = "hf_test_secret_token_123"
 CHAT_MODEL = "test-org/tiny-chat"
 EMBED_MODEL = "test-org/tiny-embed"

@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..fingerprints import IdSet
 from ..retry import retryable
 from ..summary import Stats
+from ..writer import repair
 
 VALIDATION_CODES = frozenset(
     {"invalid_json_line", "invalid_request", "duplicate_custom_id", "url_mismatch", "empty_file"}
@@ -34,36 +35,6 @@ class Ledger:
     done: IdSet = field(default_factory=IdSet)  # custom_ids with a line in either file
     rejected: set[int] = field(default_factory=set)  # input line numbers rejected as invalid
     retried: int = 0  # error lines dropped for --retry-failed
-
-
-def repair(path: str) -> int:
-    """Cut a torn last line (no trailing newline); returns the bytes removed."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return 0
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        os.lseek(fd, size - 1, os.SEEK_SET)
-        if os.read(fd, 1) == b"\n":
-            return 0
-        pos, keep = size, 0
-        while pos > 0:
-            start = max(0, pos - (1 << 16))
-            os.lseek(fd, start, os.SEEK_SET)
-            chunk = os.read(fd, pos - start)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                keep = start + i + 1
-                break
-            pos = start
-        os.ftruncate(fd, keep)
-        os.fsync(fd)
-        return size - keep
-    finally:
-        os.close(fd)
 
 
 def is_retryable_line(obj: dict[str, object]) -> bool:

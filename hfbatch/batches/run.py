@@ -115,7 +115,7 @@ class BatchRun:
         # New batches' windows are checked against the range where they come in (the CLI flag, serve's
         # POST /v1/batches); here a stored batch keeps the window it was created with.
         self.window = parse_duration(cfg.completion_window, "--completion-window")
-        self.rule = endpoint_rule(cfg.engine)  # the lines this engine cannot run are invalid for it
+        self.rule = endpoint_rule(cfg.engine, gpu=cfg.gpus_per_worker is not None)  # lines it cannot run: invalid
 
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM (the caller's handler): dispatching stops, in-flight requests get the grace

@@ -41,7 +41,8 @@ PricesOpt = Annotated[str | None, typer.Option(
     "(USD per 1M tokens).")]
 EngineOpt = Annotated[str, typer.Option(
     help="Where the requests run: http (the router or --base-url), vllm (vLLM's batch runner on this machine's "
-    "GPU) or hf-jobs (vLLM in Hugging Face Jobs, billed by the GPU minute).", envvar="HFBATCH_ENGINE")]
+    "GPU), hf-jobs (vLLM in Hugging Face Jobs, billed by the GPU minute) or ray (shards on a Ray cluster, limits "
+    "cluster-wide; pip install 'hfbatch[ray]').", envvar="HFBATCH_ENGINE")]
 VllmArgsOpt = Annotated[str | None, typer.Option(
     help="--engine vllm / hf-jobs: more `vllm run-batch` flags, as one string (\"--max-model-len 8192 "
     "--gpu-memory-utilization 0.95\").")]
@@ -60,3 +61,15 @@ JobTimeoutOpt = Annotated[str | None, typer.Option(
     help="--engine hf-jobs: each Job's timeout (45m, 3h) [default: twice the estimate, at least 30m].")]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print the Batch object as JSON even on a terminal (the default when stdout is not one).")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    help="--engine ray: the cluster to join: auto (the one this machine belongs to), host:port or ray://host:10001 "
+    "[default: $RAY_ADDRESS, else a local Ray started for the run].")]
+ShardsOpt = Annotated[int | None, typer.Option(
+    min=1, max=100_000, help="--engine ray: split the pending requests into N shards, one Ray task each [default: "
+    "one per CPU of the cluster, at most ~256 MB of input each].")]
+RayStorageOpt = Annotated[str | None, typer.Option(
+    metavar="FOLDER", help="--engine ray: where the shard files live, a folder every node mounts at the same path "
+    "(NFS, EFS, Lustre; needed with more than one node) [default: the batch's folder].")]
+GpusPerWorkerOpt = Annotated[float | None, typer.Option(
+    min=0.01, help="--engine ray: run vLLM's batch runner on each shard with this many GPUs (one model per part) "
+    "instead of HTTP requests.")]

@@ -18,6 +18,7 @@ from .options import (
     EngineOpt,
     FlavorOpt,
     GpuPriceOpt,
+    GpusPerWorkerOpt,
     GraceOpt,
     ImageOpt,
     JobTimeoutOpt,
@@ -25,7 +26,10 @@ from .options import (
     NamespaceOpt,
     PricesOpt,
     QuietOpt,
+    RayAddressOpt,
+    RayStorageOpt,
     RetryFailedOpt,
+    ShardsOpt,
     TimeoutOpt,
     TokenOpt,
     VllmArgsOpt,
@@ -104,6 +108,10 @@ def submit(
     image: ImageOpt = None,
     namespace: NamespaceOpt = None,
     job_timeout: JobTimeoutOpt = None,
+    ray_address: RayAddressOpt = None,
+    shards: ShardsOpt = None,
+    ray_storage: RayStorageOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
     quiet: QuietOpt = False,
     json: JsonOpt = False,
     token: TokenOpt = None,
@@ -146,7 +154,8 @@ def submit(
     fallbacks = tuple(p.strip() for p in fallback.split(",") if p.strip()) if fallback else ()
     _check_engine(engine, base_url=base_url, rpm=rpm, tpm=tpm, route=route, fallback=fallbacks, cache=cache,
                   coalesce=coalesce, budget=budget, bill_to=bill_to, vllm_args=vllm_args, gpu_price=gpu_price,
-                  flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout)
+                  flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout, ray_address=ray_address,
+                  shards=shards, ray_storage=ray_storage, gpus_per_worker=gpus_per_worker)
     if dry_run:
         estimate(input, base_url=base_url, prices=prices, endpoint=endpoint, json=json,
                  token=token, compare=engine == "hf-jobs", flavors=flavor)
@@ -157,11 +166,13 @@ def submit(
         skip_invalid=skip_invalid,
         endpoint=endpoint, summary_path=summary, quiet=quiet, bill_to=bill_to,
         completion_window=completion_window, grace=grace, overwrite=overwrite,
-        retry_failed=retry_failed, wait=wait, detach=detach, token=engine_token(engine, token, base_url),
+        retry_failed=retry_failed, wait=wait, detach=detach,
+        token=engine_token(engine, token, base_url, gpu=gpus_per_worker is not None),
         rpm=rpm, tpm=tpm, adapt=adapt, route=route, max_tokens=max_tokens, dedupe=dedupe, cache=cache,
         coalesce=coalesce, metadata=_metadata(metadata),
         budget=budget, prices=prices, fallback=fallbacks, vllm_args=vllm_args, gpu_price=gpu_price,
-        flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout,
+        flavor=flavor, image=image, namespace=namespace, job_timeout=job_timeout, ray_address=ray_address,
+        shards=shards, ray_storage=ray_storage, gpus_per_worker=gpus_per_worker,
     )
     _run_and_print(cfg, json)
 
@@ -174,17 +185,26 @@ def _check_engine(engine: str, **flags: object) -> None:
 
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    # The Ray engine runs the http engine on its workers, or vLLM's batch runner with --gpus-per-worker.
+    gpu = engine in ("vllm", "hf-jobs") or (engine == "ray" and flags.get("gpus_per_worker") is not None)
+    runs = "ray" if engine == "ray" else engine
     only = {"http": ("base_url", "rpm", "tpm", "route", "fallback", "cache", "coalesce", "budget", "bill_to"),
-            "vllm": ("gpu_price",), "hf-jobs": ("flavor", "image", "namespace", "job_timeout")}
-    gpu = ("vllm_args",)
+            "vllm": ("gpu_price",), "hf-jobs": ("flavor", "image", "namespace", "job_timeout"),
+            "ray": ("ray_address", "shards", "ray_storage", "gpus_per_worker")}
+    also = {"http": not gpu and engine == "ray", "vllm": gpu and engine == "ray"}
     for owner, names in only.items():
         for name in names:
-            if flags.get(name) not in (None, False, ()) and engine != owner:
+            if flags.get(name) not in (None, False, ()) and runs != owner and not also.get(owner):
+                how = " with --gpus-per-worker" if engine == "ray" and gpu else ""
                 raise UsageError(f"--{name.replace('_', '-')} only applies to --engine {owner} (this run: --engine "
-                                 f"{engine})")
-    for name in gpu:
-        if flags.get(name) is not None and engine == "http":
-            raise UsageError(f"--{name.replace('_', '-')} only applies to --engine vllm or hf-jobs")
+                                 f"{engine}{how})")
+    if flags.get("vllm_args") is not None and not gpu:
+        raise UsageError("--vllm-args only applies to --engine vllm or hf-jobs, or ray with --gpus-per-worker")
+    if engine == "ray":
+        from ..engines.ray_engine import check_storage, require_ray
+
+        require_ray()
+        check_storage(flags.get("ray_storage"))  # type: ignore[arg-type]
     if engine == "vllm":
         from ..engines.vllm import find_vllm
 
@@ -197,13 +217,13 @@ def _check_engine(engine: str, **flags: object) -> None:
             parse_duration(str(flags["job_timeout"]), "--job-timeout")
 
 
-def engine_token(engine: str, flag: str | None, base_url: str | None) -> str | None:
+def engine_token(engine: str, flag: str | None, base_url: str | None, gpu: bool = False) -> str | None:
     """The token a run needs: the router's (required), a Job's secret (required), a local vLLM's (optional: for
-    gated models it downloads)."""
+    gated models it downloads; so too on Ray workers with --gpus-per-worker)."""
     from ..config import resolve_token
     from ..errors import UsageError
 
-    if engine == "vllm":
+    if engine == "vllm" or (engine == "ray" and gpu):
         try:
             return resolve_token(flag, None)
         except UsageError:
@@ -247,8 +267,8 @@ def resume(
     meta = get(batch_id).meta()
     overrides: dict[str, object] = {"concurrency": concurrency} if concurrency is not None else {}
     stored = RunConfig.from_meta(meta)
-    cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait,
-                              token=engine_token(stored.engine, token, stored.base_url), **overrides)
+    tok = engine_token(stored.engine, token, stored.base_url, gpu=stored.gpus_per_worker is not None)
+    cfg = RunConfig.from_meta(meta, quiet=quiet, retry_failed=retry_failed, wait=wait, token=tok, **overrides)
     _run_and_print(cfg, json)
 
 

@@ -139,6 +139,11 @@ class Budget:
         """Could `amount` fit once everything in flight has settled? False: the budget is reached for it."""
         return amount is not None and self.ledger.spent + amount <= self.limit
 
+    def may_free(self) -> bool:
+        """Could waiting make room (reservations here that will settle)? False: a request that does not fit now
+        never will, and the run stops. (A budget shared with other processes says True while they hold some.)"""
+        return self.reserved > 0
+
     def release(self, amount: float | None) -> None:
         """Drop a reservation made by a successful try_reserve (the request ended, answered or not)."""
         if amount is None or self._open == 0:

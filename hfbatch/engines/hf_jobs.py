@@ -34,7 +34,9 @@ from ..config import RunConfig, env_float, parse_duration
 from ..cost.gpu import Flavor, ModelSize, estimate_run, fits, flavors_from, model_size, needs_gb
 from ..errors import AuthError, StoppedEarly, UsageError
 from .buckets import BucketFiles, bucket_files
-from .vllm_parts import LogTail, Part, PartEngine, PartStatus
+from .vllm_lines import LogTail
+from .vllm_parts import PartEngine
+from .vllm_store import Part, PartStatus
 
 # Pinned: the image's `vllm run-batch` is the one whose output this engine reads (vllm_parts). Check a newer tag
 # with a real Job before moving the pin (README: what the offline tests cannot cover).

@@ -8,6 +8,7 @@ cost ledger, budget) and lets the executor answer every request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +44,10 @@ class HttpEngine:
     name = "http"
 
     def __init__(self, cfg: RunConfig, *, input_size: int, capacity: Capacity | None = None,
-                 warm: bool = True) -> None:
+                 warm: bool = True, budget: Callable[[float, CostLedger], Budget] = Budget) -> None:
         self.cfg, self.capacity, self.warm = cfg, capacity, warm
+        self.budget = budget  # how --budget is kept: here, or a share of a cluster's (the Ray engine's workers)
+        self.hooks: Accounting | None = None
         # A batch line is at least ~100 bytes: never more connections than the file can use.
         self.connections = max(1, min(first_limit(cfg.concurrency, cfg.base_url), input_size // 100))
         headers = {"X-HF-Bill-To": cfg.bill_to} if cfg.bill_to else {}
@@ -92,9 +95,9 @@ class HttpEngine:
         router = Router(cfg.base_url, route_suffix=cfg.route, max_tokens=cfg.max_tokens,
                         estimate=_booked_tokens if cfg.tpm else None,
                         default_max_tokens=DEFAULT_MAX_OUTPUT if cfg.budget is not None else None)
-        hooks = Accounting(spend, work.stop, server=cfg.base_url or "router",
-                           budget=Budget(cfg.budget, spend) if cfg.budget is not None else None,
-                           cache=await _open_cache() if cfg.cache else None)
+        hooks = self.hooks = Accounting(spend, work.stop, server=cfg.base_url or "router",
+                                        budget=self.budget(cfg.budget, spend) if cfg.budget is not None else None,
+                                        cache=await _open_cache() if cfg.cache else None)
         limits = Limits(concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, adapt=cfg.adapt,
                         fallback=cfg.fallback, coalesce=cfg.coalesce,
                         start=first_limit(cfg.concurrency, cfg.base_url))
@@ -164,7 +167,7 @@ class Accounting:
         inp, out = estimate_tokens(body, req.url, conservative=True)
         worst = self.ledger.worst_case(route.model or req.model, inp, out)
         while not budget.try_reserve(worst):
-            if worst is None or not budget.can_ever_fit(worst) or budget.reserved <= 0:
+            if worst is None or not budget.can_ever_fit(worst) or not budget.may_free():
                 why = ("a request's cost cannot be bounded (its model has no known price)" if worst is None
                        else f"budget reached: estimated spend ${self.ledger.spent:.6f} of ${budget.limit:g}")
                 self.stop.stop(StopReason.BUDGET, f"{why}. Rerun the same command with a larger --budget: only "
@@ -179,8 +182,12 @@ class Accounting:
     def release(self, amount: float) -> None:
         if self.budget is not None and amount:
             self.budget.release(amount)
-            self._released.set()
-            self._released = asyncio.Event()
+            self.room()
+
+    def room(self) -> None:
+        """The budget may have room now (a reservation settled, or a shared budget's share grew): waiters try again."""
+        self._released.set()
+        self._released = asyncio.Event()
 
     def answered(self, req: Request, route: Route, outcome: Outcome, body: dict[str, Any]) -> None:
         inp, out = usage_tokens(body)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import UsageError
-from .vllm_parts import LogTail, Part, PartEngine, PartStatus, create_private, pid_alive
+from .vllm_lines import LogTail
+from .vllm_parts import PartEngine
+from .vllm_store import Part, PartStatus, create_private, pid_alive
 
 
 def find_vllm() -> str:

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -66,6 +67,7 @@ class FakeConfig:
     require_token: bool = False
     seed: int = 1234
     max_inflight: int = 0
+    stable: bool = False  # one request, the same body bytes (its id from the body, created fixed): to compare engines
 
     def update(self, values: dict[str, Any]) -> None:
         """Set fields from a JSON/CLI dict, coercing types; an unknown name raises KeyError."""
@@ -378,6 +380,12 @@ class FakeProvider:
             if model.startswith("NonExist") or model.rpartition("/")[2].startswith("NonExist"):
                 return 400, _oai_err(f"The requested model '{model}' is not supported by any provider you "
                                      "have enabled.", param="model", code="model_not_supported")
+        if self.config.stable:
+            status, payload = builder(body, model, zlib.crc32(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)))
+            for key in ("created", "created_at"):
+                if isinstance(payload, dict) and key in payload:
+                    payload[key] = 1700000000
+            return status, payload
         return builder(body, model, self._n + 1)  # n matches the x-request-id that _json assigns next
 
     def _status(self, status: int, headers: dict[str, str]) -> web.Response:

@@ -23,7 +23,7 @@ from hfbatch.cost.gpu import (
     model_size,
     record,
 )
-from hfbatch.engines.vllm_parts import (
+from hfbatch.engines.vllm_lines import (
     LogTail,
     cap_output,
     convert,
