@@ -462,8 +462,8 @@ class FakeProvider:
 class ThreadedFakeProvider(OnAThread):
     """A FakeProvider served from a daemon thread with its own event loop (for synchronous tests)."""
 
-    def __init__(self, config: FakeConfig | None = None) -> None:
-        self.provider = FakeProvider(config)
+    def __init__(self, config: FakeConfig | None = None, provider: FakeProvider | None = None) -> None:
+        self.provider = provider if provider is not None else FakeProvider(config)
         super().__init__(self.provider, "fake-provider")
 
     def release(self) -> None:

@@ -232,8 +232,8 @@ class CatalogSwitchFake(FakeProvider):
 
 
 def test_prices_come_from_the_cache_when_the_catalog_is_down(tmp_path: Path, _fakes, run_cli) -> None:
-    fake = ThreadedFakeProvider()
-    fake.provider = CatalogSwitchFake(FakeConfig(latency=0.01))
+    switch = CatalogSwitchFake(FakeConfig(latency=0.01))
+    fake = ThreadedFakeProvider(provider=switch)
     _fakes.append(fake.start())
     lines = mixed_lines(6, pad=40)
     model_of = {line["custom_id"]: line["body"]["model"] for line in lines}
@@ -245,7 +245,7 @@ def test_prices_come_from_the_cache_when_the_catalog_is_down(tmp_path: Path, _fa
     cached = tmp_path / "_home" / "hfbatch" / "prices.json"
     assert cached.exists()
 
-    fake.provider.models_down = True
+    switch.models_down = True
     p = run_cli(["in.jsonl", "-q", "-o", "o2.jsonl", "-e", "e2.jsonl"])
     assert p.returncode == 0, p.stderr
     cost = batch_from(p.stdout)["hfbatch"]["cost"]
