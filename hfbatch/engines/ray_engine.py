@@ -175,14 +175,17 @@ class RayEngine:
         blocking: the input is being scanned meanwhile. Ray's SIGTERM handler is taken back (ours stops cleanly)."""
         if self.connected:
             return
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # not a line per second while a cluster is unreachable
+        # No address: a Ray of its own for this run (never a stale or unrelated cluster Ray would find on its own).
+        address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+        if address is not None:
+            # Not a line per second while a cluster is unreachable. (Setting it prints a line of its own, so not for
+            # a local Ray, where stderr would otherwise stay clean.)
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         import ray
 
         for name in ("ray", "ray._private", "ray.runtime_env"):
             logging.getLogger(name).setLevel(logging.ERROR)
         before = signal.getsignal(signal.SIGTERM)
-        # No address: a Ray of its own for this run (never a stale or unrelated cluster Ray would find on its own).
-        address = self.cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         try:
             ray.init(address=address or "local", log_to_driver=False,
                      include_dashboard=False if address is None else None,
