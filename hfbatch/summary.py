@@ -37,6 +37,14 @@ class LatencyHistogram:
         self._buckets[math.floor(math.log(max(seconds, 1e-5)) / self._RATIO)] += 1
         self.count += 1
 
+    def counts(self) -> dict[int, int]:
+        """Its buckets (to carry to another process: merge() adds them)."""
+        return dict(self._buckets)
+
+    def merge(self, counts: dict[int, int]) -> None:
+        self._buckets.update(counts)
+        self.count += sum(counts.values())
+
     def quantile(self, q: float) -> float | None:
         if not self.count:
             return None

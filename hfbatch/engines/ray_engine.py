@@ -35,7 +35,7 @@ from ..errors import ExitCode, HfbatchError, StoppedEarly, UsageError
 from ..fingerprints import IdSet, canonical_request, request_fingerprint
 from ..models import StopReason
 from ..storage import private_dir, read_json, write_json
-from ..summary import ShardRow
+from ..summary import LatencyHistogram, ShardRow
 from .base import Work
 from .ray_limits import SAVINGS, LimitsBook, Snapshot
 from .ray_merge import ClusterCost, Merger
@@ -467,6 +467,10 @@ class RayEngine:
         self.limits_now = concurrency
         stats.pace = pace
         stats.jobs = [j for f in snap.figures.values() for j in f.jobs]  # type: ignore[misc]
+        latency = LatencyHistogram()  # every attempt's answers (each figure is its attempt's running total)
+        for f in snap.figures.values():
+            latency.merge(f.latency)
+        stats.latency = latency
         self.peak = max(self.peak, snap.running)
         self._rows(work, state)
 

@@ -50,6 +50,7 @@ class ShardFigures:
     savings: dict[str, float] = field(default_factory=dict)  # Stats' counters named in SAVINGS
     cost: dict[str, Any] | None = None  # its CostLedger.summary() (GPU mode: its GpuCost's)
     jobs: list[dict[str, Any]] = field(default_factory=list)  # GPU mode: its vLLM runs (summary.JobFigures)
+    latency: dict[int, int] = field(default_factory=dict)  # its LatencyHistogram's buckets
 
 
 @dataclass(slots=True)

@@ -142,7 +142,7 @@ class Lease:
                                providers=dict(stats.providers), pace=dict(stats.pace),
                                savings={k: getattr(stats, k) for k in SAVINGS},
                                cost=stats.cost.summary() if stats.cost is not None else None,
-                               jobs=[dict(j) for j in stats.jobs])
+                               jobs=[dict(j) for j in stats.jobs], latency=stats.latency.counts())
         r = Report(self.shard, self.epoch, held=max(gate.limit, gate.active), want=gate.active + gate.waiting,
                    figures=figures)
         b = self.budget

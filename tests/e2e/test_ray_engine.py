@@ -84,6 +84,9 @@ def test_same_files_as_http_under_429s_with_c_held_across_four_workers(tmp_path:
     assert len(hb["shards"]) == 4 and {s["status"] for s in hb["shards"]} == {"done"}
     assert sum(s["completed"] + s["failed"] for s in hb["shards"]) == 123
     assert hb["workers"] >= 2 and hb["retries"] > 0 and hb["savings"]["deduped_requests"] == 1
+    # the workers' latencies, merged (the fake answers in 20 ms; the http run measured the same requests)
+    h_latency = check_batch(last_json(http.stdout))["hfbatch"]["latency_ms"]
+    assert hb["latency_ms"]["p50"] is not None and 20 <= hb["latency_ms"]["p50"] <= 10 * h_latency["p50"], hb
     assert b["usage"]["output_tokens"] > 0 and hb["http_requests"] == st["paths"]["/v1/chat/completions"]
     listed = cli.listing()
     assert any(x["id"] == b["id"] and x["status"] == "completed" for x in listed)

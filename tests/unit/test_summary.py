@@ -211,3 +211,16 @@ def test_stopped_batch_stays_in_progress() -> None:
 
 def test_batch_ids_are_unique() -> None:
     assert len({BatchInfo().id for _ in range(50)}) == 50
+
+
+def test_latency_histograms_merge_across_processes() -> None:
+    """A Ray run's workers each keep one; the driver adds their buckets: the same quantiles as one histogram."""
+    one, a, b = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    for i, seconds in enumerate([0.01 * k for k in range(1, 200)]):
+        one.add(seconds)
+        (a if i % 3 else b).add(seconds)
+    merged = LatencyHistogram()
+    merged.merge(a.counts())
+    merged.merge(b.counts())
+    assert merged.count == one.count == 199
+    assert merged.quantile(0.5) == one.quantile(0.5) and merged.quantile(0.95) == one.quantile(0.95)
