@@ -279,18 +279,13 @@ def assert_each_once(expected: Iterable[str], *files: list[dict[str, Any]]) -> N
 def pytest_configure(config: pytest.Config) -> None:
     """Byte-code caches for the hundreds of `python -m hfbatch` children, as an installed package has them.
 
-    The sandbox sets PYTHONDONTWRITEBYTECODE and the editable hfbatch/ has no __pycache__, so without this
-    every child compiles hfbatch again (~60 ms a start). As bench/harness.py does, the children write their
-    caches under a prefix outside the source tree: .pytest_cache/d/pycache (kept between runs), shared by
-    the xdist workers (they inherit the controller's environment).
+    Where PYTHONDONTWRITEBYTECODE is set (this project's sandbox), the editable hfbatch/ never gets a __pycache__
+    and every child compiles hfbatch again (~60 ms a start): the children may write it (git ignores it). The
+    standard library's and the dependencies' caches are used as they are. (A PYTHONPYCACHEPREFIX would set those
+    aside too: a fresh checkout's first run then compiled everything again, ~10-20 s more.)
     """
-    if os.environ.get("PYTHONPYCACHEPREFIX") or hasattr(config, "workerinput"):
-        return
-    cache = getattr(config, "cache", None)
-    prefix = cache.mkdir("pycache") if cache is not None else Path(config.rootpath) / ".pytest_cache" / "pycache"
-    prefix.mkdir(parents=True, exist_ok=True)
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    if not hasattr(config, "workerinput"):
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 # --------------------------------------------------------------------------- fixtures
