@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .threaded import OnAThread
+from .threaded import OnAThread, listen
 
 # (name, pretty name, GPU model, count, VRAM, USD per hour): the prices of hub-docs' jobs-pricing page.
 HARDWARE = [
@@ -150,11 +150,7 @@ class FakeHub:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        bound = int(runner.addresses[0][1])
+        self._runner, bound = await listen(self.app(), host, port)
         self.endpoint = f"http://{host}:{bound}"
         return bound
 

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 
-from .threaded import OnAThread
+from .threaded import OnAThread, listen
 
 _TYPES = {"datasets": "dataset", "models": "model", "spaces": "space"}
 _API_RE = re.compile(r"^/api/(datasets|models|spaces)/([^/]+)/([^/]+)(?:/(revision|tree|paths-info|preupload|commit)"
@@ -101,11 +101,7 @@ class FakeHubFiles:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         app = web.Application(client_max_size=1 << 30)
         app.add_routes(self.routes())
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        bound = int(runner.addresses[0][1])
+        self._runner, bound = await listen(app, host, port)
         self.url = f"http://{host}:{bound}"
         return bound
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .threaded import OnAThread
+from .threaded import OnAThread, listen
 
 _ID_RE = re.compile(rb"\[\[id:([^\]]+)\]\]")
 _FAULT_RE = re.compile(rb"\[\[fault:([^\]]*)\]\]")
@@ -262,11 +262,8 @@ class FakeProvider:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        self._runner = runner
-        return int(runner.addresses[0][1])
+        self._runner, bound = await listen(self.app(), host, port)
+        return bound
 
     async def stop(self) -> None:
         for transport in list(self._hanging):  # a stopping server drops hanging connections at once

@@ -8,6 +8,16 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol, Self
 
+from aiohttp import web
+
+
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0: any free port); its runner (cleanup() stops it) and the port bound."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, int(runner.addresses[0][1])
+
 
 class Server(Protocol):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
