@@ -15,10 +15,11 @@ $(BIN)/hfbatch: pyproject.toml
 
 install: $(BIN)/hfbatch
 
-# Four workers on two cores: most of the suite waits (a fake's latency, a child's start), and -n 4 measured
-# 40-50 s against 54-65 s with -n 2 on the 2-vCPU VM (BENCHMARKS.md).
+# Four workers on two cores: most of the suite waits (a fake's latency, a child's start). The tests are handed
+# out one at a time, longest first (tests/conftest.py orders them), so the run does not end on one worker's
+# 10 s test (BENCHMARKS.md: "The test suite").
 test: install
-	$(BIN)/python -m pytest -n 4 --dist worksteal -q
+	$(BIN)/python -m pytest -n 4 --dist load --maxschedchunk 1 -q
 
 check: install
 	$(BIN)/ruff check hfbatch tests bench scripts

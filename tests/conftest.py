@@ -288,6 +288,24 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
+def _expected_length(item: pytest.Item) -> int:
+    """0 for the longest tests (the Ray engine's, waiting on a cluster), 1 for the CLI's subprocess runs, 2 for
+    the virtual-time simulations, 3 for the rest (milliseconds)."""
+    path = item.path.as_posix()
+    if path.endswith("/e2e/test_ray_engine.py"):
+        return 0
+    if "/e2e/" in path:
+        return 1
+    return 2 if item.get_closest_marker("simulation") else 3
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest first (a stable sort: a module's tests stay together). `make test` hands the tests out one at a
+    time in this order (`--dist load --maxschedchunk 1`), so the last to start are milliseconds long and no
+    worker is left running a 10 s test while the others are done."""
+    items.sort(key=_expected_length)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
