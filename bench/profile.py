@@ -36,26 +36,27 @@ FRAME_RE = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$"
 
 # Inclusive time of these functions (matched on "function (file" so that line numbers do not matter).
 HFBATCH_FUNCS = [
-    ("_materialize_input", "hfbatch/batches/run.py", "hash the input (sha256, batch identity)"),
-    ("_validate_file", "hfbatch/batches/run.py", "validation pass over the whole file"),
-    ("requests", "hfbatch/batches/run.py", "reader generator in _execute (read + validate + count)"),
+    ("BatchRun._materialize", "hfbatch/batches/run.py", "hash the input (sha256, batch identity)"),
+    ("scan_input", "hfbatch/plan.py", "validation pass over the whole file"),
+    ("BatchRun._pending", "hfbatch/batches/run.py", "reader generator (read + validate, skip answered)"),
     ("validate_line", "hfbatch/validate.py", "validate_line (orjson.loads of the line + checks)"),
     ("iter_lines", "hfbatch/reader.py", "iter_lines (readline, strip)"),
     ("Executor.run", "hfbatch/executor.py", "dispatch loop (queue puts)"),
-    ("Executor._put", "hfbatch/executor.py", "Executor._put"),
-    ("Executor._worker", "hfbatch/executor.py", "Executor._worker (everything per request)"),
+    ("Executor._task", "hfbatch/executor.py", "Executor._task (everything per request)"),
     ("Executor._one", "hfbatch/executor.py", "Executor._one"),
     ("Router.route", "hfbatch/routing.py", "Router.route (orjson.dumps of the body, URL)"),
-    ("Transport.post", "hfbatch/http/transport.py", "Transport.post (aiohttp request + orjson.loads)"),
-    ("Executor._record", "hfbatch/executor.py", "Executor._record (line, usage, stats)"),
+    ("Executor.send", "hfbatch/executor.py", "Executor.send (limits, attempts, retries)"),
+    ("HttpTransport.post", "hfbatch/http/transport.py", "HttpTransport.post (the client's request + orjson.loads)"),
+    ("Executor.answer_of", "hfbatch/executor.py", "Executor.answer_of (the answer, usage, cost)"),
+    ("Answers.write", "hfbatch/writer.py", "Answers.write (line, counts)"),
     ("success_line", "hfbatch/writer.py", "success_line (orjson.dumps of the output line)"),
     ("new_line_id", "hfbatch/writer.py", "new_line_id (os.urandom per line)"),
     ("Stats.add_usage", "hfbatch/summary.py", "Stats.add_usage"),
     ("LatencyHistogram.add", "hfbatch/summary.py", "LatencyHistogram.add"),
     ("JsonlSink.write", "hfbatch/writer.py", "JsonlSink.write"),
     ("JsonlSink.flush", "hfbatch/writer.py", "JsonlSink.flush (join + os.write + fsync)"),
-    ("_tick", "hfbatch/batches/run.py", "_tick (100 ms flush/progress/cancel check)"),
-    ("save", "hfbatch/batches/run.py", "save (live batch.json every 2 s)"),
+    ("BatchRun._tick", "hfbatch/batches/run.py", "_tick (100 ms flush/progress/cancel check)"),
+    ("BatchRun._save", "hfbatch/batches/run.py", "_save (live batch.json every 2 s)"),
     ("batch_object", "hfbatch/summary.py", "batch_object"),
     ("write_json", "hfbatch/storage.py", "write_json (batch.json/meta.json + fsync)"),
     ("BaseEventLoop.run_in_executor", "asyncio/base_events.py",
@@ -124,10 +125,10 @@ def phase(thread: str, frames: list[tuple[str, str, str]]) -> str:
     names = {f for f, _ in funcs}
     if "_find_and_load" in names:
         return "imports (start-up and lazy)"
-    if "_materialize_input" in names:
-        return "input hash (_materialize_input)"
-    if "_validate_file" in names:
-        return "validation pass (_validate_file)"
+    if "_materialize" in names:
+        return "input hash (BatchRun._materialize)"
+    if "scan_input" in names:
+        return "validation pass (plan.scan_input)"
     rooted = frames[0][0] in ("<module>", "_run_module_as_main")
     in_loop = (not rooted or names & {"_run_once", "run_forever", "run_until_complete"}
                or any(f == "Runner.run" for f, _, _ in frames))

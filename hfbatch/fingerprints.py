@@ -146,7 +146,7 @@ class IdSet:
     It stores 64-bit fingerprints (the process's randomized string hash) in an open-addressing
     table: two different ids are confused with probability about n^2 / 2^65 (3e-8 for a million
     lines). Used where a set of ids must be kept (the ids already answered, on resume; `estimate`);
-    a run's own uniqueness check needs no such table (repeats.py).
+    a run's own uniqueness check needs no such table (RepeatFinder, above).
     """
 
     __slots__ = ("_table", "_mask", "_count")

@@ -31,7 +31,7 @@ def scan_input(path: str, *, strict: bool, dedupe: bool, pass_through: bool, end
     than once. `ids` (implied by strict): find the custom_ids used more than once, for the run's own
     check (--skip-invalid).
 
-    Memory does not grow with the file: fingerprints go through an external sort (repeats.py). Only
+    Memory does not grow with the file: fingerprints go through an external sort (fingerprints.RepeatFinder). Only
     when some custom_id fingerprint repeats (a duplicate, or a 1-in-10^8 collision) does strict mode
     read the file a second time to name the duplicate lines exactly."""
     plan = InputPlan()

@@ -1,8 +1,8 @@
-"""Reader stage: a file path or "-" (stdin) -> stream of (line_no, raw bytes); BOM, CRLF, blank lines, size cap."""
+"""Reader stage: an open binary file -> stream of (line_no, raw bytes); BOM, CRLF, blank lines, size cap. The caller
+opens it (stdin is the CLI's to pass: batches.run.RunIO)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -17,13 +17,6 @@ class LineTooLong:
 
     def __init__(self, size: int) -> None:
         self.size = size
-
-
-def open_input(path: str) -> BinaryIO:
-    """Open the input for binary reading; "-" is stdin."""
-    if path == "-":
-        return sys.stdin.buffer
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
 def iter_lines(f: BinaryIO, max_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | LineTooLong]]:

@@ -12,7 +12,7 @@ from .models import LineError, Request
 from .reader import MAX_LINE_BYTES, LineTooLong
 
 # OpenAI's batch endpoints (openai SDK batch_create_params). Which of them the router can serve is
-# decided later (providers.py); validation only says whether the line is a well-formed batch line.
+# decided later (routing.py); validation only says whether the line is a well-formed batch line.
 OPENAI_ENDPOINTS = frozenset(
     {
         "/v1/responses",

@@ -277,7 +277,7 @@ class BatchRun:
             if cfg.detach:
                 if self.io.launch is None:
                     raise UsageError("--detach: this caller cannot start a background run")
-                if getattr(engine, "remote", False):
+                if engine.remote:
                     # An engine that runs elsewhere (Jobs) launches its work here, so that a refused model or
                     # flavor fails now; the background process follows what runs (_detached).
                     return await self._start(batch, engine, plan, detach=True)

@@ -161,11 +161,6 @@ def _status(batch: dict[str, Any]) -> str:
     return status + (f" ({state})" if state and state not in ("finished", status) else "")
 
 
-def _counts(rc: dict[str, Any]) -> str:
-    done = rc.get("completed", 0) + rc.get("failed", 0)
-    return f"{done:,}/{rc.get('total', 0):,}" + (f" · {rc['failed']:,} failed" if rc.get("failed") else "")
-
-
 # ------------------------------------------------------------------ hfbatch list
 
 

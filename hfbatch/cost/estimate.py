@@ -13,7 +13,6 @@ default), 0 for embedding-like endpoints (embeddings, moderations, score, rerank
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 from collections import Counter
@@ -26,7 +25,7 @@ import orjson
 from ..errors import UsageError
 from ..fingerprints import IdSet
 from ..models import LineError
-from ..reader import iter_lines, open_input
+from ..reader import iter_lines
 from ..routing import split_model
 from ..validate import validate_line
 from .pricing import Catalog, ProviderInfo, request_cost, round_usd
@@ -205,7 +204,7 @@ class _ModelAcc:
 
 def estimate_file(path: str, catalog: Catalog, *, pass_through: bool = False, endpoint: str | None = None,
                   local_tokenizers: bool = True) -> Estimate:
-    """Validate and estimate a batch input file (or "-") without sending anything; one JSON-able dict.
+    """Validate and estimate a batch input file without sending anything; one JSON-able dict.
 
     Keys: object "hfbatch.estimate", input_file, requests, invalid_lines, first_errors (<= 5), endpoints
     {url: n}, models {model as written: {requests, input_tokens, max_output_tokens, tokenizer, policy,
@@ -218,10 +217,10 @@ def estimate_file(path: str, catalog: Catalog, *, pass_through: bool = False, en
     invalid, errors, defaulted, non_text = 0, list[dict[str, Any]](), 0, 0
     counters: dict[str, Callable[[str], int] | None] = {}
     try:
-        f = open_input(path)
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    with contextlib.nullcontext(f) if path == "-" else f:
+    with f:
         for line_no, raw in iter_lines(f):
             r = validate_line(line_no, raw, seen, pass_through=pass_through, endpoint=endpoint)
             if isinstance(r, LineError):

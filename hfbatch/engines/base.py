@@ -47,6 +47,10 @@ class Engine(Protocol):
     job's image), left when the run ends or fails validation."""
 
     name: str
+    # True: the work runs elsewhere (a Hugging Face Job); with --detach, run(work) launches it and returns
+    # (work.detach is set) and a background process follows it. False: --detach starts a background process
+    # that runs the whole batch here.
+    remote: bool
 
     async def __aenter__(self) -> Engine: ...
 

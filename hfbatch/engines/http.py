@@ -42,6 +42,7 @@ class HttpEngine:
     """Requests over HTTP: the Hugging Face router, or any OpenAI-compatible server (--base-url)."""
 
     name = "http"
+    remote = False
 
     def __init__(self, cfg: RunConfig, *, input_size: int, capacity: Capacity | None = None,
                  warm: bool = True, budget: Callable[[float, CostLedger], Budget] = Budget) -> None:

@@ -146,6 +146,7 @@ class RayEngine:
     """A batch's pending requests as shards on a Ray cluster (see the module docstring)."""
 
     name = "ray"
+    remote = False  # the driver runs here (its shards run on the cluster): --detach runs it in the background
 
     def __init__(self, cfg: RunConfig, *, input_size: int) -> None:
         require_ray()

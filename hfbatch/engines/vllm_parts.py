@@ -100,7 +100,7 @@ class PartEngine:
     `poll` (progress, end), `halt` (stop it, or leave it running), `fetch` (its output file), and `price`."""
 
     name = "vllm"
-    remote = False  # runs elsewhere: --detach launches the parts here and a background process follows them
+    remote = False  # True (hf_jobs.py): the parts run elsewhere; --detach launches them, a background process follows
     parallel = 1  # parts running at once
     poll_interval = 0.1
     cost_basis = "gpu_time"

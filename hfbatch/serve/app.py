@@ -1,7 +1,7 @@
 """Serve stage (`hfbatch serve`): OpenAI Files + Batches HTTP API -> batches run by the engine in this process.
 
 Code written for OpenAI's Batch API runs here by changing only `base_url`. Uploads land in the
-file store (files.py); each batch is an asyncio task running run.submit_async (the executor,
+file store (files.py); each batch is an asyncio task running a BatchRun (the lifecycle, engine,
 limits and registry of `hfbatch submit`, so `hfbatch list` shows them); answers read the
 registry's live batch.json and rewrite local paths to file ids.
 

@@ -222,7 +222,17 @@ class FakeProvider:
         self._runner: web.AppRunner | None = None
         self._hanging: set[asyncio.Transport] = set()
         self._released = asyncio.Event()  # lets [[hold]] requests go (release())
+        self.bodies: list[Any] | None = None  # record(): every inference body received
+        # {provider: status}: every request pinned to that provider (model:provider) is answered with the status,
+        # whatever its body (a provider that is down)
+        self.down: dict[str, int] = {}
         self.reset_stats()
+
+    def record(self) -> list[Any]:
+        """Keep every inference request's body from now on (parsed JSON; None when it is not JSON), in arrival
+        order; returns that list."""
+        self.bodies = []
+        return self.bodies
 
     def release(self) -> None:
         """Answer the requests marked [[hold]] (those waiting and those to come)."""
@@ -304,17 +314,22 @@ class FakeProvider:
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = None
-        model = provider = ""
+        if self.bodies is not None:
+            self.bodies.append(body)
+        model = provider = pinned = ""
         if hf:
             model, provider = f"{request.match_info['org']}/{request.match_info['name']}", "hf-inference"
         elif isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"]:
             base, _, suffix = body["model"].rpartition(":")
             model, suffix = (base, suffix) if base else (suffix, "")
-            provider = "fake-b" if suffix in _ROUTED else suffix
+            pinned = "" if suffix in _ROUTED else suffix
+            provider = pinned or "fake-b"
         headers = {"x-inference-provider": provider} if provider else {}
         if model:
             st["models"][model] = st["models"].get(model, 0) + 1
             st["providers"][provider] = st["providers"].get(provider, 0) + 1
+        if pinned in self.down:
+            return self._status(self.down[pinned], headers)
         if cfg.fail_401 or (cfg.require_token and not has_token):
             return self._status(401, headers)
         if 0 < cfg.max_inflight < st["inflight"]:

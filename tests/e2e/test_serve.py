@@ -71,7 +71,8 @@ class Server:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=pump, daemon=True).start()
+        self.pump = threading.Thread(target=pump, daemon=True)
+        self.pump.start()
         if not ready.wait(30) or self.proc.poll() is not None:
             self.proc.kill()
             pytest.fail(f"hfbatch serve did not start: {''.join(self.lines)[-2000:]}")
@@ -105,7 +106,7 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
             pytest.fail("hfbatch serve did not stop within 20 s of SIGTERM")
-        time.sleep(0.05)  # the pump thread reads the last lines
+        self.pump.join(10)  # the pump thread reads the last lines, until the pipe closes
         err = "".join(self.lines)
         assert_clean(self.tmp, "", err, SECRETS)
         return err

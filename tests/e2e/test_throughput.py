@@ -24,34 +24,7 @@ from conftest import (
     write_jsonl,
 )
 
-from hfbatch.testing.fake_provider import ThreadedFakeProvider
-
 CHAT_URL = "/v1/chat/completions"
-
-
-def record_bodies(fake: ThreadedFakeProvider, fail: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """Spy on the fake: every inference body it receives is appended to the returned list (in arrival
-    order). `fail` {provider suffix: status} answers every request pinned to that provider with the status
-    (a provider that is down), whatever its body. Test-side only: the fake calls self._infer per request."""
-    prov = fake.provider
-    original = prov._infer
-    seen: list[dict[str, Any]] = []
-
-    async def spy(request: Any, builder: Any, hf: bool) -> Any:
-        raw = await request.read()  # aiohttp keeps the body: the real handler reads it again
-        body = json.loads(raw) if raw else None
-        seen.append(body)
-        model = body.get("model", "") if isinstance(body, dict) else ""
-        for suffix, status in (fail or {}).items():
-            if model.endswith(":" + suffix):
-                st = prov.stats
-                st["requests"] += 1
-                st["providers"][suffix] = st["providers"].get(suffix, 0) + 1
-                return prov._status(status, {"x-inference-provider": suffix})
-        return await original(request, builder, hf)
-
-    prov._infer = spy  # type: ignore[method-assign]
-    return seen
 
 
 def echo_of(obj: dict[str, Any]) -> str:
@@ -203,7 +176,7 @@ def test_route_cheapest_and_max_tokens_rewrite_the_bodies_sent(tmp_path: Path, m
     """--route cheapest appends :cheapest to models without a suffix (and leaves suffixed ones alone);
     --max-tokens 5 caps every body's output tokens (and sets the cap where there is none)."""
     fake = make_fake(latency=0.01)
-    bodies = record_bodies(fake)
+    bodies = fake.provider.record()
     lines = ([chat_line(f"plain-{i}", f"plain {i}") for i in range(4)]
              + [chat_line(f"big-{i}", f"big cap {i}", max_tokens=100) for i in range(2)]
              + [chat_line(f"pin-{i}", f"pinned {i}", model=CHAT_MODEL + ":fake-a") for i in range(2)]
@@ -236,7 +209,8 @@ def test_route_cheapest_and_max_tokens_rewrite_the_bodies_sent(tmp_path: Path, m
 def test_fallback_moves_failing_lines_to_the_next_provider(tmp_path: Path, make_fake, run_cli) -> None:
     fake = make_fake(latency=0.01)
     # fake-b is down (503 for every request pinned to it); fake-a works.
-    bodies = record_bodies(fake, fail={"fake-b": 503})
+    fake.provider.down["fake-b"] = 503
+    bodies = fake.provider.record()
     down = [chat_line(f"fb-{i}", f"[[id:fb-{i}]] down {i}", model=CHAT_MODEL + ":fake-b") for i in range(5)]
     fine = [chat_line(f"ok-{i}", f"[[id:ok-{i}]] fine {i}", model=CHAT_MODEL + ":fake-a") for i in range(3)]
     # A fault script in the message travels with the fallback body, and the fake keys scripts by the raw

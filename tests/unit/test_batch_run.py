@@ -27,6 +27,7 @@ class ScriptedEngine:
     """Answers every pending request with a 200, or raises after `fail_after` answers (a bug)."""
 
     name = "scripted"
+    remote = False
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.fail_after = fail_after

@@ -1,11 +1,10 @@
-"""reader.iter_lines: line numbering, BOM, CRLF, blank lines, the per-line size cap; open_input."""
+"""reader.iter_lines: line numbering, BOM, CRLF, blank lines, the per-line size cap."""
 
 from __future__ import annotations
 
 import io
-import sys
 
-from hfbatch.reader import MAX_LINE_BYTES, LineTooLong, iter_lines, open_input
+from hfbatch.reader import MAX_LINE_BYTES, LineTooLong, iter_lines
 
 BOM = b"\xef\xbb\xbf"
 
@@ -86,10 +85,3 @@ def test_line_one_byte_over_the_cap_is_refused() -> None:
 def test_default_cap_is_ten_mebibytes() -> None:
     assert MAX_LINE_BYTES == 10 * 1024 * 1024
 
-
-def test_open_input_dash_is_stdin(tmp_path) -> None:
-    assert open_input("-") is sys.stdin.buffer
-    p = tmp_path / "in.jsonl"
-    p.write_bytes(b"x\n")
-    with open_input(str(p)) as f:
-        assert f.read() == b"x\n"

@@ -1,4 +1,4 @@
-"""repeats.py: the external-sort repeat finder behind duplicate custom_ids and dedupe (flat memory)."""
+"""fingerprints.RepeatFinder: the external-sort repeat finder behind duplicate custom_ids and dedupe (flat memory)."""
 
 from __future__ import annotations
 
