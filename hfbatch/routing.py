@@ -28,6 +28,7 @@ import orjson
 
 from .errors import DependencyChanged
 from .models import Request
+from .retry import retryable
 
 DEFAULT_ROUTER = "https://router.huggingface.co"
 _HF_ROUTER_HOST = "https://router.huggingface.co"
@@ -315,9 +316,10 @@ def _api_changed(e: Exception) -> DependencyChanged:
 
 
 def _lookup_code(e: Exception) -> str:
-    """A Hub lookup that failed for the network (or a Hub 5xx/429) is retryable (--retry-failed); an HTTP
-    answer such as 404, or a task mismatch, is the model's."""
+    """A Hub lookup that failed for the network, or an answer the one retry rule retries (retry.retryable: 429,
+    500, 502-504), is retryable (--retry-failed); any other answer (404, 501, ...) or a task mismatch is the
+    model's."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(status, int):
-        return "connection_error" if status >= 500 or status == 429 else "model_not_found"
+        return "connection_error" if retryable(status) else "model_not_found"
     return "connection_error" if isinstance(e, _hub_errors().network) else "model_not_found"

@@ -230,7 +230,7 @@ class Catalog:
 async def load_catalog(get_json: Callable[[str], Awaitable[Any]], url: str, cache_path: Path,
                        prices_file: str | None) -> Catalog:
     """The run's prices: `prices_file` if given (UsageError if bad); else GET `url` with `get_json` and cache it
-    (atomic, 0600, with its fetch time); if that fails, the cached copy for the same url (with an "offline" note);
+    (atomic, 0600, with its fetch time); if that fails (OSError), the cached copy for the same url (with an "offline" note);
     else an empty Catalog (source 'none') with a note. Never raises for network problems."""
     if prices_file:
         return Catalog.from_file(prices_file)
@@ -238,7 +238,7 @@ async def load_catalog(get_json: Callable[[str], Awaitable[Any]], url: str, cach
         obj = await get_json(url)
         models = _parse_models(obj)
         why = "the answer is not a model list" if models is None else ""
-    except Exception as e:  # noqa: BLE001 - any fetch failure falls back to the cache
+    except OSError as e:  # the fetch failed (Transport.get_json): the cache; anything else is a bug
         models, why = None, (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:200]
     if models is not None:
         cat = Catalog(models, "router", int(time.time()))

@@ -30,7 +30,8 @@ class Transport(Protocol):
         ...
 
     async def get_json(self, url: str) -> Any:
-        """GET a JSON document (catalogs, prices). Raises on a failure or a non-2xx answer."""
+        """GET a JSON document (catalogs, prices). Raises OSError when it cannot be had (no answer, a non-2xx
+        answer, not JSON, over the cap); any other exception is a bug."""
         ...
 
     async def prewarm(self, url: str, n: int) -> None:

@@ -120,12 +120,23 @@ class HttpTransport(base.Transport):
                        latency)
 
     async def get_json(self, url: str) -> Any:
-        """GET a JSON document (catalogs, prices); raises on a failure, a non-2xx answer or an answer over
-        the cap (ResponseTooLarge)."""
-        r = await self._send("GET", url, b"")
+        """GET a JSON document (catalogs, prices). Whatever keeps it from coming (no answer in time, a failed
+        connection, a non-2xx answer, an answer over the cap or not JSON) raises OSError naming `url`; anything
+        else is a bug and propagates."""
+        try:
+            r = await self._send("GET", url, b"")
+        except (TimeoutError, ResponseTooLarge) as e:
+            raise OSError(f"{url}: {_describe(e)}") from e
+        except Exception as e:
+            if not isinstance(e, self._failures):
+                raise
+            raise OSError(f"{url}: {_describe(e)}") from e
         if not 200 <= r.status < 300:
             raise OSError(f"HTTP {r.status} from {url}")
-        return orjson.loads(r.body)
+        try:
+            return orjson.loads(r.body)
+        except orjson.JSONDecodeError as e:
+            raise OSError(f"{url}: the answer is not JSON ({e})") from None
 
     # -- the policy above the two clients ------------------------------------------------------
 

@@ -188,10 +188,11 @@ def _hub_answer(status: int) -> Exception:
     (lambda: _hub_answer(401), "model_not_found"),
     (lambda: _hub_answer(503), "connection_error"),
     (lambda: _hub_answer(429), "connection_error"),
+    (lambda: _hub_answer(501), "model_not_found"),  # what retry.retryable says of a 501: final
     (lambda: _http_library().ConnectError("connection refused"), "connection_error"),
     (lambda: _http_library().ReadTimeout("timed out"), "connection_error"),
     (lambda: ConnectionRefusedError("refused"), "connection_error"),
-], ids=["value", "key", "stop", "404", "401", "503", "429", "connect", "timeout", "oserror"])
+], ids=["value", "key", "stop", "404", "401", "503", "429", "501", "connect", "timeout", "oserror"])
 def test_an_expected_lookup_failure_is_the_lines_error(providers: types.ModuleType, monkeypatch: pytest.MonkeyPatch,
                                                        error: Any, code: str) -> None:
     def lookup(provider: str, task: str, model: str) -> Any:

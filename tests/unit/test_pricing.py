@@ -353,3 +353,13 @@ def test_budget_never_lets_spent_plus_reserved_exceed_the_limit() -> None:
                     inflight.append((wc, inp, out))
             assert led.spent + b.reserved <= limit * (1 + 1e-9)
         assert led.spent <= limit * (1 + 1e-9)
+
+
+def test_load_catalog_lets_a_bug_through(tmp_path: Path) -> None:
+    """Only a failed fetch (the Transport's OSError) falls back to the cache: a bug is not an "offline" note."""
+    cache = tmp_path / "prices.json"
+    asyncio.run(load_catalog(returning(fake_models(), []), URL, cache, None))
+    with pytest.raises(AttributeError):
+        asyncio.run(load_catalog(raising(AttributeError("'NoneType' object has no attribute 'get'")), URL, cache,
+                                 None))
+
