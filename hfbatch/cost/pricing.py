@@ -230,8 +230,8 @@ class Catalog:
 async def load_catalog(get_json: Callable[[str], Awaitable[Any]], url: str, cache_path: Path,
                        prices_file: str | None) -> Catalog:
     """The run's prices: `prices_file` if given (UsageError if bad); else GET `url` with `get_json` and cache it
-    (atomic, 0600, with its fetch time); if that fails (OSError), the cached copy for the same url (with an "offline" note);
-    else an empty Catalog (source 'none') with a note. Never raises for network problems."""
+    (atomic, 0600, with its fetch time); if that fails (OSError), the cached copy for the same url (with an
+    "offline" note); else an empty Catalog (source 'none') with a note. Never raises for network problems."""
     if prices_file:
         return Catalog.from_file(prices_file)
     try:
