@@ -1,5 +1,6 @@
 """Terminal output for people: the live progress line, a batch's view, a dataset's row counter (on stderr), and the
-tables of the query commands; silent where stdout or stderr is not a terminal. Layouts: tables.py."""
+tables of the query commands; silent where stdout or stderr is not a terminal. Layouts: tables.py, imported (with
+rich) only when something is drawn: a run in a pipeline or a cron job starts without them (~20 ms)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..models import RunResult
 from ..summary import Stats
-from .tables import Snapshot, batch_view, files_lines, jobs_lines, progress_line
+
+if TYPE_CHECKING:
+    from .tables import Snapshot
 
 
 class Progress:
@@ -38,6 +41,8 @@ class Progress:
         self._live.start()
 
     def snapshot(self) -> Snapshot:
+        from .tables import Snapshot
+
         s = self.stats
         limits = tuple(self.concurrency().values()) if self.concurrency is not None else ()
         gpu = bool(s.engine_note or s.jobs)  # vLLM's runner, Jobs: their parts' stages, not retries and in flight
@@ -63,6 +68,8 @@ class _ProgressLine:
         self.progress = progress
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
+        from .tables import progress_line
+
         yield progress_line(self.progress.snapshot(), options.max_width)
 
 
@@ -83,6 +90,8 @@ def width(stderr: bool = False) -> int:
 
 def show_batch(batch: dict[str, Any], *, live: bool = False, stderr: bool = True) -> None:
     """A batch as a few lines: id and status, counts, time, rate (ETA while it runs), tokens, cost, its files."""
+    from .tables import batch_view
+
     show(batch_view(batch, width(stderr), live=live), stderr=stderr)
 
 
@@ -91,6 +100,8 @@ def show_result(result: RunResult, *, quiet: bool, machine: bool) -> None:
     a replay said as such, a detached run's next commands (and the Jobs it launched), else the batch's figures
     and files (with --quiet and no JSON: one line naming them)."""
     from rich.text import Text
+
+    from .tables import files_lines, jobs_lines
 
     batch = result.batch
     if result.replayed and result.error is None and not quiet:
