@@ -99,10 +99,6 @@ def show_result(result: RunResult, *, quiet: bool, machine: bool) -> None:
     """What a person sees on stderr when a run ends (`machine`: the Batch object goes to a program as well):
     a replay said as such, a detached run's next commands (and the Jobs it launched), else the batch's figures
     and files (with --quiet and no JSON: one line naming them)."""
-    from rich.text import Text
-
-    from .tables import files_lines, jobs_lines
-
     batch = result.batch
     if result.replayed and result.error is None and not quiet:
         print(f"hfbatch: batch {batch['id']} already ended ({batch['status']}); nothing was sent"
@@ -113,11 +109,17 @@ def show_result(result: RunResult, *, quiet: bool, machine: bool) -> None:
                   f"`hfbatch wait {batch['id']}` waits for it", file=sys.stderr)
         jobs = (batch.get("hfbatch") or {}).get("jobs")
         if jobs and sys.stderr.isatty() and not quiet:  # --engine hf-jobs: the Jobs it launched, their pages
+            from .tables import jobs_lines
+
             show(jobs_lines(jobs, width(stderr=True)))
     elif sys.stderr.isatty():
         if not quiet:
             show_batch(batch)
         elif not machine:
+            from rich.text import Text
+
+            from .tables import files_lines
+
             show([Text(f"{batch['id']}  {batch['status']}"), *files_lines(batch, width(stderr=True))])
 
 
