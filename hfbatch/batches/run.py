@@ -485,8 +485,12 @@ class BatchRun:
             info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.WRITE_ERROR
             what = next((s.describe_error() for s in (answers.out, answers.err) if s.error is not None),
                         stop.message)
-            error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
-                               f"the same command (or `hfbatch resume {info.id}`) to send only those")
+            if cfg.output_path == "-":
+                error = WriteError(f"stopped: {what}; {stats.completed} answers reached stdout, {info.unsent} "
+                                   f"requests have no line. {STDOUT_NO_RESUME}")
+            else:
+                error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then "
+                                   f"rerun the same command (or `hfbatch resume {info.id}`) to send only those")
         elif stop.reason == StopReason.INTERNAL_ERROR or (failure is not None and
                                                           stop.reason == StopReason.ENGINE_FAILED):
             info.state, info.stop_reason = RunState.INTERRUPTED, stop.reason
@@ -518,6 +522,8 @@ class BatchRun:
             unanswered = _unanswered(info.unsent, stats.abandoned)
             message = (f"{stop.message}; {unanswered}. Rerun the same command "
                        f"(or `hfbatch resume {info.id}`) to send only those")
+            if cfg.output_path == "-":
+                message = f"{stop.message}; {stats.completed} answers reached stdout, {unanswered}. {STDOUT_NO_RESUME}"
             if stop.reason == StopReason.AUTH:
                 error = AuthError(message)
             elif stop.reason == StopReason.SIGNAL:
@@ -557,6 +563,11 @@ class BatchRun:
         more = f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else ""
         return (f"{where}:{first.line_no}: {first.message}{more}; nothing was sent. Fix the file, "
                 "or pass --skip-invalid to run the valid lines")
+
+
+# Output on stdout keeps no ledger (the batch's key is never found again): a rerun is a new batch.
+STDOUT_NO_RESUME = ("Output on stdout cannot be resumed: a rerun sends every request again (give -o a file "
+                    "to be able to resume)")
 
 
 def _unanswered(unsent: int, abandoned: int) -> str:

@@ -194,3 +194,32 @@ def test_foreign_output_message_says_since_changed_only_when_the_input_changed(
     chat_file(tmp_path / "in.jsonl", 4)
     changed = cli.run("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err2.jsonl")
     assert changed.returncode == 2 and "since changed" in changed.stderr, changed.stderr
+
+
+
+
+def test_full_disk_under_stdout_counts_what_is_there_and_promises_no_resume(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """-o - with stdout redirected to a file on a full disk: the summary claimed more answers than the file
+    held (154 for 142 lines and a torn one), and the message promised that a rerun sends only what is missing
+    although output on stdout keeps no ledger (the rerun, or `hfbatch resume`, sent all 3,000 again)."""
+    import os
+    import sys
+
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 3000)
+    with open(small_disk / "stdout.jsonl", "wb") as out:
+        p = subprocess.run([sys.executable, "-m", "hfbatch", "submit", "in.jsonl", "-q", "-o", "-", "-e", "err.jsonl"],
+                           cwd=tmp_path, env=cli._env(), stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.PIPE, timeout=60)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 5, err
+    batch = check_batch(json.loads(next(ln for ln in err.splitlines() if ln.startswith("{"))))
+    on_disk = (small_disk / "stdout.jsonl").read_bytes().count(b"\n")
+    assert batch["request_counts"]["completed"] == on_disk, (batch["request_counts"], on_disk)
+    assert batch["hfbatch"]["stop_reason"] == "write_error"
+    message = [ln for ln in err.splitlines() if ln.startswith("hfbatch:")]
+    assert len(message) == 1 and "stdout" in message[0] and "No space left on device" in message[0], err
+    assert "send only those" not in message[0] and "cannot be resumed" in message[0], message[0]
+    assert fake.stats()["requests"] <= on_disk + 32 + 1  # dispatching stopped at the failure
+    assert os.path.getsize(small_disk / "stdout.jsonl") > 0
