@@ -202,6 +202,7 @@ class BatchRun:
         b.save_meta(meta)
         for path in claims.claimed_paths(cfg):
             reg.claim(path, info.id)  # released when the batch ends (_finish)
+        claims.claim_summary(cfg, reg, info.id)
         for old in replaced:
             claims.supersede(old, info.id)
         return _Batch(b, meta, info)

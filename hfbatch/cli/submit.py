@@ -141,6 +141,11 @@ def submit(
         raise UsageError("--output and --errors must be different files")
     if input != "-" and os.path.abspath(input) in (os.path.abspath(output), os.path.abspath(errors)):
         raise UsageError("the output and error files must not be the input file")
+    if summary is not None and summary != "-":
+        for what, other in (("the output file", output), ("the error file", errors), ("the input file", input)):
+            if other != "-" and os.path.realpath(summary) == os.path.realpath(other):
+                raise UsageError(f"--summary {summary} is {what}: it would be replaced by the Batch object. "
+                                 "Give --summary a path of its own")
     for flag, path in (("-o", output), ("-e", errors), ("--summary", summary)):
         if path is None or path == "-":
             continue

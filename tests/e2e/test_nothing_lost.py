@@ -196,6 +196,57 @@ def test_foreign_output_message_says_since_changed_only_when_the_input_changed(
     assert changed.returncode == 2 and "since changed" in changed.stderr, changed.stderr
 
 
+def test_simultaneous_submits_to_one_file_through_a_symlink_one_wins(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """The claim is on the file, not on how it is spelled: `-o out.jsonl` and `-o link.jsonl` (a symlink to
+    it) started at the same moment both exited 0 and mixed their lines in one file."""
+    from conftest import wait_until_blocked_on_stdin
+
+    fake = make_fake(latency=0.05)
+    (tmp_path / "link.jsonl").symlink_to("out.jsonl")
+    inputs = []
+    for r in range(2):
+        lines = [json.dumps({"custom_id": f"b{r}-{i:03d}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "test-org/tiny-chat", "messages": [
+                                 {"role": "user", "content": f"[[id:b{r}-{i:03d}]] {i}"}]}}) for i in range(40)]
+        inputs.append(("\n".join(lines) + "\n").encode())
+    procs = [cli.start("submit", "-", "-q", "-c", "8", "-o", out, "-e", f"err{r}.jsonl", stdin_pipe=True)
+             for r, out in enumerate(("out.jsonl", "link.jsonl"))]
+    wait_until_blocked_on_stdin(procs)
+    for proc, data in zip(procs, inputs, strict=True):
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+    results = [cli.finish(proc, timeout=60) for proc in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(c, e[-300:]) for c, _, e in results]
+    win = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    owner = last_json(results[win][1])["id"]
+    assert owner in results[1 - win][2], results[1 - win][2]
+    assert_each_once([f"b{win}-{i:03d}" for i in range(40)], read_jsonl(tmp_path / "out.jsonl"),
+                     read_jsonl(tmp_path / f"err{win}.jsonl"))
+    assert fake.stats()["requests"] == 40
+
+
+def test_summary_never_replaces_an_output_file_or_the_input(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """--summary FILE is replaced at the end of a run: pointed at the batch's own -o, at its input, or at
+    another batch's output file, it destroyed those lines (exit 0 both, answers gone)."""
+    fake = make_fake()
+    chat_file(tmp_path / "a.jsonl", 20, prefix="a")
+    expected_b = chat_file(tmp_path / "b.jsonl", 20, prefix="b")
+    assert cli.run("submit", "a.jsonl", "-q", "-o", "a.out", "-e", "a.err").returncode == 0
+    a_out = (tmp_path / "a.out").read_bytes()
+    a_in = (tmp_path / "a.jsonl").read_bytes()
+    fake.reset_stats()
+    for target in ("b.out", "b.err", "b.jsonl", "a.out", "a.err"):
+        p = cli.run("submit", "b.jsonl", "-q", "-o", "b.out", "-e", "b.err", "--summary", target)
+        assert p.returncode == 2 and target in p.stderr and "--summary" in p.stderr, (target, p.returncode, p.stderr)
+    assert fake.stats()["requests"] == 0
+    assert (tmp_path / "a.out").read_bytes() == a_out and (tmp_path / "a.jsonl").read_bytes() == a_in
+    assert (tmp_path / "b.jsonl").exists()
+    p = cli.run("submit", "b.jsonl", "-q", "-o", "b.out", "-e", "b.err", "--summary", "b.summary.json")
+    assert p.returncode == 0, p.stderr
+    assert_each_once(expected_b, read_jsonl(tmp_path / "b.out"), read_jsonl(tmp_path / "b.err"))
+    assert json.loads((tmp_path / "b.summary.json").read_text())["status"] == "completed"
 
 
 def test_full_disk_under_stdout_counts_what_is_there_and_promises_no_resume(
