@@ -10,6 +10,7 @@ import orjson
 import typer
 
 from ..config import WINDOW_RANGE
+from ..errors import WriteError
 from .options import (
     AttemptsOpt,
     BaseUrlOpt,
@@ -250,7 +251,12 @@ def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
     result = run_batch(cfg)
     machine = wants_json(json, to_stderr=cfg.output_path == "-")
     show_result(result, quiet=cfg.quiet, machine=machine)
-    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
+    try:
+        emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
+    except WriteError as e:
+        if result.error is None:
+            raise
+        print(f"hfbatch: {e}", file=sys.stderr)  # the run's own outcome (and exit code) comes next
     if result.error is not None:
         raise result.error
 

@@ -274,3 +274,34 @@ def test_full_disk_under_stdout_counts_what_is_there_and_promises_no_resume(
     assert "send only those" not in message[0] and "cannot be resumed" in message[0], message[0]
     assert fake.stats()["requests"] <= on_disk + 32 + 1  # dispatching stopped at the failure
     assert os.path.getsize(small_disk / "stdout.jsonl") > 0
+
+
+def test_summary_on_a_full_disk_is_a_write_error_naming_it(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """--summary on a full disk: exit 2 (a usage error), "No space left on device" without the file's name,
+    a `.tmp` left behind and the Batch object never printed. Now: exit 5 naming the file, the Batch object on
+    stdout, nothing left behind; the rerun (a replay) writes it and sends nothing."""
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 20)
+    import os
+
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    args = ("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl", "--summary", "disk/summary.json")
+    p = cli.run(*args)
+    assert p.returncode == 5, (p.returncode, p.stderr)
+    assert "disk/summary.json" in p.stderr and "No space left on device" in p.stderr, p.stderr
+    check_completed(check_batch(last_json(p.stdout)))
+    assert sorted(x.name for x in small_disk.iterdir()) == ["filler"]
+    (small_disk / "filler").unlink()
+    fake.reset_stats()
+    p = cli.run(*args)
+    assert p.returncode == 0, p.stderr
+    assert fake.stats()["requests"] == 0
+    assert json.loads((small_disk / "summary.json").read_text())["status"] == "completed"
