@@ -305,3 +305,35 @@ def test_summary_on_a_full_disk_is_a_write_error_naming_it(
     assert p.returncode == 0, p.stderr
     assert fake.stats()["requests"] == 0
     assert json.loads((small_disk / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_registry_on_a_full_disk_is_a_write_error_naming_the_file(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """HFBATCH_HOME on a full disk: exit 2 (a usage error) with 'No space left on device' and no file named,
+    a temp file left behind. A file that cannot be written is exit 5, named; nothing was sent, and the
+    rerun with space runs the batch."""
+    import os
+    import sys
+
+    fake = make_fake()
+    expected = chat_file(tmp_path / "in.jsonl", 20)
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    env = dict(cli._env(), HFBATCH_HOME=str(small_disk / "home"))
+    argv = [sys.executable, "-m", "hfbatch", "submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl"]
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 5, (p.returncode, err)
+    assert str(small_disk / "home") in err and "No space left on device" in err, err
+    assert fake.stats()["requests"] == 0
+    assert not [f for f in small_disk.rglob("*.tmp")], list(small_disk.rglob("*"))
+    (small_disk / "filler").unlink()
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert_each_once(expected, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
