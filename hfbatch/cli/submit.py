@@ -138,9 +138,10 @@ def submit(
     output, errors = output or default_out, errors or default_err
     if errors == "-":
         raise UsageError("--errors cannot be stdout (-); give it a path")
-    if output != "-" and os.path.abspath(output) == os.path.abspath(errors):
+    # Real paths: a symlink (or `..`) to the same file is the same file.
+    if output != "-" and os.path.realpath(output) == os.path.realpath(errors):
         raise UsageError("--output and --errors must be different files")
-    if input != "-" and os.path.abspath(input) in (os.path.abspath(output), os.path.abspath(errors)):
+    if input != "-" and os.path.realpath(input) in (os.path.realpath(output), os.path.realpath(errors)):
         raise UsageError("the output and error files must not be the input file")
     if summary is not None and summary != "-":
         for what, other in (("the output file", output), ("the error file", errors), ("the input file", input)):

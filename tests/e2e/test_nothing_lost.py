@@ -337,3 +337,21 @@ def test_a_registry_on_a_full_disk_is_a_write_error_naming_the_file(
     p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
     assert p.returncode == 0, p.stderr
     assert_each_once(expected, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+
+
+@pytest.mark.parametrize("output, errors", [("in-link.jsonl", "err.jsonl"), ("out.jsonl", "out-link.jsonl")])
+def test_an_output_file_that_is_the_input_or_the_other_output_through_a_symlink_is_refused(
+        tmp_path: Path, make_fake, cli: Cli, output: str, errors: str) -> None:
+    """-o or -e naming the input (or each other) through a symlink passed the 'must not be the input file' and
+    'must be different files' checks, which compared absolute paths: with --overwrite, the input was
+    truncated to nothing and the batch ended `completed`, exit 0, with nothing sent."""
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 10)
+    (tmp_path / "out.jsonl").write_bytes(b"")
+    (tmp_path / "in-link.jsonl").symlink_to("in.jsonl")
+    (tmp_path / "out-link.jsonl").symlink_to("out.jsonl")
+    before = (tmp_path / "in.jsonl").read_bytes()
+    p = cli.run("submit", "in.jsonl", "-q", "-o", output, "-e", errors, "--overwrite")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+    assert fake.stats()["requests"] == 0 and not batch_dirs(cli.home)
