@@ -380,6 +380,10 @@ class BatchRun:
                 r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
                                   rule=self.rule)
                 if isinstance(r, LineError):
+                    if not cfg.skip_invalid:
+                        # Every line was valid when the run started (strict mode): the file changed under
+                        # it (a line torn by a rewrite). Read no further; the run ends as input_changed.
+                        return
                     if line_no not in rejected:
                         answers.write(r.custom_id, NoAnswer(r.code, f"line {r.line_no}: {r.message}"))
                     continue
@@ -501,6 +505,14 @@ class BatchRun:
                 error = HfbatchError(f"{stop.message} (set HFBATCH_DEBUG=1 for the traceback, and please report "
                                      f"it); the batch is resumable: {_unanswered(info.unsent, stats.abandoned)}")
                 error.__cause__ = failure
+        elif stop.reason is None and info.unsent:
+            # The engine ran out of requests before the plan did: the input file (read as requests are
+            # dispatched) was rewritten or truncated under the run. Never a completed batch.
+            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INPUT_CHANGED
+            error = StoppedEarly(
+                f"the input file {cfg.input_path} changed while the batch ran: {info.unsent} of its {stats.total} "
+                f"requests were never read, so the batch is not complete. Put the file back as it was and rerun "
+                f"the same command (or `hfbatch resume {info.id}`) to send only those, or cancel the batch")
         elif stop.reason is None:
             info.set_status(BatchStatus.FINALIZING)
             info.set_status(BatchStatus.COMPLETED)

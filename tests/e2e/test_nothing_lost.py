@@ -355,3 +355,30 @@ def test_an_output_file_that_is_the_input_or_the_other_output_through_a_symlink_
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert (tmp_path / "in.jsonl").read_bytes() == before
     assert fake.stats()["requests"] == 0 and not batch_dirs(cli.home)
+
+
+def test_an_input_truncated_under_a_run_is_not_a_completed_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """The input is read as requests are dispatched: rewritten in place (`> in.jsonl`) while the batch ran,
+    the reader met its end early and the batch ended `completed`, exit 0, with most requests never sent
+    (their count missing from both completed and failed); the rerun of the original file is then refused."""
+    from conftest import poll
+
+    make_fake(latency=0.05)
+    chat_file(tmp_path / "in.jsonl", 400)
+    original = (tmp_path / "in.jsonl").read_bytes()
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2", "-o", "out.jsonl", "-e", "err.jsonl")
+    poll(lambda: (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl").stat().st_size > 0,
+         "the first answers", proc=proc)
+    with open(tmp_path / "in.jsonl", "r+b") as f:  # rewritten in place: the run's open file shrinks
+        f.truncate(original.index(b"\n") + 1)
+    code, out, err = cli.finish(proc, timeout=60)
+    batch = check_batch(last_json(out))
+    counts = batch["request_counts"]
+    assert counts["completed"] + counts["failed"] < counts["total"] == 400
+    assert batch["status"] != "completed" and code != 0, (code, batch["status"], err)
+    assert "in.jsonl" in err and "changed" in err, err
+    (tmp_path / "in.jsonl").write_bytes(original)  # put back: the rerun finishes the batch
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "8", "-o", "out.jsonl", "-e", "err.jsonl", timeout=60)
+    assert p.returncode == 0, p.stderr
+    check_completed(check_batch(last_json(p.stdout)))
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 400
