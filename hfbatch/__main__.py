@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
 import traceback
 
 from .errors import ExitCode, HfbatchError, Interrupted, UsageError
+
+# OS errors that say a file could not be written for want of room or a working disk: exit 5 ("a file could
+# not be written"), like a failed write during a run (WriteError), not 2.
+_WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
 def main(argv: list[str] | None = None, prog_name: str = "hfbatch") -> int:
@@ -31,6 +36,10 @@ def main(argv: list[str] | None = None, prog_name: str = "hfbatch") -> int:
     except OSError as e:  # a path we cannot read or write: the user's to fix
         if os.environ.get("HFBATCH_DEBUG"):
             traceback.print_exc()
+        if e.errno in _WRITE_FAILURES:  # a full disk, a quota, an I/O error: not a usage error
+            print(f"hfbatch: cannot write {e.filename or 'a file'}: {e.strerror or e}. Fix that, then rerun the "
+                  "same command", file=sys.stderr)
+            return int(ExitCode.STOPPED)
         where = f": {e.filename}" if e.filename else ""
         print(f"hfbatch: {e.strerror or e}{where}", file=sys.stderr)
         return int(ExitCode.USAGE)

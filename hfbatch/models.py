@@ -133,6 +133,7 @@ class StopReason(enum.StrEnum):
     PROCESS_EXITED = "process_exited"  # its process died without a word (seen by list/status)
     OVERWRITTEN = "overwritten"  # another batch took its files (--overwrite)
     ENGINE_FAILED = "engine_failed"  # a vLLM run or a Job ended in an error (the rest is resumable)
+    INPUT_CHANGED = "input_changed"  # the input file shrank under the run: requests never read (resumable)
 
 
 @dataclass

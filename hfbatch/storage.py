@@ -70,16 +70,28 @@ def private_dir(path: Path) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically replace `path` with `obj` as JSON, mode 0600."""
+    """Atomically replace `path` with `obj` as JSON, mode 0600. A failure (a full disk) leaves `path` as it
+    was and no temp file, and raises the OSError with `path` as its filename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    data = memoryview(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            while data:  # a short write (a nearly full disk) is followed by the rest, or by its error
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if e.filename is None or e.filename == str(tmp):
+            e.filename = str(path)
+        raise
 
 
 def read_json(path: Path) -> Any:

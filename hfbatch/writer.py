@@ -103,15 +103,25 @@ class FileTarget:
 
 
 class StreamTarget:
-    """A binary stream (stdout with `-o -`)."""
+    """A binary stream (stdout with `-o -`). A buffered one (sys.stdout.buffer) is written through to its
+    file, as a FileTarget is: its buffer would hide how much of a failed write reached the file (a full
+    disk under a redirected stdout), so that what the sink counts as written, and what it retries,
+    would not be what is there."""
 
     def __init__(self, stream: BinaryIO, name: str = "stdout") -> None:
         self.name, self._stream = name, stream
+        self._raw: Any = getattr(stream, "raw", None)
 
     def write(self, data: memoryview) -> int:
-        self._stream.write(data)
-        self._stream.flush()
-        return len(data)
+        if self._raw is not None:
+            self._stream.flush()  # what others buffered there goes first
+            n = self._raw.write(data)
+        else:  # unbuffered (PYTHONUNBUFFERED=1: a FileIO, which may write part of it), or in memory
+            n = self._stream.write(data)
+            self._stream.flush()
+        if n is None:  # a non-blocking stdout that is full
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return int(n)
 
     def sync(self) -> None:
         pass

@@ -291,12 +291,20 @@ class Registry:
     # -- output claims: one unfinished batch per output / error file ---------------------------------
 
     def _claim_file(self, path: str) -> Path:
-        return private_dir(self.root / "claims") / (hashlib.sha256(path.encode()).hexdigest()[:40] + ".json")
+        # The file, however it is spelled: `out.jsonl`, its absolute path, `sub/../out.jsonl`, a symlink to it.
+        real = os.path.realpath(path)
+        return private_dir(self.root / "claims") / (hashlib.sha256(real.encode()).hexdigest()[:40] + ".json")
 
     def claimant(self, path: str) -> str | None:
         """The unfinished batch that owns `path` (absolute), if any. Call under lock()."""
+        held = self.claim_of(path)
+        return held[0] if held is not None else None
+
+    def claim_of(self, path: str) -> tuple[str, str] | None:
+        """The unfinished batch that owns `path` and how: "file" (its -o/-e) or "summary" (its --summary)."""
         try:
-            holder = read_json(self._claim_file(path)).get("batch")
+            doc = read_json(self._claim_file(path))
+            holder, kind = doc.get("batch"), doc.get("kind", "file")
         except (OSError, ValueError, AttributeError):
             return None
         b = self.get(holder) if isinstance(holder, str) else None
@@ -307,11 +315,11 @@ class Registry:
                 return None  # ended without releasing (a crash right at the end)
         except (OSError, ValueError):
             pass
-        return holder  # type: ignore[no-any-return]
+        return holder, str(kind)
 
-    def claim(self, path: str, batch_id: str) -> None:
+    def claim(self, path: str, batch_id: str, kind: str = "file") -> None:
         """Make `batch_id` the owner of `path` (absolute). Call under lock(), after claimant()."""
-        write_json(self._claim_file(path), {"path": path, "batch": batch_id})
+        write_json(self._claim_file(path), {"path": path, "batch": batch_id, "kind": kind})
 
     def release(self, paths: list[str], batch_id: str) -> None:
         """Drop `batch_id`'s claims on `paths` (the batch ended). Takes the registry lock."""

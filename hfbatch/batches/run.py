@@ -202,6 +202,7 @@ class BatchRun:
         b.save_meta(meta)
         for path in claims.claimed_paths(cfg):
             reg.claim(path, info.id)  # released when the batch ends (_finish)
+        claims.claim_summary(cfg, reg, info.id)
         for old in replaced:
             claims.supersede(old, info.id)
         return _Batch(b, meta, info)
@@ -379,6 +380,10 @@ class BatchRun:
                 r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
                                   rule=self.rule)
                 if isinstance(r, LineError):
+                    if not cfg.skip_invalid:
+                        # Every line was valid when the run started (strict mode): the file changed under
+                        # it (a line torn by a rewrite). Read no further; the run ends as input_changed.
+                        return
                     if line_no not in rejected:
                         answers.write(r.custom_id, NoAnswer(r.code, f"line {r.line_no}: {r.message}"))
                     continue
@@ -485,8 +490,12 @@ class BatchRun:
             info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.WRITE_ERROR
             what = next((s.describe_error() for s in (answers.out, answers.err) if s.error is not None),
                         stop.message)
-            error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then rerun "
-                               f"the same command (or `hfbatch resume {info.id}`) to send only those")
+            if cfg.output_path == "-":
+                error = WriteError(f"stopped: {what}; {stats.completed} answers reached stdout, {info.unsent} "
+                                   f"requests have no line. {STDOUT_NO_RESUME}")
+            else:
+                error = WriteError(f"stopped: {what}; {info.unsent} requests have no line yet. Fix that, then "
+                                   f"rerun the same command (or `hfbatch resume {info.id}`) to send only those")
         elif stop.reason == StopReason.INTERNAL_ERROR or (failure is not None and
                                                           stop.reason == StopReason.ENGINE_FAILED):
             info.state, info.stop_reason = RunState.INTERRUPTED, stop.reason
@@ -496,6 +505,14 @@ class BatchRun:
                 error = HfbatchError(f"{stop.message} (set HFBATCH_DEBUG=1 for the traceback, and please report "
                                      f"it); the batch is resumable: {_unanswered(info.unsent, stats.abandoned)}")
                 error.__cause__ = failure
+        elif stop.reason is None and info.unsent:
+            # The engine ran out of requests before the plan did: the input file (read as requests are
+            # dispatched) was rewritten or truncated under the run. Never a completed batch.
+            info.state, info.stop_reason = RunState.INTERRUPTED, StopReason.INPUT_CHANGED
+            error = StoppedEarly(
+                f"the input file {cfg.input_path} changed while the batch ran: {info.unsent} of its {stats.total} "
+                f"requests were never read, so the batch is not complete. Put the file back as it was and rerun "
+                f"the same command (or `hfbatch resume {info.id}`) to send only those, or cancel the batch")
         elif stop.reason is None:
             info.set_status(BatchStatus.FINALIZING)
             info.set_status(BatchStatus.COMPLETED)
@@ -518,6 +535,8 @@ class BatchRun:
             unanswered = _unanswered(info.unsent, stats.abandoned)
             message = (f"{stop.message}; {unanswered}. Rerun the same command "
                        f"(or `hfbatch resume {info.id}`) to send only those")
+            if cfg.output_path == "-":
+                message = f"{stop.message}; {stats.completed} answers reached stdout, {unanswered}. {STDOUT_NO_RESUME}"
             if stop.reason == StopReason.AUTH:
                 error = AuthError(message)
             elif stop.reason == StopReason.SIGNAL:
@@ -557,6 +576,11 @@ class BatchRun:
         more = f" (and {n - 1} more invalid lines, listed in the summary's errors)" if n > 1 else ""
         return (f"{where}:{first.line_no}: {first.message}{more}; nothing was sent. Fix the file, "
                 "or pass --skip-invalid to run the valid lines")
+
+
+# Output on stdout keeps no ledger (the batch's key is never found again): a rerun is a new batch.
+STDOUT_NO_RESUME = ("Output on stdout cannot be resumed: a rerun sends every request again (give -o a file "
+                    "to be able to resume)")
 
 
 def _unanswered(unsent: int, abandoned: int) -> str:

@@ -15,15 +15,32 @@ def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None, strea
     from ..writer import escape_separators
 
     data = escape_separators(orjson.dumps(batch)) + b"\n"
-    if path:
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
     if stream:
         out = sys.stderr.buffer if to_stderr else sys.stdout.buffer
         out.write(data)
         out.flush()
+    if path:
+        write_summary(path, data, batch)
+
+
+def write_summary(path: str, data: bytes, batch: dict[str, Any]) -> None:
+    """--summary FILE, replaced atomically. A failure (a full disk) is a WriteError (exit 5) naming the file;
+    the batch itself is as its Batch object says, and the rerun (a replay when it has ended) writes it."""
+    from ..errors import WriteError
+
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise WriteError(f"cannot write --summary {path}: {e.strerror or e}; the batch is "
+                         f"{batch.get('status')} (its Batch object was printed). Fix that, then rerun the same "
+                         "command to write it") from None
 
 
 def wants_json(json: bool, *, to_stderr: bool = False) -> bool:

@@ -10,6 +10,7 @@ import orjson
 import typer
 
 from ..config import WINDOW_RANGE
+from ..errors import WriteError
 from .options import (
     AttemptsOpt,
     BaseUrlOpt,
@@ -137,10 +138,16 @@ def submit(
     output, errors = output or default_out, errors or default_err
     if errors == "-":
         raise UsageError("--errors cannot be stdout (-); give it a path")
-    if output != "-" and os.path.abspath(output) == os.path.abspath(errors):
+    # Real paths: a symlink (or `..`) to the same file is the same file.
+    if output != "-" and os.path.realpath(output) == os.path.realpath(errors):
         raise UsageError("--output and --errors must be different files")
-    if input != "-" and os.path.abspath(input) in (os.path.abspath(output), os.path.abspath(errors)):
+    if input != "-" and os.path.realpath(input) in (os.path.realpath(output), os.path.realpath(errors)):
         raise UsageError("the output and error files must not be the input file")
+    if summary is not None and summary != "-":
+        for what, other in (("the output file", output), ("the error file", errors), ("the input file", input)):
+            if other != "-" and os.path.realpath(summary) == os.path.realpath(other):
+                raise UsageError(f"--summary {summary} is {what}: it would be replaced by the Batch object. "
+                                 "Give --summary a path of its own")
     for flag, path in (("-o", output), ("-e", errors), ("--summary", summary)):
         if path is None or path == "-":
             continue
@@ -245,7 +252,12 @@ def _run_and_print(cfg: RunConfig, json: bool = False) -> None:
     result = run_batch(cfg)
     machine = wants_json(json, to_stderr=cfg.output_path == "-")
     show_result(result, quiet=cfg.quiet, machine=machine)
-    emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
+    try:
+        emit_json(result.batch, to_stderr=(cfg.output_path == "-"), path=cfg.summary_path, stream=machine)
+    except WriteError as e:
+        if result.error is None:
+            raise
+        print(f"hfbatch: {e}", file=sys.stderr)  # the run's own outcome (and exit code) comes next
     if result.error is not None:
         raise result.error
 

@@ -57,7 +57,8 @@ def decode(encoding: str, body: bytes, limit: int) -> bytes:
         try:
             return _inflate(body, 15, limit)
         except zlib.error:
-            return _inflate(body, -15, limit)  # raw deflate, as some servers send it
+            pass  # (out of the except block: an error raised next does not carry this one and its frames)
+        return _inflate(body, -15, limit)  # raw deflate, as some servers send it
     if enc == "identity":
         return body
     raise ValueError(f"unsupported content-encoding {encoding!r}")
@@ -67,6 +68,7 @@ def _inflate(body: bytes, wbits: int, limit: int) -> bytes:
     d = zlib.decompressobj(wbits)
     out = d.decompress(body, limit + 1)  # stops there: a bomb inflates by one byte past the cap at most
     if len(out) > limit:
+        del out  # not kept alive by the exception's traceback
         raise ResponseTooLarge(limit, f"its {'gzip' if wbits == 47 else 'deflate'} body inflates past it")
     if not d.eof:
         raise zlib.error("incomplete or truncated stream")

@@ -179,7 +179,9 @@ class _Conn(asyncio.Protocol):
                 body = decode(enc, body, self.max_body)
             except ResponseTooLarge as e:
                 self.keep = False
-                fut.set_exception(e)
+                # Without its traceback: its frames hold the raw body and the inflated bytes, and through
+                # `self` -> fut -> e a cycle that only the cycle collector would free (memory past the cap).
+                fut.set_exception(e.with_traceback(None))
                 return
             except (zlib.error, ValueError) as e:
                 self.keep = False
@@ -199,6 +201,7 @@ class _Conn(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self.keep = False
+        self.chunks = []  # what was read of a failed answer goes now (up to the cap), not with the connection
         if self.fut is not None and not self.fut.done():
             self.fut.set_exception(exc)
 
@@ -355,6 +358,7 @@ class Pool:
             resp = await conn.send(payload, deadline)
         except BaseException:
             conn.close(abort=True)
+            conn.fut = None  # no cycle (conn -> future -> exception -> this frame -> conn) outlives the request
             raise
         finally:
             self._busy.discard(conn)

@@ -194,3 +194,191 @@ def test_foreign_output_message_says_since_changed_only_when_the_input_changed(
     chat_file(tmp_path / "in.jsonl", 4)
     changed = cli.run("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err2.jsonl")
     assert changed.returncode == 2 and "since changed" in changed.stderr, changed.stderr
+
+
+def test_simultaneous_submits_to_one_file_through_a_symlink_one_wins(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """The claim is on the file, not on how it is spelled: `-o out.jsonl` and `-o link.jsonl` (a symlink to
+    it) started at the same moment both exited 0 and mixed their lines in one file."""
+    from conftest import wait_until_blocked_on_stdin
+
+    fake = make_fake(latency=0.05)
+    (tmp_path / "link.jsonl").symlink_to("out.jsonl")
+    inputs = []
+    for r in range(2):
+        lines = [json.dumps({"custom_id": f"b{r}-{i:03d}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": "test-org/tiny-chat", "messages": [
+                                 {"role": "user", "content": f"[[id:b{r}-{i:03d}]] {i}"}]}}) for i in range(40)]
+        inputs.append(("\n".join(lines) + "\n").encode())
+    procs = [cli.start("submit", "-", "-q", "-c", "8", "-o", out, "-e", f"err{r}.jsonl", stdin_pipe=True)
+             for r, out in enumerate(("out.jsonl", "link.jsonl"))]
+    wait_until_blocked_on_stdin(procs)
+    for proc, data in zip(procs, inputs, strict=True):
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+    results = [cli.finish(proc, timeout=60) for proc in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [(c, e[-300:]) for c, _, e in results]
+    win = next(i for i, (code, _, _) in enumerate(results) if code == 0)
+    owner = last_json(results[win][1])["id"]
+    assert owner in results[1 - win][2], results[1 - win][2]
+    assert_each_once([f"b{win}-{i:03d}" for i in range(40)], read_jsonl(tmp_path / "out.jsonl"),
+                     read_jsonl(tmp_path / f"err{win}.jsonl"))
+    assert fake.stats()["requests"] == 40
+
+
+def test_summary_never_replaces_an_output_file_or_the_input(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """--summary FILE is replaced at the end of a run: pointed at the batch's own -o, at its input, or at
+    another batch's output file, it destroyed those lines (exit 0 both, answers gone)."""
+    fake = make_fake()
+    chat_file(tmp_path / "a.jsonl", 20, prefix="a")
+    expected_b = chat_file(tmp_path / "b.jsonl", 20, prefix="b")
+    assert cli.run("submit", "a.jsonl", "-q", "-o", "a.out", "-e", "a.err").returncode == 0
+    a_out = (tmp_path / "a.out").read_bytes()
+    a_in = (tmp_path / "a.jsonl").read_bytes()
+    fake.reset_stats()
+    for target in ("b.out", "b.err", "b.jsonl", "a.out", "a.err"):
+        p = cli.run("submit", "b.jsonl", "-q", "-o", "b.out", "-e", "b.err", "--summary", target)
+        assert p.returncode == 2 and target in p.stderr and "--summary" in p.stderr, (target, p.returncode, p.stderr)
+    assert fake.stats()["requests"] == 0
+    assert (tmp_path / "a.out").read_bytes() == a_out and (tmp_path / "a.jsonl").read_bytes() == a_in
+    assert (tmp_path / "b.jsonl").exists()
+    p = cli.run("submit", "b.jsonl", "-q", "-o", "b.out", "-e", "b.err", "--summary", "b.summary.json")
+    assert p.returncode == 0, p.stderr
+    assert_each_once(expected_b, read_jsonl(tmp_path / "b.out"), read_jsonl(tmp_path / "b.err"))
+    assert json.loads((tmp_path / "b.summary.json").read_text())["status"] == "completed"
+
+
+def test_full_disk_under_stdout_counts_what_is_there_and_promises_no_resume(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """-o - with stdout redirected to a file on a full disk: the summary claimed more answers than the file
+    held (154 for 142 lines and a torn one), and the message promised that a rerun sends only what is missing
+    although output on stdout keeps no ledger (the rerun, or `hfbatch resume`, sent all 3,000 again)."""
+    import os
+    import sys
+
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 3000)
+    with open(small_disk / "stdout.jsonl", "wb") as out:
+        p = subprocess.run([sys.executable, "-m", "hfbatch", "submit", "in.jsonl", "-q", "-o", "-", "-e", "err.jsonl"],
+                           cwd=tmp_path, env=cli._env(), stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=subprocess.PIPE, timeout=60)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 5, err
+    batch = check_batch(json.loads(next(ln for ln in err.splitlines() if ln.startswith("{"))))
+    on_disk = (small_disk / "stdout.jsonl").read_bytes().count(b"\n")
+    assert batch["request_counts"]["completed"] == on_disk, (batch["request_counts"], on_disk)
+    assert batch["hfbatch"]["stop_reason"] == "write_error"
+    message = [ln for ln in err.splitlines() if ln.startswith("hfbatch:")]
+    assert len(message) == 1 and "stdout" in message[0] and "No space left on device" in message[0], err
+    assert "send only those" not in message[0] and "cannot be resumed" in message[0], message[0]
+    assert fake.stats()["requests"] <= on_disk + 32 + 1  # dispatching stopped at the failure
+    assert os.path.getsize(small_disk / "stdout.jsonl") > 0
+
+
+def test_summary_on_a_full_disk_is_a_write_error_naming_it(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """--summary on a full disk: exit 2 (a usage error), "No space left on device" without the file's name,
+    a `.tmp` left behind and the Batch object never printed. Now: exit 5 naming the file, the Batch object on
+    stdout, nothing left behind; the rerun (a replay) writes it and sends nothing."""
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 20)
+    import os
+
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    args = ("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl", "--summary", "disk/summary.json")
+    p = cli.run(*args)
+    assert p.returncode == 5, (p.returncode, p.stderr)
+    assert "disk/summary.json" in p.stderr and "No space left on device" in p.stderr, p.stderr
+    check_completed(check_batch(last_json(p.stdout)))
+    assert sorted(x.name for x in small_disk.iterdir()) == ["filler"]
+    (small_disk / "filler").unlink()
+    fake.reset_stats()
+    p = cli.run(*args)
+    assert p.returncode == 0, p.stderr
+    assert fake.stats()["requests"] == 0
+    assert json.loads((small_disk / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_registry_on_a_full_disk_is_a_write_error_naming_the_file(
+        tmp_path: Path, small_disk: Path, make_fake, cli: Cli) -> None:
+    """HFBATCH_HOME on a full disk: exit 2 (a usage error) with 'No space left on device' and no file named,
+    a temp file left behind. A file that cannot be written is exit 5, named; nothing was sent, and the
+    rerun with space runs the batch."""
+    import os
+    import sys
+
+    fake = make_fake()
+    expected = chat_file(tmp_path / "in.jsonl", 20)
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    env = dict(cli._env(), HFBATCH_HOME=str(small_disk / "home"))
+    argv = [sys.executable, "-m", "hfbatch", "submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl"]
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 5, (p.returncode, err)
+    assert str(small_disk / "home") in err and "No space left on device" in err, err
+    assert fake.stats()["requests"] == 0
+    assert not [f for f in small_disk.rglob("*.tmp")], list(small_disk.rglob("*"))
+    (small_disk / "filler").unlink()
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert_each_once(expected, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+
+
+@pytest.mark.parametrize("output, errors", [("in-link.jsonl", "err.jsonl"), ("out.jsonl", "out-link.jsonl")])
+def test_an_output_file_that_is_the_input_or_the_other_output_through_a_symlink_is_refused(
+        tmp_path: Path, make_fake, cli: Cli, output: str, errors: str) -> None:
+    """-o or -e naming the input (or each other) through a symlink passed the 'must not be the input file' and
+    'must be different files' checks, which compared absolute paths: with --overwrite, the input was
+    truncated to nothing and the batch ended `completed`, exit 0, with nothing sent."""
+    fake = make_fake()
+    chat_file(tmp_path / "in.jsonl", 10)
+    (tmp_path / "out.jsonl").write_bytes(b"")
+    (tmp_path / "in-link.jsonl").symlink_to("in.jsonl")
+    (tmp_path / "out-link.jsonl").symlink_to("out.jsonl")
+    before = (tmp_path / "in.jsonl").read_bytes()
+    p = cli.run("submit", "in.jsonl", "-q", "-o", output, "-e", errors, "--overwrite")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert (tmp_path / "in.jsonl").read_bytes() == before
+    assert fake.stats()["requests"] == 0 and not batch_dirs(cli.home)
+
+
+def test_an_input_truncated_under_a_run_is_not_a_completed_batch(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """The input is read as requests are dispatched: rewritten in place (`> in.jsonl`) while the batch ran,
+    the reader met its end early and the batch ended `completed`, exit 0, with most requests never sent
+    (their count missing from both completed and failed); the rerun of the original file is then refused."""
+    from conftest import poll
+
+    make_fake(latency=0.05)
+    chat_file(tmp_path / "in.jsonl", 400)
+    original = (tmp_path / "in.jsonl").read_bytes()
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2", "-o", "out.jsonl", "-e", "err.jsonl")
+    poll(lambda: (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl").stat().st_size > 0,
+         "the first answers", proc=proc)
+    with open(tmp_path / "in.jsonl", "r+b") as f:  # rewritten in place: the run's open file shrinks
+        f.truncate(original.index(b"\n") + 1)
+    code, out, err = cli.finish(proc, timeout=60)
+    batch = check_batch(last_json(out))
+    counts = batch["request_counts"]
+    assert counts["completed"] + counts["failed"] < counts["total"] == 400
+    assert batch["status"] != "completed" and code != 0, (code, batch["status"], err)
+    assert "in.jsonl" in err and "changed" in err, err
+    (tmp_path / "in.jsonl").write_bytes(original)  # put back: the rerun finishes the batch
+    p = cli.run("submit", "in.jsonl", "-q", "-c", "8", "-o", "out.jsonl", "-e", "err.jsonl", timeout=60)
+    assert p.returncode == 0, p.stderr
+    check_completed(check_batch(last_json(p.stdout)))
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 400
