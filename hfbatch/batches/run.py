@@ -169,6 +169,10 @@ class BatchRun:
             reopen = cfg.retry_failed and stored["status"] == BatchStatus.COMPLETED
             if stored["status"] in TERMINAL_STATUSES and not reopen:
                 return self._replay(found, meta, stored)
+            if cfg.output_path == "-":  # found by its id (`hfbatch resume`): its key is never found again
+                raise UsageError(f"batch {found.id} wrote its answers to stdout, which keeps no record of what it "
+                                 "delivered: resuming it would send (and pay for) every request again; nothing was "
+                                 f"sent. Run the file again with -o FILE (which can be resumed), or cancel {found.id}")
             info = BatchInfo.from_stored(stored, cfg.completion_window)
             info.engine = cfg.engine
             if reopen:

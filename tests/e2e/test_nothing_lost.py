@@ -382,3 +382,19 @@ def test_an_input_truncated_under_a_run_is_not_a_completed_batch(tmp_path: Path,
     assert p.returncode == 0, p.stderr
     check_completed(check_batch(last_json(p.stdout)))
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 400
+
+
+def test_resume_refuses_a_batch_whose_answers_went_to_stdout(tmp_path: Path, make_fake, cli: Cli) -> None:
+    """A batch that wrote to stdout keeps no record of what it delivered: `hfbatch resume` of it sent every request
+    again (each paid twice). It is refused, naming why and what to do, and nothing is sent."""
+    fake = make_fake(fail_402_after=10, latency=0.02)
+    chat_file(tmp_path / "in.jsonl", 60)
+    first = cli.run("submit", "in.jsonl", "-q", "-c", "4", "-o", "-", "-e", "err.jsonl")
+    assert first.returncode == 5, first.stderr  # out of credits: stopped, unfinished
+    batch_id = json.loads(next(ln for ln in first.stderr.splitlines() if ln.startswith("{")))["id"]
+    sent = fake.stats()["requests"]
+    again = cli.run("resume", batch_id, "-q")
+    assert again.returncode == 2, again.stderr
+    message = [ln for ln in again.stderr.splitlines() if ln.startswith("hfbatch:")]
+    assert len(message) == 1 and "stdout" in message[0] and "-o" in message[0], again.stderr
+    assert fake.stats()["requests"] == sent  # nothing sent, nothing paid twice
