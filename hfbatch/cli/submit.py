@@ -133,6 +133,7 @@ def submit(
     if input != "-" and not os.path.isfile(input):
         raise UsageError(f"input file not found: {input}")
     parse_window(completion_window)
+    completion_window = completion_window.strip().lower()  # as the Batch object spells it: 2h, not " 2H"
     max_body = parse_size(max_response_bytes, "--max-response-bytes")
     default_out, default_err = default_output_paths(input)
     output, errors = output or default_out, errors or default_err

@@ -172,7 +172,9 @@ class BatchServer:
         endpoint = self._endpoint(body.get("endpoint"))
         window = body.get("completion_window")
         try:
-            parse_window(window if isinstance(window, str) else "")
+            if not isinstance(window, str) or window != window.strip().lower():
+                raise UsageError("not spelled as OpenAI does")  # " 24h", "24H": OpenAI takes "24h" only
+            parse_window(window)
         except UsageError:
             raise ApiError(400, f"Invalid 'completion_window': {window!r}; use 24h, or a duration {WINDOW_RANGE}.",
                            param="completion_window", code="invalid_value") from None

@@ -178,6 +178,15 @@ def test_completion_window_outside_the_range_exits_2(tmp_path: Path, fake, run_c
     assert not (tmp_path / "in.output.jsonl").exists()
 
 
+def test_the_completion_window_is_kept_as_openai_spells_it(tmp_path: Path, fake, run_cli) -> None:
+    """The flag takes " 2H"; the Batch object (which OpenAI's clients read) says "2h"."""
+    chat_file(tmp_path, 2)
+    p = run_cli(["in.jsonl", "-q", "--completion-window", " 2H"])
+    assert p.returncode == 0, p.stderr
+    batch = batch_from(p.stdout)
+    assert batch["completion_window"] == "2h" and batch["expires_at"] == batch["created_at"] + 7200
+
+
 def test_unwritable_output_path_is_a_usage_error(tmp_path: Path, fake, run_cli) -> None:
     # A user mistake (the directory does not exist): exit 2 with a clear message, not an internal error.
     chat_file(tmp_path, 2)

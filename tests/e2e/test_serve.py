@@ -318,7 +318,8 @@ def test_openai_error_envelopes(server: Server) -> None:
 # --------------------------------------------------------------------------- the completion window
 
 
-@pytest.mark.parametrize("window", ["999999h", "0s", "-1h", "8d", "604801s", "0.5s", "nan", "inf", "1e309s"])
+@pytest.mark.parametrize("window", ["999999h", "0s", "-1h", "8d", "604801s", "0.5s", "nan", "inf", "1e309s",
+                                    " 24h", "24H", "24h\n"])  # (OpenAI takes "24h" exactly: no other spelling)
 def test_completion_window_outside_the_range_is_refused(server: Server, window: str) -> None:
     c = server.client()
     fid = upload(c, chat_jsonl(1, prefix="w")[0])
