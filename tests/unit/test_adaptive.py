@@ -128,8 +128,8 @@ def test_a_rate_limit_is_not_taken_for_background_refusals_when_refusals_take_ti
 def test_load_blind_429s_do_not_shrink_the_limit() -> None:
     """15% of answers a 429 after the work (Retry-After: 1), whatever our load: backing off would not lower
     that rate. As fast as a fixed pool (--no-adapt), and the limit stays at -c."""
-    adaptive, _ = simulate(Faults(latency=0.02, fail_429=0.15, retry_after=1.0), 4000, 128, 128)
-    fixed, _ = simulate(Faults(latency=0.02, fail_429=0.15, retry_after=1.0), 4000, 128, 128, adapt=False)
+    adaptive, _ = simulate(Faults(latency=0.02, fail_429=0.15, retry_after=1.0), 2000, 128, 128)
+    fixed, _ = simulate(Faults(latency=0.02, fail_429=0.15, retry_after=1.0), 2000, 128, 128, adapt=False)
     assert adaptive.elapsed <= 1.2 * fixed.elapsed, (adaptive.elapsed, fixed.elapsed)
     assert adaptive.executor.concurrency_now() == {"fake": 128}
 
@@ -142,9 +142,11 @@ def test_the_fault_mix_the_readme_promises_to_survive() -> None:
         return Faults(latency=0.02, fail_429=0.15, fail_500=0.03, hang=0.01, reset=0.02, garbage=0.02,
                       retry_after=1.0, timeout=5.0)
 
-    adaptive, _ = simulate(faults(), 4000, 128, 128)
-    fixed, _ = simulate(faults(), 4000, 128, 128, adapt=False)
+    adaptive, _ = simulate(faults(), 2000, 128, 128)
+    fixed, _ = simulate(faults(), 2000, 128, 128, adapt=False)
     assert adaptive.elapsed <= 1.2 * fixed.elapsed, (adaptive.elapsed, fixed.elapsed)
+    # (Both runs end on Retry-After and timeout tails: the limit itself says there was no collapse.)
+    assert adaptive.executor.concurrency_now()["fake"] >= 0.8 * 128
 
 
 @pytest.mark.simulation
@@ -237,8 +239,8 @@ def test_refusals_at_the_door_that_do_not_track_our_load_do_not_collapse_the_lim
     """15% refused at once (as a provider's other tenants would cause), at any load: neither our
     concurrency nor our rate explains them. No collapse: within 1.2x a fixed pool, the limit near -c. (A refusal
     takes 2 ms to come back, as on loopback under load.)"""
-    adaptive, _ = simulate(DoorFaults(share=0.15, latency=0.1, door=0.002), 4000, 128, 128)
-    fixed, _ = simulate(DoorFaults(share=0.15, latency=0.1, door=0.002), 4000, 128, 128, adapt=False)
+    adaptive, _ = simulate(DoorFaults(share=0.15, latency=0.1, door=0.002), 2000, 128, 128)
+    fixed, _ = simulate(DoorFaults(share=0.15, latency=0.1, door=0.002), 2000, 128, 128, adapt=False)
     assert adaptive.elapsed <= 1.2 * fixed.elapsed, (adaptive.elapsed, fixed.elapsed)
     assert adaptive.executor.concurrency_now()["fake"] >= 0.8 * 128
 
