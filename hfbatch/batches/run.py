@@ -380,7 +380,9 @@ class BatchRun:
         seen = plan.unique_ids() if cfg.skip_invalid else None
         done, rejected = ledger.done, ledger.rejected
         with open(self.input_file, "rb") as f:
-            for line_no, raw in iter_lines(f):
+            for n, (line_no, raw) in enumerate(iter_lines(f), 1):
+                if n > plan.total:
+                    return  # lines appended under the run: the batch is the file as it was scanned
                 r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
                                   rule=self.rule)
                 if isinstance(r, LineError):
@@ -457,7 +459,9 @@ class BatchRun:
         done = scan(None if cfg.output_path == "-" else cfg.output_path, cfg.errors_path, Stats()).done
         seen = plan.unique_ids()
         with open(self.input_file, "rb") as f:
-            for line_no, raw in iter_lines(f):
+            for n, (line_no, raw) in enumerate(iter_lines(f), 1):
+                if n > plan.total:
+                    return  # lines appended under the run: the batch is the file as it was scanned
                 r = validate_line(line_no, raw, seen, pass_through=cfg.base_url is not None, endpoint=cfg.endpoint,
                                   rule=self.rule)
                 if isinstance(r, Request) and r.custom_id not in done:

@@ -398,3 +398,25 @@ def test_resume_refuses_a_batch_whose_answers_went_to_stdout(tmp_path: Path, mak
     message = [ln for ln in again.stderr.splitlines() if ln.startswith("hfbatch:")]
     assert len(message) == 1 and "stdout" in message[0] and "-o" in message[0], again.stderr
     assert fake.stats()["requests"] == sent  # nothing sent, nothing paid twice
+
+
+def test_lines_appended_to_the_input_under_a_run_are_not_part_of_the_batch(tmp_path: Path, make_fake,
+                                                                           cli: Cli) -> None:
+    """The batch is the file as it was submitted: lines appended while it runs (here copies of its own custom_ids)
+    are not sent, and no custom_id gets two lines."""
+    from conftest import poll
+
+    fake = make_fake(latency=0.05)
+    ids = chat_file(tmp_path / "in.jsonl", 200)
+    original = (tmp_path / "in.jsonl").read_bytes()
+    proc = cli.start("submit", "in.jsonl", "-q", "-c", "2", "-o", "out.jsonl", "-e", "err.jsonl")
+    poll(lambda: (tmp_path / "out.jsonl").exists() and (tmp_path / "out.jsonl").stat().st_size > 0,
+         "the first answers", proc=proc)
+    with open(tmp_path / "in.jsonl", "ab") as f:  # the same 200 lines again: every custom_id twice
+        f.write(original)
+    code, out, err = cli.finish(proc, timeout=60)
+    assert code == 0, err
+    batch = check_batch(last_json(out))
+    assert batch["request_counts"] == {"total": 200, "completed": 200, "failed": 0}
+    assert_each_once(ids, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "err.jsonl"))
+    assert fake.stats()["requests"] == 200
