@@ -259,7 +259,7 @@ def test_timeouts_and_refusals_are_outcomes(client: str) -> None:
             async with Transport(4, 0.4, "hf_secret") as t:
                 o = await t.post(srv.url + "/hang", b"{}")
                 assert o.status is None and o.error_code == "request_timeout"
-                assert 0.3 < o.latency < 2.0
+                assert 0.3 < o.latency < 10  # the timeout (0.4 s), not the server's 30 s, however busy the machine
                 o = await t.post(f"http://127.0.0.1:{dead_port()}/v1/x", b"{}")
                 assert o.status is None and o.error_code == "connection_error"
                 assert "hf_secret" not in (o.error_message or "")
