@@ -9,6 +9,7 @@ injected failing file in tests/unit/test_writer.py).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -55,6 +56,18 @@ def _enlarge(disk: Path) -> None:
     for p in keep.iterdir():
         shutil.copy2(p, disk / p.name)
     shutil.rmtree(keep)
+
+
+def fill_up(disk: Path) -> None:
+    """Write `disk/filler` until the disk is full (ENOSPC)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def test_full_disk_stops_resumable_and_the_rerun_sends_only_what_is_missing(
@@ -254,7 +267,6 @@ def test_full_disk_under_stdout_counts_what_is_there_and_promises_no_resume(
     """-o - with stdout redirected to a file on a full disk: the summary claimed more answers than the file
     held (154 for 142 lines and a torn one), and the message promised that a rerun sends only what is missing
     although output on stdout keeps no ledger (the rerun, or `hfbatch resume`, sent all 3,000 again)."""
-    import os
     import sys
 
     fake = make_fake()
@@ -283,16 +295,7 @@ def test_summary_on_a_full_disk_is_a_write_error_naming_it(
     stdout, nothing left behind; the rerun (a replay) writes it and sends nothing."""
     fake = make_fake()
     chat_file(tmp_path / "in.jsonl", 20)
-    import os
-
-    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fill_up(small_disk)
     args = ("submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl", "--summary", "disk/summary.json")
     p = cli.run(*args)
     assert p.returncode == 5, (p.returncode, p.stderr)
@@ -312,19 +315,11 @@ def test_a_registry_on_a_full_disk_is_a_write_error_naming_the_file(
     """HFBATCH_HOME on a full disk: exit 2 (a usage error) with 'No space left on device' and no file named,
     a temp file left behind. A file that cannot be written is exit 5, named; nothing was sent, and the
     rerun with space runs the batch."""
-    import os
     import sys
 
     fake = make_fake()
     expected = chat_file(tmp_path / "in.jsonl", 20)
-    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, bytes(4096)):  # until the disk is full (ENOSPC)
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fill_up(small_disk)
     env = dict(cli._env(), HFBATCH_HOME=str(small_disk / "home"))
     argv = [sys.executable, "-m", "hfbatch", "submit", "in.jsonl", "-q", "-o", "out.jsonl", "-e", "err.jsonl"]
     p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=30)
