@@ -70,16 +70,23 @@ def private_dir(path: Path) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically replace `path` with `obj` as JSON, mode 0600. A failure (a full disk) leaves `path` as it
-    was and no temp file, and raises the OSError with `path` as its filename."""
+    """Atomically replace `path` with `obj` as JSON, mode 0600 (see replace_file)."""
+    replace_file(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def replace_file(path: Path, data: bytes, *, private: bool = True) -> None:
+    """Atomically replace `path` with `data` (fsync'ed), mode 0600 when `private` (else as the umask says). A
+    failure (a full disk) leaves `path` as it was and no temp file, and raises the OSError with `path` as its
+    filename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = memoryview(orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+    rest = memoryview(data)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
         try:
-            os.fchmod(fd, 0o600)
-            while data:  # a short write (a nearly full disk) is followed by the rest, or by its error
-                data = data[os.write(fd, data):]
+            if private:
+                os.fchmod(fd, 0o600)
+            while rest:  # a short write (a nearly full disk) is followed by the rest, or by its error
+                rest = rest[os.write(fd, rest):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -26,18 +25,14 @@ def emit_json(batch: dict[str, Any], *, to_stderr: bool, path: str | None, strea
 def write_summary(path: str, data: bytes, batch: dict[str, Any]) -> None:
     """--summary FILE, replaced atomically. A failure (a full disk) is a WriteError (exit 5) naming the file;
     the batch itself is as its Batch object says, and the rerun (a replay when it has ended) writes it."""
-    from ..errors import WriteError
+    from pathlib import Path
 
-    tmp = path + ".tmp"
+    from ..errors import WriteError
+    from ..storage import replace_file
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        replace_file(Path(path), data, private=False)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise WriteError(f"cannot write --summary {path}: {e.strerror or e}; the batch is "
                          f"{batch.get('status')} (its Batch object was printed). Fix that, then rerun the same "
                          "command to write it") from None
